@@ -1,0 +1,28 @@
+# Quick start: `make demo` and `make test` each create .venv (once) and install ann2snn into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+## compile the bundled MNIST CNN and print ANN vs SNN accuracy on the 10,000 MNIST test images
+demo: $(STAMP)
+	$(BIN)/ann2snn compile models/mnist_cnn.onnx --calib models/data/mnist_calib.npz -o build/mnist_cnn.snn.onnx
+	$(BIN)/ann2snn eval models/mnist_cnn.onnx build/mnist_cnn.snn.onnx --data models/data/mnist_test.npz -T 4,8,16,32
+
+## the default test suite (a few minutes on 2 cores)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## the slow end-to-end checks (full MNIST test set)
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,27 @@
+"""ann2snn: training-free conversion of pretrained ONNX ANNs into spiking ONNX graphs."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import compile  # noqa: E402
+from .config import CompileConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    Ann2SnnError,
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    PassError,
+    UnsupportedModelError,
+)
+
+__all__ = [
+    "Ann2SnnError",
+    "CompileConfig",
+    "ConfigError",
+    "DataError",
+    "ModelLoadError",
+    "PassError",
+    "UnsupportedModelError",
+    "__version__",
+    "compile",
+]

@@ -1,0 +1,159 @@
+"""The ``ann2snn`` command line: compile, run, eval.
+
+Errors are printed as one clean message on stderr with a non-zero exit code
+(2: bad option, 3: model cannot be read or converted, 4: bad data, 1: other);
+``--verbose`` adds the traceback.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from . import __version__
+from .config import GRANULARITIES, METHODS, CompileConfig
+from .errors import Ann2SnnError, ConfigError
+
+log = logging.getLogger("ann2snn")
+
+
+def _parse_ts(value: str) -> list[int]:
+    try:
+        Ts = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"-T takes comma-separated positive integers, got '{value}'") from None
+    if not Ts or any(T <= 0 for T in Ts):
+        raise ConfigError(f"T must be a positive number of timesteps, got '{value}' (-T)")
+    return Ts
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except Ann2SnnError as exc:
+            if ctx.obj.get("verbose"):
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            ctx.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ann2snn")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging, and tracebacks with errors.")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors on stderr.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
+    """ann2snn: convert pretrained ONNX ANNs into spiking neural networks, training-free."""
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    ctx.obj["quiet"] = quiet
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the .snn.onnx model.")
+@click.option("--calib", required=True, type=click.Path(dir_okay=False),
+              help="Calibration data: .npz keyed by input name, or .npy for single-input models.")
+@click.option("--method", type=click.Choice(METHODS), default=CompileConfig.method, show_default=True,
+              help="Threshold calibration: local threshold balancing, max-norm or percentile norm.")
+@click.option("--iters", type=int, default=CompileConfig.iters, show_default=True, help="Calibration iterations K (batches).")
+@click.option("--batch", type=int, default=CompileConfig.batch, show_default=True, help="Calibration batch size B.")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=CompileConfig.granularity, show_default=True,
+              help="One threshold per channel/neuron, or per layer.")
+@click.option("--eta", type=float, default=CompileConfig.eta, show_default=True, help="LTB step size.")
+@click.option("--percentile", type=float, default=CompileConfig.percentile, show_default=True,
+              help="Percentile for --method percentile.")
+@click.option("--v0", type=float, default=CompileConfig.v0, show_default=True,
+              help="Initial membrane potential as a fraction of the threshold.")
+@click.option("--keep-clip-cap/--drop-clip-cap", default=CompileConfig.keep_clip_cap, show_default=True,
+              help="Keep thresholds <= c for Clip(0, c) / ReLU6 activations.")
+@click.option("--seed", type=int, default=CompileConfig.seed, show_default=True, help="Seed of the calibration sampler.")
+@click.option("--strict", is_flag=True, help="A non-spike-compatible op inside the spiking part is an error.")
+@click.option("--dump-dir", type=click.Path(file_okay=False), default=None, help="Write the graph after every pass here.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.pass_context
+@_handle_errors
+def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_dir: str | None, **options: Any) -> None:
+    """Compile MODEL (an ONNX ANN) into a spiking ONNX model."""
+    from .api import compile as compile_model
+
+    options["progress"] = options["progress"] and not ctx.obj["quiet"]
+    snn = compile_model(model, calib, output, dump_dir=dump_dir, **options)
+    meta = {p.key: p.value for p in snn.metadata_props}
+    info = json.loads(meta["ann2snn"])
+    click.echo(f"wrote {output}: {len(info['neurons'])} neuron layer(s), "
+               f"{sum(n['units'] for n in info['neurons'])} neurons, readout t0 = {info['readout']['t0']}")
+
+
+@main.command("run")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
+              help="Inputs: .npz keyed by input name, or .npy.")
+@click.option("-T", "T", required=True, type=int, help="Number of timesteps.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the outputs (.npz).")
+@click.option("--t0", type=int, default=None, help="Readout delay (default: the model's).")
+@click.pass_context
+@_handle_errors
+def run_cmd(ctx: click.Context, model: str, input_path: str, T: int, output: str, t0: int | None) -> None:
+    """Run a compiled spiking MODEL for T timesteps and save the readout."""
+    import io
+
+    from ann2snn.runtime import SpikingSession
+    from ann2snn.runtime.session import check_T
+
+    from .modelio import write_atomic
+
+    check_T(T)
+    session = SpikingSession(model)
+    out = session.run(input_path, T, t0)
+    buf = io.BytesIO()
+    np.savez(buf, **out)
+    write_atomic(output, buf.getvalue())
+    click.echo(f"wrote {output}: {', '.join(f'{k} {v.shape}' for k, v in out.items())}")
+
+
+@main.command("eval")
+@click.argument("ann", type=click.Path(dir_okay=False))
+@click.argument("snn", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="Test data: .npz keyed by input name, with labels under --label-key.")
+@click.option("-T", "Ts", default="8,16,32,64,128", show_default=True, help="Comma-separated timesteps.")
+@click.option("--label-key", default="label", show_default=True, help="Key of the labels in the .npz.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Samples simulated at once.")
+@click.option("--t0", type=int, default=None, help="Readout delay (default: the model's).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.pass_context
+@_handle_errors
+def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, Ts: str, label_key: str, batch_size: int,
+             t0: int | None, json_path: str | None, progress: bool) -> None:
+    """Print ANN vs SNN accuracy of a compiled SNN at several T."""
+    from .evaluate import evaluate, format_table
+    from .modelio import write_atomic
+
+    result = evaluate(ann, snn, data, _parse_ts(Ts), label_key=label_key, batch_size=batch_size, t0=t0,
+                      show_progress=progress and not ctx.obj["quiet"])
+    click.echo(format_table(result))
+    if json_path:
+        write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

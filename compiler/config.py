@@ -1,0 +1,79 @@
+"""The one frozen configuration every pass reads its options from.
+
+Each field maps one to one onto a ``compile`` CLI flag (``iters`` is ``--iters``,
+``granularity`` is ``--granularity``, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .errors import ConfigError
+
+METHODS = ("ltb", "max", "percentile")
+GRANULARITIES = ("channel", "layer")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Options of the conversion.
+
+    method: threshold calibration: local threshold balancing (``ltb``), max-norm or
+        percentile norm.
+    iters: LTB iterations K (batches fed); for max/percentile, the number of batches seen.
+    batch: calibration batch size B.
+    granularity: one threshold per channel/neuron or per layer.
+    eta: LTB step size (1.0 in the authors' code).
+    percentile: the percentile used by ``method='percentile'``.
+    v0: initial membrane potential as a fraction of the threshold (0.5 rounds).
+    keep_clip_cap: for Clip(0, c) / ReLU6, keep thresholds <= c so the ANN's cap holds.
+    seed: seed of the calibration sampler (recorded in the output's metadata).
+    strict: a non-spike-compatible op inside the spiking part is an error instead of
+        ending the spiking part there with a warning.
+    progress: show a progress bar on stderr during calibration.
+    """
+
+    method: str = "ltb"
+    iters: int = 200
+    batch: int = 64
+    granularity: str = "channel"
+    eta: float = 1.0
+    percentile: float = 99.99
+    v0: float = 0.5
+    keep_clip_cap: bool = True
+    seed: int = 0
+    strict: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method '{self.method}' is unknown; use one of {', '.join(METHODS)} (--method)")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"granularity '{self.granularity}' is unknown; use one of {', '.join(GRANULARITIES)} (--granularity)"
+            )
+        if self.iters <= 0:
+            raise ConfigError(f"iters must be a positive number of calibration batches, got {self.iters} (--iters)")
+        if self.batch <= 0:
+            raise ConfigError(f"batch must be a positive batch size, got {self.batch} (--batch)")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must lie in (0, 100], got {self.percentile} (--percentile)")
+        if not 0.0 <= self.v0 < 1.0:
+            raise ConfigError(f"v0 is a fraction of the threshold in [0, 1), got {self.v0} (--v0)")
+        if self.eta <= 0:
+            raise ConfigError(f"eta must be positive, got {self.eta} (--eta)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a plain dict (recorded in the compiled model's metadata)."""
+        d = asdict(self)
+        d.pop("progress")
+        return d
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "CompileConfig":
+        """Build a config from keyword options, naming any unknown option."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known options are {', '.join(sorted(known))}")
+        return cls(**options)

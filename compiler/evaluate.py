@@ -1,0 +1,98 @@
+"""ANN vs SNN accuracy at several T, on labelled (or unlabelled) data."""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .data import as_array_dict, check_arrays, input_specs
+from .errors import DataError
+from .modelio import load_model
+from .progress import progress
+
+
+def ann_outputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """The ANN's first output on all samples, in batches."""
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [s.name for s in input_specs(model)]
+    n = next(iter(arrays.values())).shape[0]
+    return np.concatenate([sess.run(None, {k: arrays[k][i:i + batch_size] for k in names})[0]
+                           for i in range(0, n, batch_size)])
+
+
+def evaluate(
+    ann: str | os.PathLike[str] | onnx.ModelProto,
+    snn: Any,
+    data: Any,
+    Ts: Sequence[int],
+    *,
+    label_key: str = "label",
+    batch_size: int = 256,
+    t0: int | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Accuracy of the ANN and of the SNN at each T (and their top-1 agreement, output error).
+
+    ``snn`` is a SpikingSession or a path to a compiled model. Without labels under
+    ``label_key`` only agreement and error are reported.
+    """
+    from ann2snn.runtime import SpikingSession
+
+    session = snn if isinstance(snn, SpikingSession) else SpikingSession(snn)
+    ann_model = load_model(ann)
+    specs = input_specs(ann_model)
+    arrays = as_array_dict(data, specs, "evaluation data")
+    check_arrays(arrays, specs, "evaluation data")
+    n = next(iter(arrays[s.name] for s in specs)).shape[0]
+    labels = arrays.get(label_key)
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != n:
+            raise DataError(f"evaluation data has {labels.shape[0]} labels under '{label_key}' for {n} samples")
+    if batch_size <= 0:
+        raise DataError(f"batch size must be positive, got {batch_size} (--batch-size)")
+    ref = ann_outputs(ann_model, arrays, batch_size)
+    Ts = sorted(set(Ts))
+    outs: dict[int, list[np.ndarray]] = {T: [] for T in Ts}
+    out_name = session.output_names[0]
+    chunks = range(0, n, batch_size)
+    for i in progress(chunks, math.ceil(n / batch_size), "simulating", show_progress):
+        res = session.run_many({s.name: arrays[s.name][i:i + batch_size] for s in specs}, Ts, t0)
+        for T in Ts:
+            outs[T].append(res[T][out_name])
+    ref_pred = ref.argmax(axis=1)
+    scale = float(np.abs(ref).mean()) or 1.0
+    rows = []
+    for T in Ts:
+        y = np.concatenate(outs[T])
+        pred = y.argmax(axis=1)
+        rows.append({
+            "T": T,
+            "accuracy": float((pred == labels).mean()) if labels is not None else None,
+            "agreement": float((pred == ref_pred).mean()),
+            "mean_abs_error": float(np.abs(y - ref).mean()),
+            "relative_error": float(np.abs(y - ref).mean() / scale),
+        })
+    return {
+        "samples": int(n),
+        "ann_accuracy": float((ref_pred == labels).mean()) if labels is not None else None,
+        "t0": session.t0 if t0 is None else int(t0),
+        "snn": rows,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A markdown table of an ``evaluate`` result."""
+    acc = result["ann_accuracy"]
+    lines = [f"samples: {result['samples']}, readout t0: {result['t0']}",
+             f"ANN accuracy: {acc * 100:.2f}%" if acc is not None else "ANN accuracy: (no labels)",
+             "", "| T | SNN accuracy | agreement with ANN | relative output error |", "|---|---|---|---|"]
+    for r in result["snn"]:
+        a = f"{r['accuracy'] * 100:.2f}%" if r["accuracy"] is not None else "-"
+        lines.append(f"| {r['T']} | {a} | {r['agreement'] * 100:.2f}% | {r['relative_error']:.4f} |")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Reading untrusted ONNX files and writing outputs atomically."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Every TensorProto of a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def _check_external_locations(model: onnx.ModelProto, base: Path) -> None:
+    """Refuse external-data locations that leave the model's folder, before anything is read."""
+    base_real = base.resolve()
+    for tensor in _all_tensors(model.graph):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' stores its data at '{location}', outside the model's folder; "
+                "ann2snn only reads external data from files beside the model (re-export with relative locations)"
+            )
+        target = (base / location).resolve()
+        if base_real not in target.parents:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' points at '{location}', which resolves outside the model's folder "
+                f"({target}); move the data file beside the model"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' needs the external data file '{location}', which is missing; "
+                f"place it beside the model in {base}"
+            )
+
+
+def load_model(source: str | os.PathLike[str] | onnx.ModelProto | bytes) -> onnx.ModelProto:
+    """Load an ONNX model from a path, bytes or a ModelProto, with its external data.
+
+    Raises ModelLoadError for anything that is not a valid ONNX model.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        base = Path.cwd()
+        name = "<model>"
+    else:
+        if isinstance(source, bytes):
+            data, base, name = source, Path.cwd(), "<bytes>"
+        else:
+            path = Path(source)
+            name = str(path)
+            if not path.is_file():
+                raise ModelLoadError(f"model file '{path}' does not exist; pass the path of an exported .onnx file")
+            data, base = path.read_bytes(), path.parent
+        model = onnx.ModelProto()
+        try:
+            model.ParseFromString(data)
+        except Exception as exc:  # protobuf raises DecodeError and friends
+            raise ModelLoadError(
+                f"'{name}' is not an ONNX model (protobuf parse failed: {exc}); "
+                "check that the file is complete and was written by an ONNX exporter"
+            ) from None
+    if not model.HasField("graph") or not model.opset_import or len(model.graph.node) == 0:
+        raise ModelLoadError(
+            f"'{name}' does not contain an ONNX graph (no nodes or no opset); "
+            "check that the file is complete and was written by an ONNX exporter"
+        )
+    _check_external_locations(model, base)
+    try:
+        external_data_helper.load_external_data_for_model(model, str(base))
+    except Exception as exc:
+        raise ModelLoadError(f"could not read the external data of '{name}': {exc}") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"'{name}' is not a valid ONNX model: {first}; re-export it or repair it with onnx.checker"
+        ) from None
+    return model
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    """Deterministic serialisation: the same model always gives the same bytes."""
+    return model.SerializeToString(deterministic=True)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` so that ``path`` is either complete or untouched: temp file, fsync, rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Save a model atomically and deterministically."""
+    write_atomic(path, serialize(model))

@@ -1,0 +1,97 @@
+"""The whole compiler, as one flat list of passes in the order they run.
+
+Each pass takes the PassState and returns it; the last one emits the ONNX model. A pass
+declares what it needs and what it guarantees; a failure names the pass and the passes
+that ran before it. With ``dump_dir`` the graph is written after every pass.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ann2snn.passes.calibrate_thresholds import calibrate_thresholds
+from ann2snn.passes.check_support import check_support
+from ann2snn.passes.emit_spiking import emit_spiking
+from ann2snn.passes.find_activations import find_activations
+from ann2snn.passes.fold_batchnorm import fold_batchnorm
+from ann2snn.passes.fold_constants import fold_constants
+from ann2snn.passes.import_model import import_model
+from ann2snn.passes.partition_graph import partition_graph
+from ann2snn.passes.remove_identity import remove_identity
+from ann2snn.passes.swap_maxpool import swap_maxpool
+
+from .config import CompileConfig
+from .errors import Ann2SnnError, PassError
+from .modelio import save_model
+from .state import PassState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A named pass with the properties it needs and the ones it guarantees afterwards."""
+
+    name: str
+    run: Callable[[PassState], Any]
+    requires: frozenset[str] = frozenset()
+    provides: frozenset[str] = frozenset()
+
+
+def _p(run: Callable[[PassState], Any], requires: str = "", provides: str = "") -> Pass:
+    return Pass(run.__name__, run, frozenset(requires.split()), frozenset(provides.split()))
+
+
+PIPELINE: list[Pass] = [
+    # -- normalise: any exporter's output -> one canonical graph ----------------------
+    _p(check_support, provides="supported"),
+    _p(remove_identity, requires="supported", provides="no-identity"),
+    _p(fold_constants, requires="no-identity", provides="constants-folded"),
+    _p(fold_batchnorm, requires="constants-folded", provides="no-batchnorm"),
+    # -- the spiking structure ---------------------------------------------------------
+    _p(find_activations, requires="no-batchnorm", provides="sites"),
+    _p(swap_maxpool, requires="sites", provides="pre-neuron-pooling"),
+    _p(partition_graph, requires="pre-neuron-pooling", provides="partition"),
+    # -- calibration on a copy of the graph ---------------------------------------------
+    _p(calibrate_thresholds, requires="partition", provides="thresholds"),
+    # -- emission ------------------------------------------------------------------------
+    _p(emit_spiking, requires="thresholds", provides="spiking-model"),
+]
+
+
+def run_pipeline(model: onnx.ModelProto, config: CompileConfig, calib: Any,
+                 dump_dir: str | Path | None = None) -> onnx.ModelProto:
+    """Run every pass of PIPELINE on ``model`` and return the spiking model."""
+    state = import_model(model, config)
+    state.calib = calib
+    have: set[str] = set()
+    result: Any = state
+    for i, p in enumerate(PIPELINE):
+        missing = p.requires - have
+        if missing:
+            raise PassError(f"pass '{p.name}' needs {', '.join(sorted(missing))}, which no earlier pass provides")
+        start = time.perf_counter()
+        try:
+            result = p.run(state)
+        except Ann2SnnError:
+            raise
+        except Exception as exc:
+            ran = ", ".join(state.history) or "none"
+            raise PassError(f"pass '{p.name}' failed ({type(exc).__name__}: {exc}); passes run before it: {ran}. "
+                            "This is a bug in ann2snn or an unusual model: please report it with the model") from exc
+        state.history.append(p.name)
+        have |= p.provides
+        log.debug("pass %s took %.3f s", p.name, time.perf_counter() - start)
+        if dump_dir is not None and isinstance(result, PassState):
+            from ann2snn.passes._graph import export
+
+            save_model(export(state.graph.copy().cleanup().toposort(), state.opset),
+                       Path(dump_dir) / f"{i:02d}_{p.name}.onnx")
+    assert isinstance(result, onnx.ModelProto)
+    return result

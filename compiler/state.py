@@ -1,0 +1,61 @@
+"""What the passes hand to each other: the graph and the annotations on it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .config import CompileConfig
+
+
+@dataclass
+class Site:
+    """An activation site: a ReLU / Clip(0, c) that becomes an IF neuron.
+
+    ``pre`` is the tensor the neuron integrates (the pre-activation current), ``post`` the
+    activation's output (after emission: the spike tensor). ``theta`` holds one threshold
+    per channel (or one per layer) once calibration has run; ``mean_act`` the mean
+    ReLU(pre) per channel over the calibration data (for the readout delay estimate).
+    """
+
+    node: str
+    pre: str
+    post: str
+    cap: float | None
+    channel_axis: int = 1
+    shape: tuple[int, ...] = ()
+    theta: np.ndarray | None = None
+    mean_act: np.ndarray | None = None
+
+    def theta_shape(self, granularity: str) -> tuple[int, ...]:
+        """Shape of the threshold tensor, broadcastable against ``[N, *shape]``."""
+        rank = len(self.shape) + 1
+        dims = [1] * rank
+        if granularity == "channel":
+            dims[self.channel_axis] = self.shape[self.channel_axis - 1]
+        return tuple(dims)
+
+
+@dataclass
+class PassState:
+    """The graph being compiled, its annotations, and what has run so far."""
+
+    graph: gs.Graph
+    config: CompileConfig
+    calib: Any = None
+    sites: list[Site] = field(default_factory=list)
+    #: names of the nodes of the analog tail (run once on the readout)
+    tail: list[str] = field(default_factory=list)
+    #: tensors at the spiking -> analog boundary, read out by the runtime
+    boundary: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    history: list[str] = field(default_factory=list)
+    opset: int = 13
+    ir_version: int = 8
+    producer: str = ""
+
+    def site_by_node(self) -> dict[str, Site]:
+        """Sites keyed by their node name."""
+        return {s.node: s for s in self.sites}

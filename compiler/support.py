@@ -1,0 +1,121 @@
+"""The op support table: one place that says what each ONNX op becomes.
+
+Roles, as data (op type in the default ``ai.onnx`` domain -> role):
+
+- ``neuron``: an activation site; becomes an IF neuron (ReLU, and Clip(0, c) / ReLU6).
+- ``affine``: correct on spike trains because it commutes with averaging over time
+  (linear maps, constant shifts, re-layouts); may sit anywhere in the spiking part.
+- ``prepool``: MaxPool; correct on spikes only when it is moved in front of the neuron
+  (pre-neuron max pooling). Anywhere else it ends the spiking part.
+- ``removed``: disappears during normalisation or folding (Identity, Dropout, BatchNorm, ...).
+- ``rejected``: cannot be converted at all (control flow, recurrence, randomness).
+
+Any other op is allowed where its inputs are constant in time (the analog prefix that
+feeds the first neurons, recomputed identically at every step) or in the analog tail,
+which runs once on the readout. Where such an op consumes spikes with neurons after it,
+the spiking part ends there.
+"""
+from __future__ import annotations
+
+NEURON = "neuron"
+AFFINE = "affine"
+PREPOOL = "prepool"
+REMOVED = "removed"
+REJECTED = "rejected"
+
+OP_ROLES: dict[str, str] = {
+    # activation sites
+    "Relu": NEURON,
+    "Clip": NEURON,  # only Clip(0, c) / Clip(0, inf); other clips are rejected by find_activations
+    # affine on spikes
+    "Conv": AFFINE,
+    "ConvTranspose": AFFINE,
+    "Gemm": AFFINE,
+    "MatMul": AFFINE,  # with a constant operand
+    "Add": AFFINE,
+    "Sub": AFFINE,
+    "Mul": AFFINE,  # by a constant
+    "Div": AFFINE,  # by a constant
+    "Sum": AFFINE,
+    "Neg": AFFINE,
+    "AveragePool": AFFINE,
+    "GlobalAveragePool": AFFINE,
+    "Pad": AFFINE,
+    "Flatten": AFFINE,
+    "Reshape": AFFINE,
+    "Transpose": AFFINE,
+    "Squeeze": AFFINE,
+    "Unsqueeze": AFFINE,
+    "Concat": AFFINE,
+    "Slice": AFFINE,
+    "Split": AFFINE,
+    "Resize": AFFINE,
+    "Upsample": AFFINE,
+    # pooling that needs the pre-neuron rule
+    "MaxPool": PREPOOL,
+    # removed by normalisation or folding
+    "Identity": REMOVED,
+    "Dropout": REMOVED,
+    "BatchNormalization": REMOVED,
+    "Constant": REMOVED,
+    # cannot be converted
+    "Loop": REJECTED,
+    "If": REJECTED,
+    "Scan": REJECTED,
+    "LSTM": REJECTED,
+    "GRU": REJECTED,
+    "RNN": REJECTED,
+    "RandomNormal": REJECTED,
+    "RandomNormalLike": REJECTED,
+    "RandomUniform": REJECTED,
+    "RandomUniformLike": REJECTED,
+    "Multinomial": REJECTED,
+    "Bernoulli": REJECTED,
+}
+
+REJECT_REASONS: dict[str, tuple[str, str]] = {
+    "control": (
+        "is control flow, which ann2snn does not convert",
+        "export the model with the control flow unrolled (e.g. torch.onnx.export with fixed shapes)",
+    ),
+    "recurrent": (
+        "is a recurrent layer; IF neurons replace feed-forward ReLU activations only",
+        "convert a feed-forward model, or export the recurrent part separately",
+    ),
+    "random": (
+        "draws random numbers, so the network's output is not a function of its input",
+        "export the model in eval mode without random ops",
+    ),
+    "domain": (
+        "belongs to a custom operator domain, which onnxruntime cannot run without its library",
+        "export the model with standard ONNX ops only",
+    ),
+}
+
+_REJECT_KIND = {
+    "Loop": "control",
+    "If": "control",
+    "Scan": "control",
+    "LSTM": "recurrent",
+    "GRU": "recurrent",
+    "RNN": "recurrent",
+}
+
+#: ONNX opsets the compiler accepts; older models are upgraded to MIN_OPSET first.
+MIN_OPSET = 13
+OLDEST_OPSET = 7
+NEWEST_OPSET = 23
+
+
+def role(op_type: str, domain: str = "") -> str | None:
+    """The role of an op, or None when it is an ordinary analog op (see module doc)."""
+    if domain not in ("", "ai.onnx"):
+        return REJECTED
+    return OP_ROLES.get(op_type)
+
+
+def reject_reason(op_type: str, domain: str = "") -> tuple[str, str]:
+    """(problem, remedy) for a rejected op."""
+    if domain not in ("", "ai.onnx"):
+        return REJECT_REASONS["domain"]
+    return REJECT_REASONS[_REJECT_KIND.get(op_type, "random")]

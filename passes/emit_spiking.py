@@ -1,0 +1,213 @@
+"""Emit the stateful spiking step graph.
+
+Every neuron site becomes ``ann2snn::IFNeuron(z, v, θ) -> (spikes, v_next)`` with its
+membrane potential as a graph input / output pair. Spikes are 0/1; the value θ a spike
+stands for is folded into the weights of the layers that consume it (per input channel),
+through Flatten / Reshape / average pooling when needed, and applied by an explicit Mul
+where no weight can absorb it (residual adds, the analog tail, graph outputs). The analog
+tail is moved into the model-local function ``ann2snn.tail::AnalogTail``, which the
+runtime runs once on the readout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+
+from ann2snn import __version__
+from ann2snn.state import PassState, Site
+from ann2snn.runtime.ops import DEAD_THRESHOLD, DOMAIN, IF_OP, if_neuron_function
+
+from ._graph import const_value, export, owned_constant, static_shape, unique_name
+
+log = logging.getLogger(__name__)
+
+TAIL_DOMAIN = "ann2snn.tail"
+TAIL_FUNCTION = "AnalogTail"
+METADATA_KEY = "ann2snn"
+
+
+def _varies_only_on(scale: np.ndarray, axis: int) -> bool:
+    return all(d == 1 for i, d in enumerate(scale.shape) if i != axis)
+
+
+class _ScaleFolder:
+    """Pushes a per-element scale of a spike tensor into the weights that consume it."""
+
+    def __init__(self, graph: gs.Graph, tail: set[str], boundary: list[str]) -> None:
+        self.graph, self.tail, self.boundary = graph, tail, boundary
+        self.taken = set(graph.tensors())
+
+    def fold(self, t: gs.Tensor, scale: np.ndarray) -> None:
+        rank = scale.ndim
+        explicit = []
+        for c in list(t.outputs):
+            if c.name in self.tail or c.inputs[0] is not t:
+                explicit.append(c)
+            elif c.op == "Conv" and const_value(c.inputs[1]) is not None and _varies_only_on(scale, 1):
+                w_t = owned_constant(self.graph, c, 1)
+                w = np.asarray(w_t.values, np.float64)
+                groups = int(c.attrs.get("group", 1))
+                cout, cin_g = w.shape[0], w.shape[1]
+                s = np.broadcast_to(scale.reshape(-1), (cin_g * groups,)).reshape(groups, cin_g)
+                per_out = s[np.arange(cout) // (cout // groups)]
+                w_t.values = (w * per_out.reshape(per_out.shape + (1,) * (w.ndim - 2))).astype(w_t.values.dtype)
+            elif (c.op == "Gemm" and rank == 2 and not c.attrs.get("transA", 0)
+                  and const_value(c.inputs[1]) is not None):
+                w_t = owned_constant(self.graph, c, 1)
+                s = np.broadcast_to(scale.reshape(-1), (scale.shape[1],)).astype(np.float64)
+                w = np.asarray(w_t.values, np.float64)
+                w_t.values = (w * (s[None, :] if c.attrs.get("transB", 0) else s[:, None])).astype(w_t.values.dtype)
+            elif (c.op == "MatMul" and const_value(c.inputs[1]) is not None
+                  and np.asarray(const_value(c.inputs[1])).ndim == 2 and _varies_only_on(scale, rank - 1)):
+                w_t = owned_constant(self.graph, c, 1)
+                s = scale.reshape(-1).astype(np.float64)
+                w_t.values = (np.asarray(w_t.values, np.float64) * s[:, None]).astype(w_t.values.dtype)
+            elif c.op in ("Flatten", "Reshape") and self._reshaped(t, c, scale) is not None:
+                self.fold(c.outputs[0], self._reshaped(t, c, scale))
+            elif c.op in ("AveragePool", "GlobalAveragePool") and _varies_only_on(scale, 1):
+                self.fold(c.outputs[0], scale)
+            else:
+                explicit.append(c)
+        is_output = any(o is t for o in self.graph.outputs) or t.name in self.boundary
+        if explicit or is_output:
+            scaled = gs.Variable(unique_name(self.taken, f"{t.name}/scaled"), dtype=np.float32, shape=t.shape)
+            self.graph.nodes.append(gs.Node("Mul", name=unique_name(self.taken, f"{t.name}/scale"),
+                                            inputs=[t, gs.Constant(unique_name(self.taken, f"{t.name}/spike_value"),
+                                                                   scale.astype(np.float32))],
+                                            outputs=[scaled]))
+            for c in explicit:
+                for i, x in enumerate(c.inputs):
+                    if x is t:
+                        c.inputs[i] = scaled
+            for i, o in enumerate(self.graph.outputs):
+                if o is t:
+                    self.graph.outputs[i] = scaled
+            self.boundary[:] = [scaled.name if b == t.name else b for b in self.boundary]
+
+    @staticmethod
+    def _reshaped(t: gs.Tensor, node: gs.Node, scale: np.ndarray) -> np.ndarray | None:
+        src, dst = static_shape(t), static_shape(node.outputs[0])
+        if src is None or dst is None or int(np.prod(src)) != int(np.prod(dst)):
+            return None
+        return np.broadcast_to(scale, (1,) + src).reshape((1,) + dst)
+
+
+def _batch_dim(graph: gs.Graph):
+    for t in graph.inputs:
+        if t.shape:
+            return t.shape[0]
+    return "N"
+
+
+def _neuron_values(site: Site, granularity: str) -> tuple[np.ndarray, np.ndarray]:
+    """(firing thresholds, spike values), both shaped to broadcast over ``[N, *shape]``."""
+    shape = site.theta_shape(granularity)
+    theta = np.asarray(site.theta, np.float32).reshape(shape)
+    dead = theta <= 0
+    return np.where(dead, np.float32(DEAD_THRESHOLD), theta).astype(np.float32), np.where(dead, 0, theta).astype(np.float32)
+
+
+def _tail_function(model: onnx.ModelProto, tail: set[str], inputs: list[str], outputs: list[str], opset: int) -> onnx.FunctionProto:
+    """The analog tail as a FunctionProto; its initializers become Constant nodes."""
+    nodes = [n for n in model.graph.node if n.name in tail]
+    used = {i for n in nodes for i in n.input}
+    consts = [helper.make_node("Constant", [], [init.name], value=init, name=f"{init.name}/const")
+              for init in model.graph.initializer if init.name in used]
+    return helper.make_function(TAIL_DOMAIN, TAIL_FUNCTION, inputs, outputs, consts + nodes,
+                                [helper.make_opsetid("", opset)],
+                                doc_string="The analog tail: runs once on the readout of the spiking part.")
+
+
+def _type_of(model: onnx.ModelProto, name: str) -> dict:
+    for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+        if vi.name == name:
+            tt = vi.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+            return {"elem_type": int(tt.elem_type), "shape": dims if tt.HasField("shape") else None}
+    return {"elem_type": int(onnx.TensorProto.FLOAT), "shape": None}
+
+
+def emit_spiking(state: PassState) -> onnx.ModelProto:
+    """Turn the calibrated graph into the spiking step model (see module doc)."""
+    cfg = state.config
+    graph = state.graph
+    tail = set(state.tail)
+    boundary = list(state.boundary)
+    final_outputs = [t.name for t in graph.outputs]
+    # the tail, with its inputs' types, is cut from the graph before neurons are placed
+    full = onnx.shape_inference.infer_shapes(export(graph.copy().cleanup().toposort(), state.opset))
+    tail_inputs = [b for b in boundary if any(b in n.input for n in full.graph.node if n.name in tail)]
+    tail_outputs = [o for o in final_outputs if o not in boundary]
+    types = {name: _type_of(full, name) for name in boundary + tail_outputs}
+
+    nodes = {n.name: n for n in graph.nodes}
+    tensors = graph.tensors()
+    batch = _batch_dim(graph)
+    folder = _ScaleFolder(graph, tail, boundary)
+    neurons = []
+    v_outs = []
+    for site in state.sites:
+        act = nodes[site.node]
+        z, spikes = tensors[site.pre], tensors[site.post]
+        thresholds, values = _neuron_values(site, cfg.granularity)
+        state_shape = [batch] + list(site.shape)
+        v_in = gs.Variable(f"{site.node}/v", dtype=np.float32, shape=state_shape)
+        v_out = gs.Variable(f"{site.node}/v_next", dtype=np.float32, shape=state_shape)
+        theta = gs.Constant(f"{site.node}/threshold", thresholds)
+        act.op, act.domain, act.attrs = IF_OP, DOMAIN, {}
+        act.name = f"{site.node}/IF"
+        act.inputs = [z, v_in, theta]
+        act.outputs = [spikes, v_out]
+        graph.inputs.append(v_in)
+        v_outs.append(v_out)
+        folder.fold(spikes, values)
+        live = site.theta[site.theta > 0]
+        neurons.append({
+            "node": act.name, "state_in": v_in.name, "state_out": v_out.name, "threshold": theta.name,
+            "spikes": spikes.name, "shape": list(site.shape), "channel_axis": site.channel_axis,
+            "v0": cfg.v0, "units": int(np.prod(site.shape)), "dead_channels": int((site.theta <= 0).sum()),
+            "theta_min": float(live.min()) if live.size else 0.0, "theta_max": float(live.max()) if live.size else 0.0,
+        })
+    outs = graph.tensors()
+    graph.outputs = [outs[b] for b in boundary] + v_outs
+    for t in graph.outputs:
+        if t.dtype is None:
+            t.dtype = np.float32
+    graph.cleanup().toposort()
+    model = export(graph, state.opset, state.ir_version)
+    model.functions.append(if_neuron_function(state.opset))
+    model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if tail:
+        model.functions.append(_tail_function(full, tail, tail_inputs, tail_outputs, state.opset))
+        model.opset_import.append(helper.make_opsetid(TAIL_DOMAIN, 1))
+    model.producer_name, model.producer_version = "ann2snn", __version__
+    model.graph.name = "ann2snn_step"
+    thetas = np.concatenate([s.theta for s in state.sites]) if state.sites else np.zeros(0)
+    meta = {
+        "format": 1,
+        "version": __version__,
+        "config": cfg.to_dict(),
+        "source_producer": state.producer,
+        "readout": {"t0": int(state.metadata.get("t0", 0)), "min_window": 4},
+        "neurons": neurons,
+        "step_outputs": boundary,
+        "outputs": final_outputs,
+        "types": types,
+        "tail": {"domain": TAIL_DOMAIN, "function": TAIL_FUNCTION, "inputs": tail_inputs,
+                 "outputs": tail_outputs, "nodes": sorted(tail)} if tail else None,
+        "thresholds": {"layers": len(state.sites), "min": float(thetas[thetas > 0].min()) if (thetas > 0).any() else 0.0,
+                       "max": float(thetas.max()) if thetas.size else 0.0, "dead": int((thetas <= 0).sum())},
+    }
+    helper.set_model_props(model, {
+        METADATA_KEY: json.dumps(meta, sort_keys=True),
+        "ann2snn.version": __version__,
+        "ann2snn.method": cfg.method,
+        "ann2snn.readout_t0": str(meta["readout"]["t0"]),
+        "ann2snn.seed": str(cfg.seed),
+    })
+    return model

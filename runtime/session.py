@@ -1,0 +1,190 @@
+"""SpikingSession: runs a compiled ``.snn.onnx`` step model for T timesteps on onnxruntime.
+
+The step graph is run once per timestep with the membrane potentials carried from one
+step to the next. The readout is the average of the spiking part's analog outputs over
+the steps ``[start, T)`` (delayed evaluation); the analog tail, if any, then runs once on
+that average.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from ann2snn.data import InputSpec, as_array_dict, check_arrays, input_specs
+from ann2snn.errors import ConfigError, ModelLoadError
+from ann2snn.modelio import load_model
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "ann2snn"
+
+
+def window_start(T: int, t0: int, min_window: int = 4) -> int:
+    """First step (0-based) of the readout window for T steps: t0, or the last ``min_window`` steps."""
+    if T >= t0 + min_window:
+        return t0
+    return max(T - min_window, 0)
+
+
+def check_T(T: int) -> int:
+    """Validate a number of timesteps."""
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T <= 0:
+        raise ConfigError(f"T must be a positive number of timesteps, got {T!r} (-T)")
+    return int(T)
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+class SpikingSession:
+    """A compiled spiking model, ready to run.
+
+    ``run(inputs, T)`` gives the readout after T steps; ``reset(batch)`` and ``step(inputs)``
+    drive it one timestep at a time (online use); ``readout()`` gives the current readout.
+    """
+
+    def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, *, threads: int | None = None) -> None:
+        proto = load_model(model)
+        props = {p.key: p.value for p in proto.metadata_props}
+        if METADATA_KEY not in props:
+            raise ModelLoadError("the model has no ann2snn metadata: it is not a compiled spiking model; "
+                                 "compile it first with `ann2snn compile model.onnx -o model.snn.onnx`")
+        self.meta: dict[str, Any] = json.loads(props[METADATA_KEY])
+        self.t0: int = int(self.meta["readout"]["t0"])
+        self.min_window: int = int(self.meta["readout"].get("min_window", 4))
+        inits = {i.name: i for i in proto.graph.initializer}
+        self._neurons = []
+        for n in self.meta["neurons"]:
+            theta = numpy_helper.to_array(inits[n["threshold"]]).astype(np.float32)
+            self._neurons.append((n["state_in"], n["state_out"], (theta * np.float32(n["v0"])), tuple(n["shape"])))
+        state_inputs = {n[0] for n in self._neurons}
+        self.input_specs: list[InputSpec] = [s for s in input_specs(proto) if s.name not in state_inputs]
+        self.step_outputs: list[str] = list(self.meta["step_outputs"])
+        self.output_names: list[str] = list(self.meta["outputs"])
+        self._sess = ort.InferenceSession(proto.SerializeToString(), _session_options(threads),
+                                          providers=["CPUExecutionProvider"])
+        self._fetch = self.step_outputs + [n[1] for n in self._neurons]
+        self._tail = self._tail_session(proto, threads)
+        self._float = [self.meta["types"][o]["elem_type"] == onnx.TensorProto.FLOAT for o in self.step_outputs]
+        self._states: dict[str, np.ndarray] = {}
+        self._sums: list[np.ndarray] | None = None
+        self._last: list[np.ndarray] | None = None
+        self._t = 0
+        self._counted = 0
+
+    def _tail_session(self, proto: onnx.ModelProto, threads: int | None) -> ort.InferenceSession | None:
+        tail = self.meta.get("tail")
+        if not tail:
+            return None
+        fn = next(f for f in proto.functions if f.domain == tail["domain"] and f.name == tail["function"])
+        types = self.meta["types"]
+
+        def vi(name: str) -> onnx.ValueInfoProto:
+            t = types.get(name, {"elem_type": onnx.TensorProto.FLOAT, "shape": None})
+            return helper.make_tensor_value_info(name, t["elem_type"], t["shape"])
+
+        graph = helper.make_graph(list(fn.node), "ann2snn_tail", [vi(i) for i in fn.input], [vi(o) for o in fn.output])
+        model = helper.make_model(graph, opset_imports=list(fn.opset_import), ir_version=proto.ir_version)
+        return ort.InferenceSession(model.SerializeToString(), _session_options(threads), providers=["CPUExecutionProvider"])
+
+    # -- streaming interface -------------------------------------------------------------
+    def reset(self, batch_size: int) -> None:
+        """Set every membrane potential to v(0) = v0·θ for a batch of ``batch_size``."""
+        self._states = {name: np.ascontiguousarray(np.broadcast_to(v0, (batch_size,) + shape), dtype=np.float32)
+                        for name, _, v0, shape in self._neurons}
+        self._sums, self._last, self._t, self._counted = None, None, 0, 0
+
+    def _feeds(self, inputs: Any) -> dict[str, np.ndarray]:
+        arrays = as_array_dict(inputs, self.input_specs, "input")
+        check_arrays(arrays, self.input_specs, "input")
+        return {s.name: arrays[s.name] for s in self.input_specs}
+
+    def _advance(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One step on checked feeds: update the membrane potentials, return the step outputs."""
+        results = self._sess.run(self._fetch, {**feeds, **self._states})
+        k = len(self.step_outputs)
+        for (name, _, _, _), value in zip(self._neurons, results[k:]):
+            self._states[name] = value
+        self._t += 1
+        return results[:k]
+
+    def step(self, inputs: Any) -> dict[str, np.ndarray]:
+        """Advance one timestep; returns the spiking part's analog outputs at this step."""
+        feeds = self._feeds(inputs)
+        batch = next(iter(feeds.values())).shape[0]
+        if not self._states or next(iter(self._states.values())).shape[0] != batch:
+            self.reset(batch)
+        t = self._t
+        outs = self._advance(feeds)
+        if t >= self.t0:
+            if self._sums is None:
+                self._sums = [np.asarray(o, np.float64) if f else o for o, f in zip(outs, self._float)]
+            else:
+                self._sums = [acc + o if f else o for acc, o, f in zip(self._sums, outs, self._float)]
+            self._counted += 1
+        self._last = outs
+        return dict(zip(self.step_outputs, outs))
+
+    def readout(self) -> dict[str, np.ndarray]:
+        """The average of the outputs over the steps seen since ``t0``, through the analog tail."""
+        if self._last is None:
+            raise ConfigError("readout() before any step(); call step(inputs) at least once")
+        if self._sums is None:  # still inside the delay: read out the last step
+            values = self._last
+        else:
+            values = [(s / self._counted).astype(np.float32) if f else s for s, f in zip(self._sums, self._float)]
+        return self._finish(values)
+
+    def _finish(self, values: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        by_name = dict(zip(self.step_outputs, values))
+        if self._tail is not None:
+            tail_in = {i.name: by_name[i.name] for i in self._tail.get_inputs()}
+            by_name.update(zip([o.name for o in self._tail.get_outputs()], self._tail.run(None, tail_in)))
+        return {name: by_name[name] for name in self.output_names}
+
+    # -- whole runs --------------------------------------------------------------------------
+    def run(self, inputs: Any, T: int, t0: int | None = None) -> dict[str, np.ndarray]:
+        """Run T timesteps from rest and return the readout (delayed average over ``[start, T)``)."""
+        return self.run_many(inputs, [T], t0)[check_T(T)]
+
+    def run_many(self, inputs: Any, Ts: Sequence[int], t0: int | None = None) -> dict[int, dict[str, np.ndarray]]:
+        """One simulation of max(Ts) steps, read out at every T in ``Ts`` (the SNN is causal)."""
+        Ts = sorted({check_T(T) for T in Ts})
+        t0 = self.t0 if t0 is None else int(t0)
+        if t0 < 0:
+            raise ConfigError(f"t0 must be >= 0, got {t0} (--t0)")
+        feeds = self._feeds(inputs)
+        self.reset(next(iter(feeds.values())).shape[0])
+        starts = {T: window_start(T, t0, self.min_window) for T in Ts}
+        running: list[np.ndarray] | None = None  # sums of the float outputs over steps [0, t)
+        at_start: dict[int, list[np.ndarray] | None] = {}
+        results: dict[int, dict[str, np.ndarray]] = {}
+        for t in range(Ts[-1]):
+            if t in starts.values():
+                at_start[t] = None if running is None else [r.copy() for r in running]
+            outs = self._advance(feeds)
+            if running is None:
+                running = [np.asarray(o, np.float64) if f else o for o, f in zip(outs, self._float)]
+            else:
+                running = [r + o if f else o for r, o, f in zip(running, outs, self._float)]
+            T = t + 1
+            if T in starts:
+                s, base = starts[T], at_start[starts[T]]
+                values = [((r - base[j] if base is not None else r) / (T - s)).astype(np.float32) if f else o
+                          for j, (r, o, f) in enumerate(zip(running, outs, self._float))]
+                results[T] = self._finish(values)
+        return results

@@ -1,0 +1,99 @@
+"""Shared helpers: tiny models written in ONNX text, run with onnxruntime."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def build(text: str, weights: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
+    """A model from ONNX text whose listed graph inputs in ``weights`` become initializers."""
+    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>\n' + text)
+    keep = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    for name, value in weights.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model with onnxruntime (basic optimisations only, for stable last bits)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+CNN_TEXT = """
+g (float[N,1,8,8] x, float[4,1,3,3] W1, float[4] b1, float[4] g1, float[4] be1, float[4] mu1, float[4] var1,
+   float[16,64] W2, float[16] b2, float[3,16] W3, float[3] b3) => (float[N,3] y) {
+  c1 = Conv <pads=[1,1,1,1]> (x, W1, b1)
+  n1 = BatchNormalization (c1, g1, be1, mu1, var1)
+  r1 = Relu (n1)
+  p1 = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r1)
+  f = Flatten <axis=1> (p1)
+  h = Gemm <transB=1> (f, W2, b2)
+  r2 = Relu (h)
+  y = Gemm <transB=1> (r2, W3, b3)
+}
+"""
+
+
+def cnn_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights for CNN_TEXT."""
+    rng = np.random.default_rng(seed)
+    return {
+        "W1": rng.normal(0, 0.5, (4, 1, 3, 3)), "b1": rng.normal(0, 0.1, 4),
+        "g1": rng.uniform(0.5, 1.5, 4), "be1": rng.normal(0, 0.1, 4), "mu1": rng.normal(0, 0.1, 4),
+        "var1": rng.uniform(0.5, 1.5, 4),
+        "W2": rng.normal(0, 0.3, (16, 64)), "b2": rng.normal(0, 0.1, 16),
+        "W3": rng.normal(0, 0.3, (3, 16)), "b3": np.zeros(3),
+    }
+
+
+@pytest.fixture
+def cnn() -> onnx.ModelProto:
+    """A tiny Conv-BN-ReLU-MaxPool-Flatten-Gemm-ReLU-Gemm network."""
+    return build(CNN_TEXT, cnn_weights())
+
+
+@pytest.fixture
+def cnn_calib() -> dict[str, np.ndarray]:
+    """Calibration inputs for the tiny CNN."""
+    return {"x": np.random.default_rng(1).uniform(0, 1, (256, 1, 8, 8)).astype(np.float32)}
+
+
+def digits_path(name: str = "digits_cnn.onnx") -> Path:
+    """A committed reference model; skips the test if it is missing."""
+    path = MODELS / name
+    if not path.exists():
+        pytest.skip(f"{path} is not built")
+    return path
+
+
+def apply(model: onnx.ModelProto, *passes, **options):
+    """Import ``model``, run ``passes`` in order; returns (state, exported model)."""
+    from ann2snn.config import CompileConfig
+    from ann2snn.passes._graph import export
+    from ann2snn.passes.import_model import import_model
+
+    state = import_model(model, CompileConfig(**options))
+    for p in passes:
+        p(state)
+    out = export(state.graph.copy().cleanup().toposort(), state.opset)
+    onnx.checker.check_model(out, full_check=True)
+    return state, out
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    """The op types of a model's nodes, in order."""
+    return [n.op_type for n in model.graph.node]

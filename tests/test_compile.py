@@ -1,0 +1,114 @@
+"""End to end on tiny networks: compile, emitted structure, convergence to the ANN, readout."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import ann2snn
+from ann2snn.modelio import serialize
+from ann2snn.runtime import SpikingSession, window_start
+from conftest import build, run_ort
+
+from test_swap_and_partition import TAIL
+
+
+def rel_error(session: SpikingSession, ann: onnx.ModelProto, x: np.ndarray, Ts: list[int], out: int = 0) -> list[float]:
+    ref = run_ort(ann, {"x": x})[out]
+    res = session.run_many({"x": x}, Ts)
+    name = session.output_names[out]
+    return [float(np.abs(res[T][name] - ref).mean() / np.abs(ref).mean()) for T in Ts]
+
+
+def test_emitted_model_structure(cnn, cnn_calib) -> None:
+    snn = ann2snn.compile(cnn, cnn_calib, iters=20, batch=32)
+    onnx.checker.check_model(snn, full_check=True)
+    kinds = [(n.domain, n.op_type) for n in snn.graph.node]
+    assert kinds.count(("ann2snn", "IFNeuron")) == 2
+    assert ("", "BatchNormalization") not in kinds and ("", "Relu") not in kinds
+    assert [f.name for f in snn.functions] == ["IFNeuron"]
+    inputs = [i.name for i in snn.graph.input]
+    assert inputs[0] == "x" and all(i.endswith("/v") for i in inputs[1:])
+    meta = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])
+    assert meta["config"]["method"] == "ltb" and meta["readout"]["t0"] >= 0
+    assert meta["step_outputs"] == ["y"] and meta["tail"] is None
+    assert all(n["theta_max"] > 0 for n in meta["neurons"])
+
+
+def test_spikes_are_binary(cnn, cnn_calib) -> None:
+    snn = ann2snn.compile(cnn, cnn_calib, iters=20, batch=32)
+    neurons = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])["neurons"]
+    spikes = [n["spikes"] for n in neurons]
+    snn.graph.output.extend(onnx.helper.make_tensor_value_info(n["spikes"], onnx.TensorProto.FLOAT, ["N"] + n["shape"])
+                            for n in neurons)
+    session = SpikingSession(snn)
+    session.step_outputs += spikes  # read the spike tensors as step outputs too
+    session._fetch = session.step_outputs + [n[1] for n in session._neurons]
+    session.reset(8)
+    x = cnn_calib["x"][:8]
+    total = 0.0
+    for _ in range(10):
+        values = session._advance({"x": x})[-len(spikes):]
+        for v in values:
+            assert set(np.unique(v)) <= {0.0, 1.0}
+            total += float(v.sum())
+    assert total > 0
+
+
+@pytest.mark.parametrize("method,granularity", [("ltb", "channel"), ("ltb", "layer"), ("max", "channel"),
+                                                ("percentile", "layer")])
+def test_snn_output_converges_to_ann(cnn, cnn_calib, method: str, granularity: str) -> None:
+    snn = ann2snn.compile(cnn, cnn_calib, method=method, granularity=granularity, iters=50, batch=32)
+    errs = rel_error(SpikingSession(snn), cnn, cnn_calib["x"][:64], [8, 32, 128, 512])
+    assert errs[3] < errs[0] / 3, errs
+    assert errs[1] < errs[0] and errs[2] < errs[1], errs
+
+
+def test_analog_tail_runs_once_on_the_readout() -> None:
+    rng = np.random.default_rng(0)
+    model = build(TAIL, {"W1": rng.normal(0, 1, (6, 4)), "W2": rng.normal(0, 1, (3, 6))})
+    x = rng.normal(0, 1, (64, 4)).astype(np.float32)
+    snn = ann2snn.compile(model, {"x": x}, iters=30, batch=32)
+    assert [f.name for f in snn.functions] == ["IFNeuron", "AnalogTail"]
+    session = SpikingSession(snn)
+    assert session.output_names == ["y", "p"]
+    ref_y, ref_p = run_ort(model, {"x": x})
+    out = session.run({"x": x}, 512)
+    np.testing.assert_allclose(out["p"].sum(axis=1), 1.0, rtol=1e-5)  # a softmax of the readout
+    assert np.abs(out["p"] - ref_p).mean() < 0.02
+    assert np.all(out["y"] >= 0)  # the output ReLU ran on the readout
+    assert np.abs(out["y"] - ref_y).mean() / np.abs(ref_y).mean() < 0.05
+
+
+def test_streaming_matches_run(cnn, cnn_calib) -> None:
+    session = SpikingSession(ann2snn.compile(cnn, cnn_calib, iters=20, batch=32))
+    x = cnn_calib["x"][:16]
+    T = session.t0 + 20
+    whole = session.run({"x": x}, T)["y"]
+    session.reset(16)
+    for _ in range(T):
+        session.step({"x": x})
+    np.testing.assert_allclose(session.readout()["y"], whole, rtol=1e-5, atol=1e-6)
+
+
+def test_readout_window() -> None:
+    assert window_start(64, 10) == 10
+    assert window_start(12, 10) == 8  # T < t0 + 4: the last 4 steps
+    assert window_start(3, 10) == 0
+
+
+def test_same_inputs_give_identical_bytes(cnn, cnn_calib) -> None:
+    a = serialize(ann2snn.compile(cnn, cnn_calib, iters=20, batch=32))
+    b = serialize(ann2snn.compile(cnn, cnn_calib, iters=20, batch=32))
+    assert a == b
+    c = serialize(ann2snn.compile(cnn, cnn_calib, iters=20, batch=32, seed=1))
+    assert c != a
+
+
+def test_iterable_calibration(cnn, cnn_calib) -> None:
+    batches = [{"x": cnn_calib["x"][i:i + 32]} for i in range(0, 256, 32)]
+    snn = ann2snn.compile(cnn, batches, iters=8)
+    errs = rel_error(SpikingSession(snn), cnn, cnn_calib["x"][:32], [8, 256])
+    assert errs[1] < errs[0]

@@ -1,0 +1,64 @@
+"""End to end on the committed reference models (see models/README.md)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import ann2snn
+from ann2snn.evaluate import evaluate
+from ann2snn.runtime import SpikingSession
+from conftest import MODELS, digits_path
+
+
+@pytest.fixture(scope="module")
+def digits_test() -> dict[str, np.ndarray]:
+    with np.load(MODELS / "data" / "digits_test.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize("name", ["digits_cnn.onnx", "digits_cnn_opset11.onnx", "digits_cnn_dynamo.onnx"])
+def test_digits_exports_convert(name: str, digits_test) -> None:
+    """Legacy export with BatchNorm and a Shape->Reshape chain, opset 11, and dynamo with external weights."""
+    path = digits_path(name)
+    snn = ann2snn.compile(path, MODELS / "data" / "digits_calib.npz", iters=100, batch=32)
+    kinds = [n.op_type for n in snn.graph.node]
+    assert kinds.count("IFNeuron") == 3
+    assert not {"BatchNormalization", "Shape", "Gather", "Concat"} & set(kinds)
+    res = evaluate(path, SpikingSession(snn), digits_test, [8, 32, 128], batch_size=600)
+    acc = {r["T"]: r["accuracy"] for r in res["snn"]}
+    assert res["ann_accuracy"] > 0.97
+    assert acc[32] >= res["ann_accuracy"] - 0.02, res
+    assert acc[128] >= res["ann_accuracy"] - 0.01, res
+    err = [r["relative_error"] for r in res["snn"]]
+    assert err[2] < err[0], res
+
+
+def test_dynamic_batch_survives(digits_test) -> None:
+    snn = ann2snn.compile(digits_path(), MODELS / "data" / "digits_calib.npz", iters=20, batch=32)
+    session = SpikingSession(snn)
+    for n in (1, 7):
+        out = session.run({"input": digits_test["input"][:n]}, 8)
+        assert out["logits"].shape == (n, 10)
+
+
+def test_mnist_cnn_accuracy_targets() -> None:
+    """Issue 2's targets on the full 10,000-image MNIST test set: >= 98.8% at T=16, >= 99.0% at T=32."""
+    ann = MODELS / "mnist_cnn.onnx"
+    snn = ann2snn.compile(ann, MODELS / "data" / "mnist_calib.npz")
+    res = evaluate(ann, SpikingSession(snn), MODELS / "data" / "mnist_test.npz", [16, 32], batch_size=1000)
+    acc = {r["T"]: r["accuracy"] for r in res["snn"]}
+    assert abs(res["ann_accuracy"] - 0.9905) < 1e-9
+    assert acc[16] >= 0.988, res
+    assert acc[32] >= 0.990, res
+
+
+def test_mnist_outputs_converge_with_T() -> None:
+    ann = MODELS / "mnist_cnn.onnx"
+    with np.load(MODELS / "data" / "mnist_test.npz") as z:
+        data = {"input": z["input"][:300], "label": z["label"][:300]}
+    snn = ann2snn.compile(ann, MODELS / "data" / "mnist_calib.npz")
+    res = evaluate(ann, SpikingSession(snn), data, [8, 32, 128, 256], batch_size=300)
+    err = [r["relative_error"] for r in res["snn"]]
+    assert err[0] > err[1] > err[2] > err[3], res
+    assert err[3] < err[0] / 2, res
