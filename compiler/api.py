@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     (method, iters, batch, granularity, ...). With ``output`` the model is also written,
     atomically.
     """
-    cfg = config if config is not None else CompileConfig.from_options(**options)
-    if config is not None and options:
-        cfg = CompileConfig.from_options(**{**cfg.__dict__, **options})
+    cfg = CompileConfig.from_options(**{**(asdict(config) if config is not None else {}), **options})
     snn = run_pipeline(load_model(model), cfg, calib, dump_dir=dump_dir)
     onnx.checker.check_model(snn, full_check=True)
     if output is not None:

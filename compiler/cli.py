@@ -19,7 +19,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .config import GRANULARITIES, METHODS, CompileConfig
+from .config import GRANULARITIES, MAXPOOL_MODES, METHODS, CompileConfig
 from .errors import Ann2SnnError, ConfigError
 
 log = logging.getLogger("ann2snn")
@@ -85,6 +85,8 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--keep-clip-cap/--drop-clip-cap", default=CompileConfig.keep_clip_cap, show_default=True,
               help="Keep thresholds <= c for Clip(0, c) / ReLU6 activations.")
 @click.option("--seed", type=int, default=CompileConfig.seed, show_default=True, help="Seed of the calibration sampler.")
+@click.option("--maxpool", type=click.Choice(MAXPOOL_MODES), default=CompileConfig.maxpool, show_default=True,
+              help="Pre-neuron MaxPool on a time-varying current: pool its running sum, or each step's value.")
 @click.option("--strict", is_flag=True, help="A non-spike-compatible op inside the spiking part is an error.")
 @click.option("--dump-dir", type=click.Path(file_okay=False), default=None, help="Write the graph after every pass here.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")

@@ -12,6 +12,7 @@ from .errors import ConfigError
 
 METHODS = ("ltb", "max", "percentile")
 GRANULARITIES = ("channel", "layer")
+MAXPOOL_MODES = ("cumulative", "instant")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class CompileConfig:
     v0: initial membrane potential as a fraction of the threshold (0.5 rounds).
     keep_clip_cap: for Clip(0, c) / ReLU6, keep thresholds <= c so the ANN's cap holds.
     seed: seed of the calibration sampler (recorded in the output's metadata).
+    maxpool: how a pre-neuron MaxPool whose current varies in time is run. ``cumulative``
+        pools the running sum of the current and feeds the neuron its increment, so the
+        neuron's total input is exactly T·maxpool(mean current); ``instant`` pools each
+        step's current (the paper's rule, biased upwards when the current fluctuates).
     strict: a non-spike-compatible op inside the spiking part is an error instead of
         ending the spiking part there with a warning.
     progress: show a progress bar on stderr during calibration.
@@ -42,6 +47,7 @@ class CompileConfig:
     v0: float = 0.5
     keep_clip_cap: bool = True
     seed: int = 0
+    maxpool: str = "cumulative"
     strict: bool = False
     progress: bool = False
 
@@ -52,6 +58,8 @@ class CompileConfig:
             raise ConfigError(
                 f"granularity '{self.granularity}' is unknown; use one of {', '.join(GRANULARITIES)} (--granularity)"
             )
+        if self.maxpool not in MAXPOOL_MODES:
+            raise ConfigError(f"maxpool '{self.maxpool}' is unknown; use one of {', '.join(MAXPOOL_MODES)} (--maxpool)")
         if self.iters <= 0:
             raise ConfigError(f"iters must be a positive number of calibration batches, got {self.iters} (--iters)")
         if self.batch <= 0:

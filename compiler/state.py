@@ -17,7 +17,7 @@ class Site:
     ``pre`` is the tensor the neuron integrates (the pre-activation current), ``post`` the
     activation's output (after emission: the spike tensor). ``theta`` holds one threshold
     per channel (or one per layer) once calibration has run; ``mean_act`` the mean
-    ReLU(pre) per channel over the calibration data (for the readout delay estimate).
+    ReLU(pre) per neuron (shape ``shape``) over the calibration data (for the readout delay).
     """
 
     node: str
@@ -50,6 +50,8 @@ class PassState:
     tail: list[str] = field(default_factory=list)
     #: tensors at the spiking -> analog boundary, read out by the runtime
     boundary: list[str] = field(default_factory=list)
+    #: pre-neuron MaxPool nodes whose input current varies in time
+    varying_pools: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
     opset: int = 13

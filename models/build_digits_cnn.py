@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
+from _common import accuracy, onnx_logits
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -161,15 +161,8 @@ def export_dynamo(model: nn.Module, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
-    """Run an ONNX model on ``x`` with onnxruntime (CPU)."""
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(["logits"], {"input": x})[0]
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy in percent."""
-    return float((logits.argmax(axis=1) == labels).mean() * 100.0)
 
 
 def parse_args() -> argparse.Namespace:

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
+from _common import accuracy, onnx_logits
 from torch import nn
 
 CCEXAM_REQ = "ccexam==1.0.0"
@@ -176,19 +176,8 @@ def export_onnx(model: nn.Module, path: Path) -> None:
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
-def onnx_predict(path: Path, x: np.ndarray, batch: int = 1000) -> np.ndarray:
-    """Return the ONNX model's logits for ``x`` using onnxruntime on CPU."""
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outs = [
-        sess.run(["logits"], {"input": x[i : i + batch]})[0]
-        for i in range(0, len(x), batch)
-    ]
-    return np.concatenate(outs)
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy in percent."""
-    return float((logits.argmax(axis=1) == labels).mean() * 100.0)
 
 
 def parse_args() -> argparse.Namespace:
@@ -272,10 +261,10 @@ def main() -> None:
 
     with torch.no_grad():
         ref = model(torch.from_numpy(x_test[:256])).numpy()
-    got = onnx_predict(onnx_path, x_test[:256])
+    got = onnx_logits(onnx_path, x_test[:256])
     print(f"max |torch - onnxruntime| on 256 images: {np.abs(ref - got).max():.3e}")
 
-    logits = onnx_predict(onnx_path, x_test)
+    logits = onnx_logits(onnx_path, x_test)
     print(f"{onnx_path.name}: {onnx_path.stat().st_size} bytes, opset {OPSET}")
     print(f"{test_path.name}: {n_test} images, {test_path.stat().st_size} bytes")
     print(

@@ -90,7 +90,7 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
         if site.cap is not None and cfg.keep_clip_cap:
             new_theta = b.op("Min", [new_theta, b.const(site.cap)])
         relu = b.op("Relu", [z])
-        stat = b.reduce_mean(relu, _reduce_axes(site, True))
+        stat = b.reduce_mean(relu, [0])  # per neuron: mean over the batch
         b.op("Min", [relu, new_theta], out=out)
         theta_inputs.append(theta)
         theta_outputs.append(new_theta)
@@ -100,7 +100,7 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
     sess = _session(export(graph.cleanup().toposort(), state.opset))
     out_names = [t.name for t in graph.outputs]
     thetas = [np.zeros(s.theta_shape(cfg.granularity), np.float32) for s in state.sites]
-    stats = [np.zeros(s.shape[s.channel_axis - 1], np.float64) for s in state.sites]
+    stats = [np.zeros(s.shape, np.float64) for s in state.sites]
     n_batches = 0
     batches = source.batches(cfg.iters, cfg.batch, cfg.seed)
     for feeds in progress(batches, cfg.iters, "calibrating (LTB)", cfg.progress):
@@ -109,7 +109,7 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
         results = sess.run(out_names, feeds)
         thetas = [np.asarray(r, np.float32) for r in results[: len(thetas)]]
         for j, r in enumerate(results[len(thetas):]):
-            stats[j] += np.asarray(r, np.float64).reshape(-1)
+            stats[j] += np.asarray(r, np.float64).reshape(stats[j].shape)
         n_batches += 1
     if n_batches == 0:
         raise DataError("calibration saw no batch; provide calibration data with at least one sample")
@@ -132,14 +132,14 @@ def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
     per_channel = cfg.granularity == "channel"
     maxima: list[np.ndarray | None] = [None] * len(state.sites)
     values: list[list[np.ndarray]] = [[] for _ in state.sites]
-    sums = [np.zeros(s.shape[s.channel_axis - 1], np.float64) for s in state.sites]
+    sums = [np.zeros(s.shape, np.float64) for s in state.sites]
     n = source.size
     iters = cfg.iters if n is None else min(cfg.iters, max(1, math.ceil(n / cfg.batch)))
     seen = 0
     for feeds in progress(source.batches(iters, cfg.batch, cfg.seed), iters, f"calibrating ({cfg.method})", cfg.progress):
         for j, (site, z) in enumerate(zip(state.sites, sess.run(names, feeds))):
+            sums[j] += np.maximum(z, 0).mean(axis=0)
             zc = np.moveaxis(np.asarray(z), site.channel_axis, 0).reshape(site.shape[site.channel_axis - 1], -1)
-            sums[j] += np.maximum(zc, 0).mean(axis=1)
             flat = zc if per_channel else zc.reshape(1, -1)
             if cfg.method == "max":
                 m = flat.max(axis=1)
@@ -163,10 +163,15 @@ def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
 
 
 def estimate_t0(state: PassState) -> int:
-    """Readout delay: Σ over layers of the time the earliest channel needs to reach θ from v(0)."""
+    """Readout delay: Σ over layers of min over neurons of (θ − v(0)) / E[ReLU(z)].
+
+    Each term is the time the layer's fastest neuron needs to charge from v(0) to θ at its
+    mean input, i.e. when the layer starts to pass the signal on.
+    """
     total = 0.0
     for site in state.sites:
-        theta = np.broadcast_to(site.theta, site.mean_act.shape) if site.theta.size == 1 else site.theta
+        theta = np.broadcast_to(np.asarray(site.theta).reshape(site.theta_shape(state.config.granularity))[0],
+                                site.shape)
         live = (theta > 0) & (site.mean_act > 0)
         if not live.any():
             continue

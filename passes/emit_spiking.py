@@ -97,6 +97,28 @@ class _ScaleFolder:
         return np.broadcast_to(scale, (1,) + src).reshape((1,) + dst)
 
 
+def _cumulative_maxpool(graph: gs.Graph, pool: gs.Node, batch, states: list[dict]) -> list[gs.Variable]:
+    """MaxPool of the running sum of the current; the neuron gets the increment of the max.
+
+    Over T steps the neuron then receives maxpool(Σ I) = T·maxpool(mean I) exactly, where
+    pooling each step's current would overestimate it whenever the current fluctuates.
+    """
+    x, y = pool.inputs[0], pool.outputs[0]
+    xs, ys = [batch] + list(x.shape[1:]), [batch] + list(y.shape[1:])
+    acc_in = gs.Variable(f"{pool.name}/acc", dtype=np.float32, shape=xs)
+    acc_out = gs.Variable(f"{pool.name}/acc_next", dtype=np.float32, shape=xs)
+    max_in = gs.Variable(f"{pool.name}/max", dtype=np.float32, shape=ys)
+    max_out = gs.Variable(f"{pool.name}/max_next", dtype=np.float32, shape=ys)
+    graph.nodes.append(gs.Node("Add", name=f"{pool.name}/accumulate", inputs=[acc_in, x], outputs=[acc_out]))
+    pool.inputs = [acc_out]
+    pool.outputs = [max_out]
+    graph.nodes.append(gs.Node("Sub", name=f"{pool.name}/increment", inputs=[max_out, max_in], outputs=[y]))
+    graph.inputs += [acc_in, max_in]
+    for i, o, shape in ((acc_in, acc_out, xs), (max_in, max_out, ys)):
+        states.append({"input": i.name, "output": o.name, "shape": [int(d) for d in shape[1:]], "init": "zeros"})
+    return [acc_out, max_out]
+
+
 def _batch_dim(graph: gs.Graph):
     for t in graph.inputs:
         if t.shape:
@@ -150,7 +172,11 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     batch = _batch_dim(graph)
     folder = _ScaleFolder(graph, tail, boundary)
     neurons = []
+    states: list[dict] = []
     v_outs = []
+    if cfg.maxpool == "cumulative":
+        for name in state.varying_pools:
+            v_outs += _cumulative_maxpool(graph, nodes[name], batch, states)
     for site in state.sites:
         act = nodes[site.node]
         z, spikes = tensors[site.pre], tensors[site.post]
@@ -165,6 +191,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         act.outputs = [spikes, v_out]
         graph.inputs.append(v_in)
         v_outs.append(v_out)
+        states.append({"input": v_in.name, "output": v_out.name, "shape": list(site.shape),
+                       "init": {"threshold": theta.name, "fraction": cfg.v0}})
         folder.fold(spikes, values)
         live = site.theta[site.theta > 0]
         neurons.append({
@@ -195,6 +223,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         "source_producer": state.producer,
         "readout": {"t0": int(state.metadata.get("t0", 0)), "min_window": 4},
         "neurons": neurons,
+        "states": states,
         "step_outputs": boundary,
         "outputs": final_outputs,
         "types": types,

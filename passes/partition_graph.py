@@ -116,5 +116,9 @@ def partition_graph(state: PassState) -> PassState:
         if (not t.inputs or t.inputs[0].name not in tail_set) and t.name not in boundary:
             boundary.append(t.name)
     state.boundary = boundary
+    # pre-neuron max pools whose current varies in time (deeper than the first layer)
+    state.varying_pools = [n.name for n in graph.nodes if n.name in spiking and n.op == "MaxPool"
+                           and _feeds_neuron(n, neurons)
+                           and any(t.inputs and t.inputs[0].name in spiking for t in n.inputs)]
     log.info("%d neuron layer(s), %d tail node(s), boundary: %s", len(state.sites), len(state.tail), ", ".join(boundary))
     return state

@@ -67,17 +67,21 @@ class SpikingSession:
         self.t0: int = int(self.meta["readout"]["t0"])
         self.min_window: int = int(self.meta["readout"].get("min_window", 4))
         inits = {i.name: i for i in proto.graph.initializer}
-        self._neurons = []
-        for n in self.meta["neurons"]:
-            theta = numpy_helper.to_array(inits[n["threshold"]]).astype(np.float32)
-            self._neurons.append((n["state_in"], n["state_out"], (theta * np.float32(n["v0"])), tuple(n["shape"])))
-        state_inputs = {n[0] for n in self._neurons}
+        self._state_specs = []  # (state input, state output, initial value broadcastable to a sample, sample shape)
+        for st in self.meta["states"]:
+            if st["init"] == "zeros":
+                init = np.zeros((), np.float32)
+            else:
+                theta = numpy_helper.to_array(inits[st["init"]["threshold"]]).astype(np.float32)
+                init = theta * np.float32(st["init"]["fraction"])
+            self._state_specs.append((st["input"], st["output"], init, tuple(st["shape"])))
+        state_inputs = {n[0] for n in self._state_specs}
         self.input_specs: list[InputSpec] = [s for s in input_specs(proto) if s.name not in state_inputs]
         self.step_outputs: list[str] = list(self.meta["step_outputs"])
         self.output_names: list[str] = list(self.meta["outputs"])
         self._sess = ort.InferenceSession(proto.SerializeToString(), _session_options(threads),
                                           providers=["CPUExecutionProvider"])
-        self._fetch = self.step_outputs + [n[1] for n in self._neurons]
+        self._fetch = self.step_outputs + [n[1] for n in self._state_specs]
         self._tail = self._tail_session(proto, threads)
         self._float = [self.meta["types"][o]["elem_type"] == onnx.TensorProto.FLOAT for o in self.step_outputs]
         self._states: dict[str, np.ndarray] = {}
@@ -103,9 +107,9 @@ class SpikingSession:
 
     # -- streaming interface -------------------------------------------------------------
     def reset(self, batch_size: int) -> None:
-        """Set every membrane potential to v(0) = v0·θ for a batch of ``batch_size``."""
-        self._states = {name: np.ascontiguousarray(np.broadcast_to(v0, (batch_size,) + shape), dtype=np.float32)
-                        for name, _, v0, shape in self._neurons}
+        """Set every membrane potential to v(0) = v0·θ (other states to 0) for a batch of ``batch_size``."""
+        self._states = {name: np.ascontiguousarray(np.broadcast_to(init, (batch_size,) + shape), dtype=np.float32)
+                        for name, _, init, shape in self._state_specs}
         self._sums, self._last, self._t, self._counted = None, None, 0, 0
 
     def _feeds(self, inputs: Any) -> dict[str, np.ndarray]:
@@ -117,7 +121,7 @@ class SpikingSession:
         """One step on checked feeds: update the membrane potentials, return the step outputs."""
         results = self._sess.run(self._fetch, {**feeds, **self._states})
         k = len(self.step_outputs)
-        for (name, _, _, _), value in zip(self._neurons, results[k:]):
+        for (name, _, _, _), value in zip(self._state_specs, results[k:]):
             self._states[name] = value
         self._t += 1
         return results[:k]

@@ -45,7 +45,7 @@ def test_spikes_are_binary(cnn, cnn_calib) -> None:
                             for n in neurons)
     session = SpikingSession(snn)
     session.step_outputs += spikes  # read the spike tensors as step outputs too
-    session._fetch = session.step_outputs + [n[1] for n in session._neurons]
+    session._fetch = session.step_outputs + [n[1] for n in session._state_specs]
     session.reset(8)
     x = cnn_calib["x"][:8]
     total = 0.0
@@ -112,3 +112,62 @@ def test_iterable_calibration(cnn, cnn_calib) -> None:
     snn = ann2snn.compile(cnn, batches, iters=8)
     errs = rel_error(SpikingSession(snn), cnn, cnn_calib["x"][:32], [8, 256])
     assert errs[1] < errs[0]
+
+
+CNN2 = """
+g (float[N,1,8,8] x, float[4,1,3,3] W1, float[6,4,3,3] W2, float[3,96] W3) => (float[N,3] y) {
+  c1 = Conv <pads=[1,1,1,1]> (x, W1)
+  r1 = Relu (c1)
+  c2 = Conv <pads=[1,1,1,1]> (r1, W2)
+  r2 = Relu (c2)
+  p2 = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r2)
+  f = Flatten (p2)
+  y = Gemm <transB=1> (f, W3)
+}
+"""
+
+
+def cnn2():
+    rng = np.random.default_rng(5)
+    model = build(CNN2, {"W1": rng.normal(0, 0.6, (4, 1, 3, 3)), "W2": rng.normal(0, 0.4, (6, 4, 3, 3)),
+                         "W3": rng.normal(0, 0.3, (3, 96))})
+    return model, {"x": rng.uniform(0, 1, (128, 1, 8, 8)).astype(np.float32)}
+
+
+def test_cumulative_maxpool_pools_the_running_sum() -> None:
+    model, calib = cnn2()
+    snn = ann2snn.compile(model, calib, method="max")
+    meta = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])
+    pool_states = [s for s in meta["states"] if s["init"] == "zeros"]
+    assert len(pool_states) == 2 and len(meta["states"]) == 4
+    session = SpikingSession(snn)
+    x = calib["x"][:4]
+    session.reset(4)
+    for _ in range(9):
+        session.step({"x": x})
+    acc = session._states[pool_states[0]["input"]]
+    pooled = session._states[pool_states[1]["input"]]
+    ref = acc.reshape(4, 6, 4, 2, 4, 2).max(axis=(3, 5))
+    np.testing.assert_allclose(pooled, ref, rtol=1e-6)
+
+
+def test_cumulative_maxpool_beats_instant_pooling() -> None:
+    model, calib = cnn2()
+    x = calib["x"][:64]
+    errs = {}
+    for mode in ("cumulative", "instant"):
+        snn = ann2snn.compile(model, calib, method="max", maxpool=mode)
+        errs[mode] = rel_error(SpikingSession(snn), model, x, [16, 256])
+    assert errs["cumulative"][1] < errs["cumulative"][0] / 3, errs
+    assert errs["cumulative"][1] < errs["instant"][1], errs
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18, 21, 23])
+def test_opsets_11_to_23(opset: int, cnn_calib) -> None:
+    from conftest import CNN_TEXT, cnn_weights
+
+    model = build(CNN_TEXT, cnn_weights(), opset=opset)
+    snn = ann2snn.compile(model, cnn_calib, iters=30, batch=32)
+    assert max(i.version for i in snn.opset_import if i.domain == "") == max(opset, 13)
+    errs = rel_error(SpikingSession(snn), model, cnn_calib["x"][:32], [8, 256])
+    assert errs[1] < errs[0] / 2, errs
