@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,7 +57,10 @@ class SpikingSession:
     drive it one timestep at a time (online use); ``readout()`` gives the current readout.
     """
 
-    def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, *, threads: int | None = None) -> None:
+    def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, *, threads: int | None = None,
+                 probes: Sequence[str] = ()) -> None:
+        """Load a compiled model. ``probes`` names extra tensors (e.g. ``spike_tensors``) to
+        fetch at every step; their latest values are in ``probe_values``."""
         proto = load_model(model)
         props = {p.key: p.value for p in proto.metadata_props}
         if METADATA_KEY not in props:
@@ -79,9 +82,19 @@ class SpikingSession:
         self.input_specs: list[InputSpec] = [s for s in input_specs(proto) if s.name not in state_inputs]
         self.step_outputs: list[str] = list(self.meta["step_outputs"])
         self.output_names: list[str] = list(self.meta["outputs"])
+        known = {n["spikes"] for n in self.meta["neurons"]} | {vi.name for vi in proto.graph.value_info}
+        unknown = [p for p in probes if p not in known and p not in {o.name for o in proto.graph.output}]
+        if unknown:
+            raise ConfigError(f"probe tensor(s) {', '.join(unknown)} are not in the model; "
+                              f"spike tensors are {', '.join(sorted(known)[:5])}...")
+        self.probes: list[str] = list(probes)
+        self.probe_values: dict[str, np.ndarray] = {}
+        graph_outputs = {o.name for o in proto.graph.output}
+        proto.graph.output.extend(helper.make_tensor_value_info(p, onnx.TensorProto.FLOAT, None)
+                                  for p in self.probes if p not in graph_outputs)
         self._sess = ort.InferenceSession(proto.SerializeToString(), _session_options(threads),
                                           providers=["CPUExecutionProvider"])
-        self._fetch = self.step_outputs + [n[1] for n in self._state_specs]
+        self._fetch = self.step_outputs + [n[1] for n in self._state_specs] + self.probes
         self._tail = self._tail_session(proto, threads)
         self._float = [self.meta["types"][o]["elem_type"] == onnx.TensorProto.FLOAT for o in self.step_outputs]
         self._states: dict[str, np.ndarray] = {}
@@ -120,9 +133,11 @@ class SpikingSession:
     def _advance(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One step on checked feeds: update the membrane potentials, return the step outputs."""
         results = self._sess.run(self._fetch, {**feeds, **self._states})
-        k = len(self.step_outputs)
-        for (name, _, _, _), value in zip(self._state_specs, results[k:]):
+        k, m = len(self.step_outputs), len(self._state_specs)
+        for (name, _, _, _), value in zip(self._state_specs, results[k:k + m]):
             self._states[name] = value
+        if self.probes:
+            self.probe_values = dict(zip(self.probes, results[k + m:]))
         self._t += 1
         return results[:k]
 
@@ -165,8 +180,17 @@ class SpikingSession:
         """Run T timesteps from rest and return the readout (delayed average over ``[start, T)``)."""
         return self.run_many(inputs, [T], t0)[check_T(T)]
 
-    def run_many(self, inputs: Any, Ts: Sequence[int], t0: int | None = None) -> dict[int, dict[str, np.ndarray]]:
-        """One simulation of max(Ts) steps, read out at every T in ``Ts`` (the SNN is causal)."""
+    @property
+    def spike_tensors(self) -> list[str]:
+        """Names of the spike tensors of every neuron layer (usable as ``probes``)."""
+        return [n["spikes"] for n in self.meta["neurons"]]
+
+    def run_many(self, inputs: Any, Ts: Sequence[int], t0: int | None = None,
+                 on_step: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> dict[int, dict[str, np.ndarray]]:
+        """One simulation of max(Ts) steps, read out at every T in ``Ts`` (the SNN is causal).
+
+        ``on_step(t, probe_values)`` is called after every step (t from 0).
+        """
         Ts = sorted({check_T(T) for T in Ts})
         t0 = self.t0 if t0 is None else int(t0)
         if t0 < 0:
@@ -181,6 +205,8 @@ class SpikingSession:
             if t in starts.values():
                 at_start[t] = None if running is None else [r.copy() for r in running]
             outs = self._advance(feeds)
+            if on_step is not None:
+                on_step(t, self.probe_values)
             if running is None:
                 running = [np.asarray(o, np.float64) if f else o for o, f in zip(outs, self._float)]
             else:

@@ -39,22 +39,18 @@ def test_emitted_model_structure(cnn, cnn_calib) -> None:
 
 def test_spikes_are_binary(cnn, cnn_calib) -> None:
     snn = ann2snn.compile(cnn, cnn_calib, iters=20, batch=32)
-    neurons = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])["neurons"]
-    spikes = [n["spikes"] for n in neurons]
-    snn.graph.output.extend(onnx.helper.make_tensor_value_info(n["spikes"], onnx.TensorProto.FLOAT, ["N"] + n["shape"])
-                            for n in neurons)
-    session = SpikingSession(snn)
-    session.step_outputs += spikes  # read the spike tensors as step outputs too
-    session._fetch = session.step_outputs + [n[1] for n in session._state_specs]
-    session.reset(8)
-    x = cnn_calib["x"][:8]
-    total = 0.0
-    for _ in range(10):
-        values = session._advance({"x": x})[-len(spikes):]
-        for v in values:
-            assert set(np.unique(v)) <= {0.0, 1.0}
-            total += float(v.sum())
-    assert total > 0
+    probe = SpikingSession(snn)
+    session = SpikingSession(snn, probes=probe.spike_tensors)
+    counts = []
+    session.run_many({"x": cnn_calib["x"][:8]}, [10], on_step=lambda t, v: counts.append(
+        {k: (set(np.unique(a)), float(a.sum())) for k, a in v.items()}))
+    assert len(counts) == 10
+    for step in counts:
+        assert set(step) == set(probe.spike_tensors)
+        assert all(values <= {0.0, 1.0} for values, _ in step.values())
+    assert sum(total for step in counts for _, total in step.values()) > 0
+    with pytest.raises(ann2snn.ConfigError, match="not in the model"):
+        SpikingSession(snn, probes=["nope"])
 
 
 @pytest.mark.parametrize("method,granularity", [("ltb", "channel"), ("ltb", "layer"), ("max", "channel"),
