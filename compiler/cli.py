@@ -157,5 +157,9 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, Ts: str, label_k
         write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
 
 
+from .cli_report import report_cmd  # noqa: E402
+main.add_command(report_cmd)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -35,6 +35,8 @@ class CompileConfig:
         step's current (the paper's rule, biased upwards when the current fluctuates).
     strict: a non-spike-compatible op inside the spiking part is an error instead of
         ending the spiking part there with a warning.
+    spiking_until: tensors whose consumers, and everything after them, run in the analog
+        tail (the boundary placed by hand).
     progress: show a progress bar on stderr during calibration.
     """
 
@@ -49,6 +51,7 @@ class CompileConfig:
     seed: int = 0
     maxpool: str = "cumulative"
     strict: bool = False
+    spiking_until: tuple[str, ...] = ()
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -58,6 +61,9 @@ class CompileConfig:
             raise ConfigError(
                 f"granularity '{self.granularity}' is unknown; use one of {', '.join(GRANULARITIES)} (--granularity)"
             )
+        if isinstance(self.spiking_until, str) or not isinstance(self.spiking_until, tuple):
+            object.__setattr__(self, "spiking_until",
+                               (self.spiking_until,) if isinstance(self.spiking_until, str) else tuple(self.spiking_until))
         if self.maxpool not in MAXPOOL_MODES:
             raise ConfigError(f"maxpool '{self.maxpool}' is unknown; use one of {', '.join(MAXPOOL_MODES)} (--maxpool)")
         if self.iters <= 0:

@@ -5,8 +5,10 @@ Roles, as data (op type in the default ``ai.onnx`` domain -> role):
 - ``neuron``: an activation site; becomes an IF neuron (ReLU, and Clip(0, c) / ReLU6).
 - ``affine``: correct on spike trains because it commutes with averaging over time
   (linear maps, constant shifts, re-layouts); may sit anywhere in the spiking part.
-- ``prepool``: MaxPool; correct on spikes only when it is moved in front of the neuron
-  (pre-neuron max pooling). Anywhere else it ends the spiking part.
+- ``prepool``: MaxPool / GlobalMaxPool. Before a neuron (pre-neuron max pooling) or
+  anywhere on a time-varying signal, it pools the running sum of its input and passes on
+  the increment (``--maxpool cumulative``), so its time average is exactly the max pool of
+  the input's time average. With ``--maxpool instant`` only pre-neuron pools spike.
 - ``removed``: disappears during normalisation or folding (Identity, Dropout, BatchNorm, ...).
 - ``rejected``: cannot be converted at all (control flow, recurrence, randomness).
 
@@ -53,6 +55,7 @@ OP_ROLES: dict[str, str] = {
     "Upsample": AFFINE,
     # pooling that needs the pre-neuron rule
     "MaxPool": PREPOOL,
+    "GlobalMaxPool": PREPOOL,
     # removed by normalisation or folding
     "Identity": REMOVED,
     "Dropout": REMOVED,
@@ -72,6 +75,17 @@ OP_ROLES: dict[str, str] = {
     "Multinomial": REJECTED,
     "Bernoulli": REJECTED,
 }
+
+#: which inputs of an affine op may vary in time (the others must be constant in time):
+#: "any", "first" (the data input; weights, shapes, divisors constant), or "one" (exactly
+#: one of the first two, e.g. MatMul with one constant operand).
+VARYING_INPUTS: dict[str, str] = {
+    "Add": "any", "Sub": "any", "Sum": "any", "Concat": "any",
+    "Mul": "one", "MatMul": "one", "Gemm": "first",
+}
+
+#: activations with a negative part, which IF neurons (positive spikes only) cannot carry
+NEGATIVE_SLOPE = ("LeakyRelu", "PRelu")
 
 REJECT_REASONS: dict[str, tuple[str, str]] = {
     "control": (
@@ -107,15 +121,33 @@ OLDEST_OPSET = 7
 NEWEST_OPSET = 23
 
 
+#: operator domains onnxruntime runs without extra libraries
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+
+
 def role(op_type: str, domain: str = "") -> str | None:
     """The role of an op, or None when it is an ordinary analog op (see module doc)."""
-    if domain not in ("", "ai.onnx"):
+    if domain not in STANDARD_DOMAINS:
         return REJECTED
+    if domain == "ai.onnx.ml":
+        return None
     return OP_ROLES.get(op_type)
+
+
+def spike_safe(op_type: str, domain: str, varying: list[bool]) -> bool:
+    """Whether an affine op stays correct on spikes, given which of its inputs vary in time."""
+    if role(op_type, domain) != AFFINE:
+        return False
+    rule = VARYING_INPUTS.get(op_type, "first")
+    if rule == "any":
+        return True
+    if rule == "one":
+        return sum(varying[:2]) == 1 and not any(varying[2:])
+    return not any(varying[1:])
 
 
 def reject_reason(op_type: str, domain: str = "") -> tuple[str, str]:
     """(problem, remedy) for a rejected op."""
-    if domain not in ("", "ai.onnx"):
+    if domain not in STANDARD_DOMAINS:
         return REJECT_REASONS["domain"]
     return REJECT_REASONS[_REJECT_KIND.get(op_type, "random")]

@@ -94,3 +94,17 @@ def with_shapes(graph: gs.Graph, opset: int) -> gs.Graph:
     except Exception:  # shape inference is best effort here; the checker runs at the end
         pass
     return gs.import_onnx(model)
+
+
+def apply_node(node: gs.Node, x: np.ndarray, opset: int = 17) -> list[np.ndarray]:
+    """Run a copy of ``node`` on ``x`` (its first input; the others must be constants)."""
+    import onnxruntime as ort
+
+    inp = gs.Variable("x", dtype=x.dtype, shape=list(x.shape))
+    outs = [gs.Variable(f"y{i}", dtype=x.dtype) for i in range(len(node.outputs))]
+    rest = [gs.Constant(f"c{i}", const_value(t)) if t.name else t for i, t in enumerate(node.inputs[1:])]
+    copy = gs.Node(node.op, attrs=dict(node.attrs), inputs=[inp] + rest, outputs=outs)
+    graph = gs.Graph(nodes=[copy], inputs=[inp], outputs=outs, opset=opset)
+    model = gs.export_onnx(graph, do_type_check=False)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(v) for v in sess.run(None, {"x": x})]

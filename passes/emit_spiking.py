@@ -22,13 +22,53 @@ from ann2snn import __version__
 from ann2snn.state import PassState, Site
 from ann2snn.runtime.ops import DEAD_THRESHOLD, DOMAIN, IF_OP, if_neuron_function
 
-from ._graph import const_value, export, owned_constant, static_shape, unique_name
+from ._graph import apply_node, const_value, export, owned_constant, static_shape, unique_name
 
 log = logging.getLogger(__name__)
 
 TAIL_DOMAIN = "ann2snn.tail"
 TAIL_FUNCTION = "AnalogTail"
 METADATA_KEY = "ann2snn"
+
+
+#: ops that move data without mixing values: the scale moves with the data
+DATA_MOVEMENT = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split", "Pad", "Resize",
+                 "Upsample", "Identity")
+#: ops that average within a channel: a per-channel scale passes through unchanged
+AVERAGING = ("AveragePool", "GlobalAveragePool")
+
+
+def _constant_rest(node: gs.Node) -> bool:
+    return all(const_value(t) is not None or not t.name for t in node.inputs[1:])
+
+
+def _zero_pad(node: gs.Node) -> bool:
+    if node.op != "Pad":
+        return node.op not in ("Resize", "Upsample") or node.attrs.get("mode", "nearest") == "nearest"
+    if node.attrs.get("mode", "constant") != "constant":
+        return False
+    value = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    return value is None or float(np.asarray(value).reshape(-1)[0]) == 0.0
+
+
+def _pads_spatial_only(node: gs.Node) -> bool:
+    pads = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if pads is None or (len(node.inputs) > 3 and node.inputs[3].name):
+        return False  # explicit axes: keep it simple, use the generic path
+    pads = np.asarray(pads).reshape(2, -1)
+    return bool(np.all(pads[:, :2] == 0))
+
+
+def _compress(scale: np.ndarray) -> np.ndarray:
+    """Drop the axes along which a scale is constant (keeping them as size 1)."""
+    for axis in range(scale.ndim):
+        if scale.shape[axis] > 1 and np.all(scale == scale.take([0], axis=axis)):
+            scale = scale.take([0], axis=axis)
+    return scale
+
+
+def _linear_resize(node: gs.Node) -> bool:
+    return node.op in ("Resize", "Upsample") and node.attrs.get("mode", "nearest") != "nearest"
 
 
 def _varies_only_on(scale: np.ndarray, axis: int) -> bool:
@@ -38,8 +78,8 @@ def _varies_only_on(scale: np.ndarray, axis: int) -> bool:
 class _ScaleFolder:
     """Pushes a per-element scale of a spike tensor into the weights that consume it."""
 
-    def __init__(self, graph: gs.Graph, tail: set[str], boundary: list[str]) -> None:
-        self.graph, self.tail, self.boundary = graph, tail, boundary
+    def __init__(self, graph: gs.Graph, tail: set[str], boundary: list[str], opset: int) -> None:
+        self.graph, self.tail, self.boundary, self.opset = graph, tail, boundary, opset
         self.taken = set(graph.tensors())
 
     def fold(self, t: gs.Tensor, scale: np.ndarray) -> None:
@@ -67,10 +107,20 @@ class _ScaleFolder:
                 w_t = owned_constant(self.graph, c, 1)
                 s = scale.reshape(-1).astype(np.float64)
                 w_t.values = (np.asarray(w_t.values, np.float64) * s[:, None]).astype(w_t.values.dtype)
-            elif c.op in ("Flatten", "Reshape") and self._reshaped(t, c, scale) is not None:
-                self.fold(c.outputs[0], self._reshaped(t, c, scale))
-            elif c.op in ("AveragePool", "GlobalAveragePool") and _varies_only_on(scale, 1):
-                self.fold(c.outputs[0], scale)
+            elif c.op == "ConvTranspose" and const_value(c.inputs[1]) is not None and _varies_only_on(scale, 1):
+                w_t = owned_constant(self.graph, c, 1)  # weight [C_in, C_out / group, k...]
+                w = np.asarray(w_t.values, np.float64)
+                s = np.broadcast_to(scale.reshape(-1), (w.shape[0],))
+                w_t.values = (w * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w_t.values.dtype)
+            elif (c.op in AVERAGING or _linear_resize(c)) and _varies_only_on(scale, 1) and _constant_rest(c):
+                for out in c.outputs:
+                    self.fold(out, scale)
+            elif c.op == "Pad" and _constant_rest(c) and _zero_pad(c) and _pads_spatial_only(c) \
+                    and _varies_only_on(scale, 1):
+                self.fold(c.outputs[0], scale)  # padded entries are 0 whatever their scale
+            elif c.op in DATA_MOVEMENT and _constant_rest(c) and _zero_pad(c) and (moved := self._moved(t, c, scale, self.opset)):
+                for out, s_out in zip(c.outputs, moved):
+                    self.fold(out, _compress(s_out))
             else:
                 explicit.append(c)
         is_output = any(o is t for o in self.graph.outputs) or t.name in self.boundary
@@ -90,11 +140,16 @@ class _ScaleFolder:
             self.boundary[:] = [scaled.name if b == t.name else b for b in self.boundary]
 
     @staticmethod
-    def _reshaped(t: gs.Tensor, node: gs.Node, scale: np.ndarray) -> np.ndarray | None:
-        src, dst = static_shape(t), static_shape(node.outputs[0])
-        if src is None or dst is None or int(np.prod(src)) != int(np.prod(dst)):
+    def _moved(t: gs.Tensor, node: gs.Node, scale: np.ndarray, opset: int) -> list[np.ndarray] | None:
+        """The scale carried through a data-movement node: the node applied to the scale itself."""
+        src = static_shape(t)
+        if src is None:
             return None
-        return np.broadcast_to(scale, (1,) + src).reshape((1,) + dst)
+        full = np.ascontiguousarray(np.broadcast_to(scale, (1,) + src), dtype=np.float32)
+        try:
+            return apply_node(node, full, opset)
+        except Exception:  # an exotic attribute combination: fall back to an explicit Mul
+            return None
 
 
 def _cumulative_maxpool(graph: gs.Graph, pool: gs.Node, batch, states: list[dict]) -> list[gs.Variable]:
@@ -170,7 +225,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     nodes = {n.name: n for n in graph.nodes}
     tensors = graph.tensors()
     batch = _batch_dim(graph)
-    folder = _ScaleFolder(graph, tail, boundary)
+    folder = _ScaleFolder(graph, tail, boundary, state.opset)
     neurons = []
     states: list[dict] = []
     v_outs = []

@@ -1,14 +1,15 @@
 """Split the graph into the spiking part and the analog tail.
 
 A tensor is *time-varying* once it depends on a neuron's spikes. A time-varying node must
-be affine (see ``ann2snn.support``) to stay in the spiking part; the first one that is not
-starts the analog tail, which holds it and everything downstream and runs once on the
-readout. Nodes whose inputs are constant in time (the analog prefix, e.g. input
-normalisation) may be any op. A MaxPool that feeds a neuron integrates the pooled
-current (pre-neuron max pooling: exact while the current is constant in time, an
-approximation deeper in the network). An activation whose output reaches no weighted layer
-(Conv, Gemm, MatMul) inside the spiking part stays an analog op in the tail: the output
-layer is never a neuron.
+be affine in its time-varying inputs (see ``ann2snn.support``) to stay in the spiking part;
+the first one that is not starts the analog tail, which holds it and everything downstream
+and runs once on the readout. Nodes whose inputs are constant in time (the analog prefix,
+e.g. input normalisation) may be any op. MaxPool on a time-varying signal stays in the
+spiking part as cumulative pooling (``--maxpool cumulative``), or only in front of a neuron
+(``instant``, the paper's pre-neuron rule). An activation whose output reaches no weighted
+layer (Conv, Gemm, MatMul) inside the spiking part stays an analog op in the tail: the
+output layer is never a neuron. ``--spiking-until T`` sends the consumers of tensor T,
+and everything after them, to the tail.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import logging
 import onnx_graphsurgeon as gs
 
 from ann2snn.errors import NodeProblem, UnsupportedModelError
+from ann2snn.cost import node_macs
 from ann2snn.state import PassState
-from ann2snn.support import AFFINE, PREPOOL, role
+from ann2snn.support import NEGATIVE_SLOPE, PREPOOL, role, spike_safe
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +34,32 @@ def _feeds_neuron(node: gs.Node, neuron_nodes: set[str]) -> bool:
     return node.outputs[0].outputs[0].name in neuron_nodes
 
 
-def _classify(graph: gs.Graph, neuron_nodes: set[str]) -> tuple[set[str], set[str]]:
-    """(time-varying non-tail node names, tail node names) for a set of neuron nodes."""
+def _classify(graph: gs.Graph, neuron_nodes: set[str], cumulative: bool,
+              cut: set[str]) -> tuple[set[str], set[str]]:
+    """(spiking node names, tail node names) for a set of neuron nodes.
+
+    ``cut`` holds tensors whose consumers are forced into the tail (--spiking-until).
+    """
     varying: set[str] = set()  # tensor names
     spiking: set[str] = set()
     tail: set[str] = set()
     tail_tensors: set[str] = set()
     for node in graph.nodes:  # topological order
         in_names = [t.name for t in node.inputs if t.name]
-        if node.name in neuron_nodes and not any(n in tail_tensors for n in in_names):
-            spiking.add(node.name)
-            varying.update(t.name for t in node.outputs)
-            continue
-        if any(n in tail_tensors for n in in_names):
+        if any(n in tail_tensors or n in cut for n in in_names):
             tail.add(node.name)
             tail_tensors.update(t.name for t in node.outputs)
             continue
-        if not any(n in varying for n in in_names):
+        if node.name in neuron_nodes:
+            spiking.add(node.name)
+            varying.update(t.name for t in node.outputs)
+            continue
+        mask = [bool(t.name) and t.name in varying for t in node.inputs]
+        if not any(mask):
             continue  # analog prefix
-        if role(node.op, node.domain or "") == AFFINE or _feeds_neuron(node, neuron_nodes):
+        domain = node.domain or ""
+        pool = role(node.op, domain) == PREPOOL and (cumulative or _feeds_neuron(node, neuron_nodes))
+        if pool or spike_safe(node.op, domain, mask):
             spiking.add(node.name)
             varying.update(t.name for t in node.outputs)
         else:
@@ -74,24 +83,44 @@ def _reaches_weight(graph: gs.Graph, start: gs.Node, spiking: set[str]) -> bool:
     return False
 
 
+def _cut_tensors(state: PassState) -> set[str]:
+    """The --spiking-until tensors, checked against the graph."""
+    names = set(state.graph.tensors())
+    missing = [t for t in state.config.spiking_until if t not in names]
+    if missing:
+        raise UnsupportedModelError([], header=(
+            f"--spiking-until names tensor(s) {', '.join(repr(m) for m in missing)} that the normalised graph does not "
+            "have (folding may have removed them); run `ann2snn inspect model.onnx` to list the tensors"))
+    return set(state.config.spiking_until)
+
+
 def partition_graph(state: PassState) -> PassState:
     """Decide which sites become neurons, which nodes form the tail, and the boundary tensors."""
     graph = state.graph
     nodes = {n.name: n for n in graph.nodes}
+    cumulative = state.config.maxpool == "cumulative"
+    cut = _cut_tensors(state)
     neurons = {s.node for s in state.sites}
     while True:
-        spiking, tail = _classify(graph, neurons)
+        spiking, tail = _classify(graph, neurons, cumulative, cut)
         keep = {n for n in neurons if n in spiking and _reaches_weight(graph, nodes[n], spiking)}
         if keep == neurons:
             break
         neurons = keep
-    analog_sites = [s for s in state.sites if s.node not in neurons]
-    # non-affine nodes that consume spikes while neurons wait downstream end the spiking part early
-    breaking = [nodes[n] for n in sorted(tail) if any(
-        t.inputs and t.inputs[0].name not in tail for t in nodes[n].inputs if t.name)]
-    lost = [s for s in analog_sites if s.node in tail and any(
-        c.op in WEIGHTED for c in nodes[s.node].outputs[0].outputs)]
-    if lost:
+    analog_sites = {s.node for s in state.sites if s.node not in neurons}
+    # nodes that end the spiking part: tail nodes fed directly by the spiking part
+    breaking = [n for n in graph.nodes if n.name in tail and n.name not in analog_sites
+                and any(t.inputs and t.inputs[0].name in spiking for t in n.inputs)]
+    lost = [s for s in state.sites if s.node in tail and s.node in analog_sites
+            and _reaches_weight(graph, nodes[s.node], tail)]
+    if lost and not cut:
+        slopes = [n for n in breaking if n.op in NEGATIVE_SLOPE]
+        if slopes:
+            raise UnsupportedModelError([NodeProblem(
+                n.name, f"ai.onnx::{n.op}",
+                "has a negative slope, which IF neurons (positive spikes only) cannot represent",
+                f"replace it with ReLU and fine-tune, or pass --spiking-until '{n.inputs[0].name}' to run it and "
+                "everything after it in the analog tail") for n in slopes])
         problems = [NodeProblem(n.name, f"{n.domain or 'ai.onnx'}::{n.op}",
                                 "is not spike-compatible inside the spiking region",
                                 "pass --spiking-until <tensor> to end the spiking part before it, or replace the op")
@@ -99,10 +128,14 @@ def partition_graph(state: PassState) -> PassState:
         if state.config.strict:
             raise UnsupportedModelError(problems, header=f"{len(problems)} node(s) would end the spiking part early "
                                                          f"and leave {len(lost)} activation(s) analog")
-        log.warning("the spiking part ends at %s; %d activation(s) after it stay analog (use --strict to make this an error)",
-                    ", ".join(f"'{n.name}' ({n.op})" for n in breaking), len(lost))
+        total = sum(node_macs(n) for n in graph.nodes)
+        analog = sum(node_macs(nodes[n]) for n in tail)
+        log.warning("the spiking part ends at %s; %d activation(s) after it stay analog, with %d of the network's %d MACs "
+                    "(%.1f%%) (use --strict to make this an error)",
+                    ", ".join(f"'{n.name}' ({n.op})" for n in breaking), len(lost), analog, total,
+                    100.0 * analog / max(total, 1))
     state.sites = [s for s in state.sites if s.node in neurons]
-    state.tail = [n.name for n in graph.nodes if n.name in tail or n.name in {s.node for s in analog_sites}]
+    state.tail = [n.name for n in graph.nodes if n.name in tail or n.name in analog_sites]
     tail_set = set(state.tail)
     boundary: list[str] = []
     for node in graph.nodes:
@@ -116,9 +149,9 @@ def partition_graph(state: PassState) -> PassState:
         if (not t.inputs or t.inputs[0].name not in tail_set) and t.name not in boundary:
             boundary.append(t.name)
     state.boundary = boundary
-    # pre-neuron max pools whose current varies in time (deeper than the first layer)
-    state.varying_pools = [n.name for n in graph.nodes if n.name in spiking and n.op == "MaxPool"
-                           and _feeds_neuron(n, neurons)
+    # max pools on a time-varying signal: emitted as cumulative pooling
+    state.varying_pools = [n.name for n in graph.nodes if cumulative and n.name in spiking
+                           and role(n.op, n.domain or "") == PREPOOL
                            and any(t.inputs and t.inputs[0].name in spiking for t in n.inputs)]
     log.info("%d neuron layer(s), %d tail node(s), boundary: %s", len(state.sites), len(state.tail), ", ".join(boundary))
     return state

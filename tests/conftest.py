@@ -14,14 +14,19 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 
 
-def build(text: str, weights: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
-    """A model from ONNX text whose listed graph inputs in ``weights`` become initializers."""
+def build(text: str, weights: dict[str, np.ndarray], opset: int = 17,
+          ints: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """A model from ONNX text whose graph inputs listed in ``weights`` (float32) or ``ints``
+    (kept as given) become initializers."""
     model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>\n' + text)
-    keep = [i for i in model.graph.input if i.name not in weights]
+    ints = ints or {}
+    keep = [i for i in model.graph.input if i.name not in weights and i.name not in ints]
     del model.graph.input[:]
     model.graph.input.extend(keep)
     for name, value in weights.items():
         model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+    for name, value in ints.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
     onnx.checker.check_model(model, full_check=True)
     return model
 
