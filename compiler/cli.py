@@ -1,4 +1,4 @@
-"""The ``ann2snn`` command line: compile, run, eval.
+"""The ``ann2snn`` command line: compile, inspect, run, eval.
 
 Errors are printed as one clean message on stderr with a non-zero exit code
 (2: bad option, 3: model cannot be read or converted, 4: bad data, 1: other);
@@ -88,6 +88,9 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--maxpool", type=click.Choice(MAXPOOL_MODES), default=CompileConfig.maxpool, show_default=True,
               help="Pre-neuron MaxPool on a time-varying current: pool its running sum, or each step's value.")
 @click.option("--strict", is_flag=True, help="A non-spike-compatible op inside the spiking part is an error.")
+@click.option("--spiking-until", multiple=True, metavar="TENSOR",
+              help="End the spiking part at TENSOR: its consumers and everything after them run in the analog tail "
+                   "(repeatable).")
 @click.option("--dump-dir", type=click.Path(file_okay=False), default=None, help="Write the graph after every pass here.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
@@ -97,11 +100,28 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
     from .api import compile as compile_model
 
     options["progress"] = options["progress"] and not ctx.obj["quiet"]
+    options["spiking_until"] = tuple(options["spiking_until"])
     snn = compile_model(model, calib, output, dump_dir=dump_dir, **options)
     meta = {p.key: p.value for p in snn.metadata_props}
     info = json.loads(meta["ann2snn"])
     click.echo(f"wrote {output}: {len(info['neurons'])} neuron layer(s), "
                f"{sum(n['units'] for n in info['neurons'])} neurons, readout t0 = {info['readout']['t0']}")
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--maxpool", type=click.Choice(MAXPOOL_MODES), default=CompileConfig.maxpool, show_default=True,
+              help="As for compile.")
+@click.option("--spiking-until", multiple=True, metavar="TENSOR", help="As for compile.")
+@click.pass_context
+@_handle_errors
+def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spiking_until: tuple[str, ...]) -> None:
+    """Show, per node of MODEL, whether it spikes, becomes a neuron, is folded, or runs in the analog tail."""
+    from .inspection import format_inspection, inspect_model
+
+    info = inspect_model(model, CompileConfig(maxpool=maxpool, spiking_until=tuple(spiking_until)))
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 
 @main.command("run")

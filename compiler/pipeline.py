@@ -27,7 +27,7 @@ from ann2snn.passes.remove_identity import remove_identity
 from ann2snn.passes.swap_maxpool import swap_maxpool
 
 from .config import CompileConfig
-from .errors import Ann2SnnError, PassError
+from .errors import Ann2SnnError, PassError, UnsupportedModelError
 from .modelio import save_model
 from .state import PassState
 
@@ -85,6 +85,8 @@ def run_pipeline(model: onnx.ModelProto, config: CompileConfig, calib: Any,
             ran = ", ".join(state.history) or "none"
             raise PassError(f"pass '{p.name}' failed ({type(exc).__name__}: {exc}); passes run before it: {ran}. "
                             "This is a bug in ann2snn or an unusual model: please report it with the model") from exc
+        if state.problems:
+            raise UnsupportedModelError(state.problems)
         state.history.append(p.name)
         have |= p.provides
         log.debug("pass %s took %.3f s", p.name, time.perf_counter() - start)

@@ -432,8 +432,11 @@ class SpikeCounter:
         if t == 0:
             self.samples += next(iter(values.values())).shape[0] if values else 0
         for s in self.names:
-            v = values[s].sum(axis=0, dtype=np.float64)
-            cur[s] = cur[s] + v if s in cur else v
+            v = np.add.reduce(values[s], axis=0)  # float32 sums of 0/1 are exact below 2**24 samples
+            if s in cur:
+                cur[s] += v
+            else:
+                cur[s] = v.astype(np.float64)
         if t + 1 in self._Tset:
             tot = self.totals[t + 1]
             for s in self.names:

@@ -8,6 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .config import CompileConfig
+from .errors import NodeProblem
 
 
 @dataclass
@@ -50,8 +51,14 @@ class PassState:
     tail: list[str] = field(default_factory=list)
     #: tensors at the spiking -> analog boundary, read out by the runtime
     boundary: list[str] = field(default_factory=list)
-    #: pre-neuron MaxPool nodes whose input current varies in time
+    #: MaxPool nodes in the spiking part whose input varies in time (cumulative pooling)
     varying_pools: list[str] = field(default_factory=list)
+    #: nodes of the spiking part that are not neurons (affine ops on spikes, pooling)
+    spiking: list[str] = field(default_factory=list)
+    #: nodes a pass could not handle; the pipeline stops with all of them after that pass
+    problems: list[NodeProblem] = field(default_factory=list)
+    #: what happened to nodes that normalisation removed: node name -> note
+    removed: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
     opset: int = 13

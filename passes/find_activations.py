@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ann2snn.errors import NodeProblem, UnsupportedModelError
+from ann2snn.errors import NodeProblem
 from ann2snn.state import PassState, Site
 
 from ._graph import const_value, static_shape
@@ -43,7 +43,6 @@ def _channel_axis(tensor: gs.Tensor, rank: int) -> int:
 
 def find_activations(state: PassState) -> PassState:
     """Record every ReLU-like node as a Site (pre-activation tensor, output, cap, shape)."""
-    problems = []
     sites = []
     for node in state.graph.nodes:
         if node.op == "Relu":
@@ -60,14 +59,12 @@ def find_activations(state: PassState) -> PassState:
         pre = node.inputs[0]
         shape = static_shape(pre)
         if shape is None or len(shape) == 0:
-            problems.append(NodeProblem(
+            state.problems.append(NodeProblem(
                 node.name, f"ai.onnx::{node.op}",
                 f"has an input '{pre.name}' whose per-sample shape is unknown ({pre.shape}), so its neurons cannot be laid out",
                 "export the model with a fixed input size (only the batch dimension may be dynamic)"))
             continue
         axis = _channel_axis(pre, len(shape) + 1)
         sites.append(Site(node=node.name, pre=pre.name, post=node.outputs[0].name, cap=cap, channel_axis=axis, shape=shape))
-    if problems:
-        raise UnsupportedModelError(problems)
     state.sites = sites
     return state

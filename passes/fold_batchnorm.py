@@ -112,7 +112,7 @@ def fold_batchnorm(state: PassState) -> PassState:
         if foldable:
             if prod.op == "MatMul":  # MatMul has no bias: the shift becomes an Add
                 add_out = gs.Variable(unique_name(taken, f"{node.name}/shifted"), dtype=y.dtype, shape=y.shape)
-                graph.nodes.append(gs.Node("Add", name=f"{node.name}/shift",
+                graph.nodes.append(gs.Node("Add", name=f"{node.name}/bn_shift",
                                            inputs=[x, gs.Constant(f"{node.name}/shift_value", shift.astype(np.float32))],
                                            outputs=[add_out]))
                 x = add_out
@@ -121,16 +121,18 @@ def fold_batchnorm(state: PassState) -> PassState:
             if was_output:  # the graph output keeps its public name
                 x.name, y.name = y.name, f"{y.name}__folded"
             log.debug("folded %s into %s", node.name, prod.name)
+            state.removed[node.name] = f"folded into '{prod.name}'"
         else:
             rank = len(x.shape) if x.shape is not None else 4
             bshape = (-1,) + (1,) * max(rank - 2, 0)
             mid = gs.Variable(unique_name(taken, f"{node.name}/scaled"), dtype=y.dtype, shape=y.shape)
-            graph.nodes.append(gs.Node("Mul", name=f"{node.name}/scale",
+            graph.nodes.append(gs.Node("Mul", name=f"{node.name}/bn_scale",
                                        inputs=[x, gs.Constant(f"{node.name}/scale_value", scale.reshape(bshape).astype(np.float32))],
                                        outputs=[mid]))
-            graph.nodes.append(gs.Node("Add", name=f"{node.name}/shift",
+            graph.nodes.append(gs.Node("Add", name=f"{node.name}/bn_shift",
                                        inputs=[mid, gs.Constant(f"{node.name}/shift_value", shift.reshape(bshape).astype(np.float32))],
                                        outputs=[y]))
+            state.removed[node.name] = f"became per-channel Mul/Add '{node.name}/bn_scale', '{node.name}/bn_shift'"
         node.inputs.clear()
         node.outputs.clear()
     if problems:

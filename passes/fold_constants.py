@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from ann2snn.state import PassState
 
-from ._graph import const_value, export
+from ._graph import const_value, export, with_shapes
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def _resolve_reshapes(state: PassState) -> int:
 def fold_constants(state: PassState) -> PassState:
     """Fold constant subgraphs (with onnxruntime) and batch-only dynamic reshapes."""
     graph = state.graph
+    ort.set_default_logger_severity(3)  # onnxruntime's optimiser warnings on folded subgraphs are noise here
     graph.fold_constants(fold_shapes=True, error_ok=True).cleanup()
     if _resolve_reshapes(state):
         graph.fold_constants(fold_shapes=True, error_ok=True).cleanup()
@@ -95,4 +96,5 @@ def fold_constants(state: PassState) -> PassState:
                         consumer.inputs[i] = const
             node.outputs.clear()
     graph.cleanup().toposort()
+    state.graph = with_shapes(graph, state.opset)  # shapes behind resolved reshapes are now known
     return state

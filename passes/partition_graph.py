@@ -135,6 +135,7 @@ def partition_graph(state: PassState) -> PassState:
                     ", ".join(f"'{n.name}' ({n.op})" for n in breaking), len(lost), analog, total,
                     100.0 * analog / max(total, 1))
     state.sites = [s for s in state.sites if s.node in neurons]
+    state.spiking = [n.name for n in graph.nodes if n.name in spiking and n.name not in neurons]
     state.tail = [n.name for n in graph.nodes if n.name in tail or n.name in analog_sites]
     tail_set = set(state.tail)
     boundary: list[str] = []

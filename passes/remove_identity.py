@@ -30,5 +30,6 @@ def remove_identity(state: PassState) -> PassState:
             replace_uses(graph, dst, src)
             node.outputs.clear()
         node.inputs.clear()
+        state.removed[node.name] = f"removed ({node.op} is a no-op at inference)"
     graph.cleanup().toposort()
     return state

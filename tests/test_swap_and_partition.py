@@ -66,3 +66,23 @@ def test_mid_network_sigmoid_warns_or_fails_with_strict(caplog) -> None:
     assert len(state.sites) == 1 and "Sigmoid" in caplog.text and "stay analog" in caplog.text
     with pytest.raises(UnsupportedModelError, match=r"node '.*' \(ai.onnx::Sigmoid\) is not spike-compatible"):
         apply(model, fold_constants, find_activations, swap_maxpool, partition_graph, strict=True)
+
+
+def test_spiking_until_moves_the_boundary_by_hand() -> None:
+    rng = np.random.default_rng(0)
+    model = build(MIDDLE, {"W1": rng.normal(0, 1, (6, 4)), "W2": rng.normal(0, 1, (6, 6)),
+                           "W3": rng.normal(0, 1, (3, 6))})
+    state, _ = apply(model, fold_constants, find_activations, swap_maxpool, partition_graph, spiking_until=("a",))
+    assert state.sites == [] and state.boundary == ["h"]  # the ReLU before the cut has no weight after it
+    with pytest.raises(UnsupportedModelError, match="--spiking-until names tensor.*'nope'.*ann2snn inspect"):
+        apply(model, fold_constants, find_activations, swap_maxpool, partition_graph, spiking_until=("nope",))
+
+
+def test_leaky_relu_in_the_middle_is_a_clear_error() -> None:
+    rng = np.random.default_rng(0)
+    text = MIDDLE.replace("s = Sigmoid (k)", "s = LeakyRelu <alpha=0.1> (k)")
+    model = build(text, {"W1": rng.normal(0, 1, (6, 4)), "W2": rng.normal(0, 1, (6, 6)), "W3": rng.normal(0, 1, (3, 6))})
+    with pytest.raises(UnsupportedModelError, match=r"\(ai.onnx::LeakyRelu\) has a negative slope.*--spiking-until 'k'"):
+        apply(model, fold_constants, find_activations, swap_maxpool, partition_graph)
+    state, _ = apply(model, fold_constants, find_activations, swap_maxpool, partition_graph, spiking_until=("k",))
+    assert len(state.sites) == 1 and state.boundary == ["k"]
