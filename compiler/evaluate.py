@@ -16,6 +16,12 @@ from .modelio import load_model
 from .progress import progress
 
 
+def predictions(y: np.ndarray) -> np.ndarray:
+    """Predicted classes: the argmax of scores, or the output itself when it is a label vector."""
+    y = np.asarray(y)
+    return y.reshape(len(y), -1).argmax(axis=1) if np.issubdtype(y.dtype, np.floating) else y.reshape(-1)
+
+
 def ann_outputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
     """The ANN's first output on all samples, in batches."""
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -65,18 +71,19 @@ def evaluate(
         res = session.run_many({s.name: arrays[s.name][i:i + batch_size] for s in specs}, Ts, t0)
         for T in Ts:
             outs[T].append(res[T][out_name])
-    ref_pred = ref.argmax(axis=1)
-    scale = float(np.abs(ref).mean()) or 1.0
+    ref_pred = predictions(ref)
+    scores = ref.ndim > 1 and np.issubdtype(ref.dtype, np.floating)  # else the output is the label itself
+    scale = (float(np.abs(ref).mean()) or 1.0) if scores else 1.0
     rows = []
     for T in Ts:
         y = np.concatenate(outs[T])
-        pred = y.argmax(axis=1)
+        pred = predictions(y)
         rows.append({
             "T": T,
             "accuracy": float((pred == labels).mean()) if labels is not None else None,
             "agreement": float((pred == ref_pred).mean()),
-            "mean_abs_error": float(np.abs(y - ref).mean()),
-            "relative_error": float(np.abs(y - ref).mean() / scale),
+            "mean_abs_error": float(np.abs(y - ref).mean()) if scores else None,
+            "relative_error": float(np.abs(y - ref).mean() / scale) if scores else None,
         })
     return {
         "samples": int(n),
@@ -94,5 +101,6 @@ def format_table(result: dict[str, Any]) -> str:
              "", "| T | SNN accuracy | agreement with ANN | relative output error |", "|---|---|---|---|"]
     for r in result["snn"]:
         a = f"{r['accuracy'] * 100:.2f}%" if r["accuracy"] is not None else "-"
-        lines.append(f"| {r['T']} | {a} | {r['agreement'] * 100:.2f}% | {r['relative_error']:.4f} |")
+        err = f"{r['relative_error']:.4f}" if r["relative_error"] is not None else "-"
+        lines.append(f"| {r['T']} | {a} | {r['agreement'] * 100:.2f}% | {err} |")
     return "\n".join(lines)

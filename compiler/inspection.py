@@ -24,6 +24,7 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
     from ann2snn.passes.fold_batchnorm import fold_batchnorm
     from ann2snn.passes.fold_constants import fold_constants
     from ann2snn.passes.import_model import import_model
+    from ann2snn.passes.make_batch_dynamic import make_batch_dynamic
     from ann2snn.passes.partition_graph import partition_graph
     from ann2snn.passes.remove_identity import remove_identity
     from ann2snn.passes.swap_maxpool import swap_maxpool
@@ -36,7 +37,7 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
     names = [n.name for n in state.graph.nodes]
     original = [(names[i], d, op) for i, (_, d, op) in enumerate(original)]
     problems: list[str] = []
-    for p in (remove_identity, fold_constants, fold_batchnorm, find_activations, swap_maxpool):
+    for p in (remove_identity, fold_constants, make_batch_dynamic, fold_batchnorm, find_activations, swap_maxpool):
         p(state)
     try:
         partition_graph(state)

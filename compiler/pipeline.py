@@ -22,6 +22,7 @@ from ann2snn.passes.find_activations import find_activations
 from ann2snn.passes.fold_batchnorm import fold_batchnorm
 from ann2snn.passes.fold_constants import fold_constants
 from ann2snn.passes.import_model import import_model
+from ann2snn.passes.make_batch_dynamic import make_batch_dynamic
 from ann2snn.passes.partition_graph import partition_graph
 from ann2snn.passes.remove_identity import remove_identity
 from ann2snn.passes.swap_maxpool import swap_maxpool
@@ -53,7 +54,8 @@ PIPELINE: list[Pass] = [
     _p(check_support, provides="supported"),
     _p(remove_identity, requires="supported", provides="no-identity"),
     _p(fold_constants, requires="no-identity", provides="constants-folded"),
-    _p(fold_batchnorm, requires="constants-folded", provides="no-batchnorm"),
+    _p(make_batch_dynamic, requires="constants-folded", provides="dynamic-batch"),
+    _p(fold_batchnorm, requires="dynamic-batch", provides="no-batchnorm"),
     # -- the spiking structure ---------------------------------------------------------
     _p(find_activations, requires="no-batchnorm", provides="sites"),
     _p(swap_maxpool, requires="sites", provides="pre-neuron-pooling"),

@@ -62,6 +62,10 @@ class PassState:
     metadata: dict[str, Any] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
     opset: int = 13
+    #: the exported model's graph outputs (gs keeps only tensor types; a ZipMap's is a sequence)
+    output_types: dict[str, bytes] = field(default_factory=dict)
+    #: opsets of the other standard domains the model imports (e.g. ai.onnx.ml)
+    other_opsets: dict[str, int] = field(default_factory=dict)
     ir_version: int = 8
     producer: str = ""
 

@@ -5,6 +5,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings are about exporter quirks we handle
+
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a tensor that is constant at compile time, else None."""

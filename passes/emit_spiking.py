@@ -10,6 +10,7 @@ runtime runs once on the readout.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 
@@ -189,24 +190,26 @@ def _neuron_values(site: Site, granularity: str) -> tuple[np.ndarray, np.ndarray
     return np.where(dead, np.float32(DEAD_THRESHOLD), theta).astype(np.float32), np.where(dead, 0, theta).astype(np.float32)
 
 
-def _tail_function(model: onnx.ModelProto, tail: set[str], inputs: list[str], outputs: list[str], opset: int) -> onnx.FunctionProto:
+def _tail_function(model: onnx.ModelProto, tail: set[str], inputs: list[str], outputs: list[str], opset: int,
+                   other_opsets: dict[str, int]) -> onnx.FunctionProto:
     """The analog tail as a FunctionProto; its initializers become Constant nodes."""
     nodes = [n for n in model.graph.node if n.name in tail]
     used = {i for n in nodes for i in n.input}
     consts = [helper.make_node("Constant", [], [init.name], value=init, name=f"{init.name}/const")
               for init in model.graph.initializer if init.name in used]
     return helper.make_function(TAIL_DOMAIN, TAIL_FUNCTION, inputs, outputs, consts + nodes,
-                                [helper.make_opsetid("", opset)],
+                                [helper.make_opsetid("", opset)]
+                                + [helper.make_opsetid(d, v) for d, v in sorted(other_opsets.items())],
                                 doc_string="The analog tail: runs once on the readout of the spiking part.")
 
 
 def _type_of(model: onnx.ModelProto, name: str) -> dict:
+    """The ONNX type of a tensor (base64 TypeProto, any kind), and its elem_type for tensors."""
     for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
         if vi.name == name:
-            tt = vi.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-            return {"elem_type": int(tt.elem_type), "shape": dims if tt.HasField("shape") else None}
-    return {"elem_type": int(onnx.TensorProto.FLOAT), "shape": None}
+            elem = int(vi.type.tensor_type.elem_type) if vi.type.HasField("tensor_type") else None
+            return {"elem_type": elem, "onnx_type": base64.b64encode(vi.type.SerializeToString()).decode()}
+    return {"elem_type": int(onnx.TensorProto.FLOAT), "onnx_type": None}
 
 
 def emit_spiking(state: PassState) -> onnx.ModelProto:
@@ -220,6 +223,9 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     full = onnx.shape_inference.infer_shapes(export(graph.copy().cleanup().toposort(), state.opset))
     tail_inputs = [b for b in boundary if any(b in n.input for n in full.graph.node if n.name in tail)]
     tail_outputs = [o for o in final_outputs if o not in boundary]
+    for o in full.graph.output:  # restore non-tensor output types that gs dropped
+        if o.name in state.output_types:
+            o.type.ParseFromString(state.output_types[o.name])
     types = {name: _type_of(full, name) for name in boundary + tail_outputs}
 
     nodes = {n.name: n for n in graph.nodes}
@@ -266,8 +272,11 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     model.functions.append(if_neuron_function(state.opset))
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if tail:
-        model.functions.append(_tail_function(full, tail, tail_inputs, tail_outputs, state.opset))
+        model.functions.append(_tail_function(full, tail, tail_inputs, tail_outputs, state.opset, state.other_opsets))
         model.opset_import.append(helper.make_opsetid(TAIL_DOMAIN, 1))
+        present = {i.domain for i in model.opset_import}
+        model.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(state.other_opsets.items())
+                                  if d not in present and d != DOMAIN)
     model.producer_name, model.producer_version = "ann2snn", __version__
     model.graph.name = "ann2snn_step"
     thetas = np.concatenate([s.theta for s in state.sites]) if state.sites else np.zeros(0)

@@ -62,4 +62,6 @@ def import_model(model: onnx.ModelProto, config: CompileConfig) -> PassState:
         opset=opset,
         ir_version=int(model.ir_version),
         producer=f"{model.producer_name} {model.producer_version}".strip(),
+        output_types={o.name: o.type.SerializeToString() for o in model.graph.output},
+        other_opsets={i.domain: int(i.version) for i in model.opset_import if i.domain not in ("", "ai.onnx")},
     )

@@ -7,6 +7,7 @@ that average.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -111,8 +112,13 @@ class SpikingSession:
         types = self.meta["types"]
 
         def vi(name: str) -> onnx.ValueInfoProto:
-            t = types.get(name, {"elem_type": onnx.TensorProto.FLOAT, "shape": None})
-            return helper.make_tensor_value_info(name, t["elem_type"], t["shape"])
+            info = onnx.ValueInfoProto(name=name)
+            encoded = types.get(name, {}).get("onnx_type")
+            if encoded:
+                info.type.ParseFromString(base64.b64decode(encoded))
+            else:
+                info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+            return info
 
         graph = helper.make_graph(list(fn.node), "ann2snn_tail", [vi(i) for i in fn.input], [vi(o) for o in fn.output])
         model = helper.make_model(graph, opset_imports=list(fn.opset_import), ir_version=proto.ir_version)

@@ -167,3 +167,30 @@ def test_opsets_11_to_23(opset: int, cnn_calib) -> None:
     assert max(i.version for i in snn.opset_import if i.domain == "") == max(opset, 13)
     errs = rel_error(SpikingSession(snn), model, cnn_calib["x"][:32], [8, 256])
     assert errs[1] < errs[0] / 2, errs
+
+
+def test_fixed_batch_models_become_dynamic(cnn_calib) -> None:
+    from conftest import CNN_TEXT, cnn_weights
+
+    text = CNN_TEXT.replace("float[N,1,8,8] x", "float[1,1,8,8] x").replace("float[N,3] y", "float[1,3] y")
+    text = text.replace("f = Flatten <axis=1> (p1)", "f = Reshape (p1, shp)").replace(
+        "float[3] b3)", "float[3] b3, int64[2] shp)")
+    model = build(text, cnn_weights(), ints={"shp": np.array([1, 64], np.int64)})
+    snn = ann2snn.compile(model, cnn_calib, iters=30, batch=32)
+    assert snn.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    session = SpikingSession(snn)
+    x = cnn_calib["x"][:16]
+    out = session.run({"x": x}, 256)["y"]
+    ref = np.concatenate([run_ort(model, {"x": x[i:i + 1]})[0] for i in range(16)])
+    assert np.abs(out - ref).mean() / np.abs(ref).mean() < 0.1
+
+
+def test_fixed_batch_that_cannot_be_freed_is_a_clear_error(cnn_calib) -> None:
+    text = """g (float[2,4] x, float[4,3] W) => (float[1,3] y) {
+      h = MatMul (x, W)
+      r = Relu (h)
+      y = ReduceSum <keepdims=1> (r, ax)
+    }"""
+    model = build(text, {"W": np.ones((4, 3))}, ints={"ax": np.array([0], np.int64)})
+    with pytest.raises(ann2snn.ModelLoadError, match="batch dimension is fixed at 2.*dynamic_axes"):
+        ann2snn.compile(model, {"x": np.ones((4, 4), np.float32)})

@@ -1,6 +1,8 @@
 """End to end on the committed reference models (see models/README.md)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -62,3 +64,23 @@ def test_mnist_outputs_converge_with_T() -> None:
     err = [r["relative_error"] for r in res["snn"]]
     assert err[0] > err[1] > err[2] > err[3], res
     assert err[3] < err[0] / 2, res
+
+
+def test_sklearn_mlp_keeps_its_zipmap_tail() -> None:
+    """skl2onnx's MLPClassifier export: MatMul/Add/Relu spike; Softmax, ArgMax, ZipMap stay in the tail."""
+    ann = digits_path("sklearn_mlp.onnx")
+    snn = ann2snn.compile(ann, MODELS / "data" / "sklearn_calib.npz")
+    meta = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])
+    tail_ops = {f.name: [n.op_type for n in f.node] for f in snn.functions}["AnalogTail"]
+    assert {"Softmax", "ArgMax", "ZipMap"} <= set(tail_ops)
+    assert meta["outputs"] == ["output_label", "output_probability"]
+    assert sum(n.op_type == "IFNeuron" for n in snn.graph.node) == 2
+    session = SpikingSession(snn)
+    with np.load(MODELS / "data" / "sklearn_test.npz") as z:
+        data = {k: z[k] for k in z.files}
+    out = session.run({"X": data["X"][:3]}, 32)
+    assert isinstance(out["output_probability"], list) and set(out["output_probability"][0]) == set(range(10))
+    res = evaluate(ann, session, data, [16, 256], batch_size=600)
+    assert res["ann_accuracy"] > 0.97
+    agree = {r["T"]: r["agreement"] for r in res["snn"]}
+    assert agree[256] >= 0.99 and agree[256] >= agree[16], res
