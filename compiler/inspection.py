@@ -92,9 +92,10 @@ def _prod(shape: tuple[int, ...]) -> int:
 def format_inspection(info: dict[str, Any]) -> str:
     """A text table of ``inspect_model``'s result."""
     width = max([len(r["node"]) for r in info["nodes"]] + [4])
-    lines = [f"{'node':<{width}}  {'op':<28} {'role':<11} {'MACs':>12}  detail"]
+    op_width = max([len(r["op"]) for r in info["nodes"]] + [2])
+    lines = [f"{'node':<{width}}  {'op':<{op_width}}  {'role':<11} {'MACs':>12}  detail"]
     for r in info["nodes"]:
-        lines.append(f"{r['node']:<{width}}  {r['op']:<28} {r['role']:<11} {r['macs']:>12,}  {r['detail']}")
+        lines.append(f"{r['node']:<{width}}  {r['op']:<{op_width}}  {r['role']:<11} {r['macs']:>12,}  {r['detail']}")
     m = info["macs"]
     share = (lambda k: f"{100.0 * m[k] / m['total']:.1f}%") if m["total"] else (lambda k: "-")
     lines += ["", f"neuron layers: {info['neuron_layers']}, neurons: {info['neurons']:,}",

@@ -84,3 +84,14 @@ def test_sklearn_mlp_keeps_its_zipmap_tail() -> None:
     assert res["ann_accuracy"] > 0.97
     agree = {r["T"]: r["agreement"] for r in res["snn"]}
     assert agree[256] >= 0.99 and agree[256] >= agree[16], res
+
+
+def test_keras_tf2onnx_nhwc_export_converts() -> None:
+    """Keras (channels-last) through tf2onnx: Transpose chains around the convolutions."""
+    ann = digits_path("keras_cnn.onnx")
+    snn = ann2snn.compile(ann, MODELS / "data" / "keras_calib.npz")
+    assert sum(n.op_type == "IFNeuron" for n in snn.graph.node) == 3
+    assert not [n.name for n in snn.graph.node if n.name.endswith("/scale")]  # θ folded through Transpose/Reshape
+    res = evaluate(ann, SpikingSession(snn), MODELS / "data" / "keras_test.npz", [16, 64], batch_size=600)
+    acc = {r["T"]: r["accuracy"] for r in res["snn"]}
+    assert res["ann_accuracy"] > 0.98 and acc[64] >= res["ann_accuracy"] - 0.005, res
