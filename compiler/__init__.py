@@ -11,6 +11,7 @@ from .errors import (  # noqa: E402
     DataError,
     ModelLoadError,
     PassError,
+    ResourceError,
     UnsupportedModelError,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "DataError",
     "ModelLoadError",
     "PassError",
+    "ResourceError",
     "UnsupportedModelError",
     "__version__",
     "compile",

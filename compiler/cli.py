@@ -1,7 +1,8 @@
 """The ``ann2snn`` command line: compile, inspect, run, eval.
 
 Errors are printed as one clean message on stderr with a non-zero exit code
-(2: bad option, 3: model cannot be read or converted, 4: bad data, 1: other);
+(2: bad option, 3: model cannot be read or converted, 4: bad data, 5: resource limit,
+130: interrupted, 1: other);
 ``--verbose`` adds the traceback.
 """
 from __future__ import annotations
@@ -91,6 +92,8 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--spiking-until", multiple=True, metavar="TENSOR",
               help="End the spiking part at TENSOR: its consumers and everything after them run in the analog tail "
                    "(repeatable).")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="onnxruntime threads for calibration (0: its default); the output does not depend on it.")
 @click.option("--dump-dir", type=click.Path(file_okay=False), default=None, help="Write the graph after every pass here.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
@@ -131,20 +134,30 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
 @click.option("-T", "T", required=True, type=int, help="Number of timesteps.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the outputs (.npz).")
 @click.option("--t0", type=int, default=None, help="Readout delay (default: the model's).")
+@click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: its default).")
+@click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
+              "(default: 75% of physical memory).")
 @click.pass_context
 @_handle_errors
-def run_cmd(ctx: click.Context, model: str, input_path: str, T: int, output: str, t0: int | None) -> None:
+def run_cmd(ctx: click.Context, model: str, input_path: str, T: int, output: str, t0: int | None, threads: int,
+            max_memory: float | None) -> None:
     """Run a compiled spiking MODEL for T timesteps and save the readout."""
     import io
 
     from ann2snn.runtime import SpikingSession
     from ann2snn.runtime.session import check_T
 
-    from .modelio import write_atomic
+    from .data import as_array_dict, check_arrays
+    from .modelio import load_model, write_atomic
+    from .resources import GIB, check_memory
 
     check_T(T)
-    session = SpikingSession(model)
-    out = session.run(input_path, T, t0)
+    session = SpikingSession(model, threads=threads or None)
+    inputs = as_array_dict(input_path, session.input_specs, "input")
+    check_arrays(inputs, session.input_specs, "input")
+    check_memory(load_model(model), len(inputs[session.input_specs[0].name]),
+                 int(max_memory * GIB) if max_memory is not None else None)
+    out = session.run(inputs, T, t0)
     buf = io.BytesIO()
     np.savez(buf, **out)
     write_atomic(output, buf.getvalue())
@@ -161,16 +174,21 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, T: int, output: str
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Samples simulated at once.")
 @click.option("--t0", type=int, default=None, help="Readout delay (default: the model's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
+@click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: its default).")
+@click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
+              "(default: 75% of physical memory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
 @_handle_errors
 def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, Ts: str, label_key: str, batch_size: int,
-             t0: int | None, json_path: str | None, progress: bool) -> None:
+             t0: int | None, json_path: str | None, threads: int, max_memory: float | None, progress: bool) -> None:
     """Print ANN vs SNN accuracy of a compiled SNN at several T."""
     from .evaluate import evaluate, format_table
     from .modelio import write_atomic
+    from .resources import GIB
 
-    result = evaluate(ann, snn, data, _parse_ts(Ts), label_key=label_key, batch_size=batch_size, t0=t0,
+    result = evaluate(ann, snn, data, _parse_ts(Ts), label_key=label_key, threads=threads or None,
+                      batch_size=batch_size, t0=t0, max_memory=int(max_memory * GIB) if max_memory is not None else None,
                       show_progress=progress and not ctx.obj["quiet"])
     click.echo(format_table(result))
     if json_path:

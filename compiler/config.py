@@ -37,6 +37,8 @@ class CompileConfig:
         ending the spiking part there with a warning.
     spiking_until: tensors whose consumers, and everything after them, run in the analog
         tail (the boundary placed by hand).
+    threads: onnxruntime intra-op threads for calibration (0: its default). The output
+        is byte-identical whatever the value.
     progress: show a progress bar on stderr during calibration.
     """
 
@@ -52,6 +54,7 @@ class CompileConfig:
     maxpool: str = "cumulative"
     strict: bool = False
     spiking_until: tuple[str, ...] = ()
+    threads: int = 0
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -74,13 +77,17 @@ class CompileConfig:
             raise ConfigError(f"percentile must lie in (0, 100], got {self.percentile} (--percentile)")
         if not 0.0 <= self.v0 < 1.0:
             raise ConfigError(f"v0 is a fraction of the threshold in [0, 1), got {self.v0} (--v0)")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0: onnxruntime's default), got {self.threads} (--threads)")
         if self.eta <= 0:
             raise ConfigError(f"eta must be positive, got {self.eta} (--eta)")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain dict (recorded in the compiled model's metadata)."""
         d = asdict(self)
-        d.pop("progress")
+        for runtime_only in ("progress", "threads"):  # they do not change the output
+            d.pop(runtime_only)
+        d["spiking_until"] = list(d["spiking_until"])
         return d
 
     @classmethod

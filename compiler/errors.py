@@ -61,3 +61,9 @@ class DataError(Ann2SnnError):
     """Calibration, evaluation or runtime data do not match the model."""
 
     exit_code = 4
+
+
+class ResourceError(Ann2SnnError):
+    """A job would exceed a resource limit the user can raise (e.g. --max-memory)."""
+
+    exit_code = 5

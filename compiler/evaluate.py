@@ -14,6 +14,7 @@ from .data import as_array_dict, check_arrays, input_specs
 from .errors import DataError
 from .modelio import load_model
 from .progress import progress
+from .resources import check_memory
 
 
 def predictions(y: np.ndarray) -> np.ndarray:
@@ -41,15 +42,22 @@ def evaluate(
     batch_size: int = 256,
     t0: int | None = None,
     show_progress: bool = False,
+    max_memory: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Accuracy of the ANN and of the SNN at each T (and their top-1 agreement, output error).
 
     ``snn`` is a SpikingSession or a path to a compiled model. Without labels under
-    ``label_key`` only agreement and error are reported.
+    ``label_key`` only agreement and error are reported. The simulation's memory estimate
+    is checked against ``max_memory`` bytes (default: 75% of physical memory) first.
     """
     from ann2snn.runtime import SpikingSession
 
-    session = snn if isinstance(snn, SpikingSession) else SpikingSession(snn)
+    if isinstance(snn, SpikingSession):
+        session, snn_proto = snn, getattr(snn, "model", None)
+    else:
+        snn_proto = load_model(snn)
+        session = SpikingSession(snn_proto, threads=threads)
     ann_model = load_model(ann)
     specs = input_specs(ann_model)
     arrays = as_array_dict(data, specs, "evaluation data")
@@ -62,6 +70,8 @@ def evaluate(
             raise DataError(f"evaluation data has {labels.shape[0]} labels under '{label_key}' for {n} samples")
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, got {batch_size} (--batch-size)")
+    if snn_proto is not None:
+        check_memory(snn_proto, min(batch_size, n), max_memory)
     ref = ann_outputs(ann_model, arrays, batch_size)
     Ts = sorted(set(Ts))
     outs: dict[int, list[np.ndarray]] = {T: [] for T in Ts}

@@ -98,7 +98,21 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto | bytes) -> onnx
         raise ModelLoadError(
             f"'{name}' is not a valid ONNX model: {first}; re-export it or repair it with onnx.checker"
         ) from None
+    _check_no_empty_tensors(model, name)
     return model
+
+
+def _check_no_empty_tensors(model: onnx.ModelProto, name: str) -> None:
+    """Zero-sized weights or inputs make layers without neurons: refuse them by name."""
+    for init in model.graph.initializer:
+        if 0 in init.dims:
+            raise ModelLoadError(f"'{name}': initializer '{init.name}' has a zero-sized shape {list(init.dims)}; "
+                                 "re-export the model without empty layers")
+    for vi in list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
+        if any(d.HasField("dim_value") and d.dim_value == 0 for d in dims):
+            raise ModelLoadError(f"'{name}': graph input/output '{vi.name}' has a zero-sized dimension; "
+                                 "re-export the model with its real input size")
 
 
 def serialize(model: onnx.ModelProto) -> bytes:
@@ -133,6 +147,31 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         pass
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Save a model atomically and deterministically."""
-    write_atomic(path, serialize(model))
+#: protobuf cannot serialise a message of 2 GiB or more: larger models keep their weights
+#: in an external data file beside the model
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
+               external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
+    """Save a model atomically and deterministically.
+
+    A model of ``external_threshold`` bytes or more is written with its weights in
+    ``<name>.data`` beside it (the data file first, then the model, each atomically).
+    """
+    target = Path(path)
+    if model.ByteSize() < external_threshold:
+        write_atomic(target, serialize(model))
+        return
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    location = f"{target.name}.data"
+    external_data_helper.convert_model_to_external_data(out, all_tensors_to_one_file=True, location=location,
+                                                        size_threshold=1024, convert_attribute=False)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
+        external_data_helper.write_external_data_tensors(out, tmp)
+        data = Path(tmp) / location
+        with open(data, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(data, target.parent / location)
+    write_atomic(target, serialize(out))

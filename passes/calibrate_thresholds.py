@@ -58,8 +58,11 @@ class _Builder:
         return gs.Constant(f"{self.prefix}/c_{self.count}", np.array(value, np.float32))
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def _session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _check_finite(values: np.ndarray, site: Site, what: str) -> None:
@@ -97,7 +100,7 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
         stat_outputs.append(stat)
     graph.inputs = list(graph.inputs) + theta_inputs
     graph.outputs = theta_outputs + stat_outputs
-    sess = _session(export(graph.cleanup().toposort(), state.opset))
+    sess = _session(export(graph.cleanup().toposort(), state.opset), cfg.threads)
     out_names = [t.name for t in graph.outputs]
     thetas = [np.zeros(s.theta_shape(cfg.granularity), np.float32) for s in state.sites]
     stats = [np.zeros(s.shape, np.float64) for s in state.sites]
@@ -127,7 +130,7 @@ def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
     graph.outputs = [tensors[s.pre] for s in state.sites]
     for t in graph.outputs:
         t.dtype = np.float32
-    sess = _session(export(graph.cleanup().toposort(), state.opset))
+    sess = _session(export(graph.cleanup().toposort(), state.opset), cfg.threads)
     names = [t.name for t in graph.outputs]
     per_channel = cfg.granularity == "channel"
     maxima: list[np.ndarray | None] = [None] * len(state.sites)

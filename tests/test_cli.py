@@ -120,3 +120,14 @@ def test_help_and_version() -> None:
     r = invoke("--help")
     assert r.exit_code == 0 and all(c in r.stdout for c in ("compile", "run", "eval"))
     assert "0.1.0" in invoke("--version").stdout
+
+
+def test_memory_limit_is_checked_before_simulating(files) -> None:
+    snn = files["dir"] / "s.onnx"
+    assert invoke("compile", files["model"], "-o", snn, "--calib", files["calib"], "--iters", "5").exit_code == 0
+    out = files["dir"] / "y.npz"
+    expect_error(["run", snn, "--input", files["test"], "-T", "4", "-o", out, "--max-memory", "0.000001"], 5,
+                 "simulating a batch of 64 needs about", out)
+    r = invoke("eval", files["model"], snn, "--data", files["test"], "-T", "4", "--max-memory", "0.000001")
+    assert r.exit_code == 5 and "raise --max-memory" in r.stderr
+    assert invoke("run", snn, "--input", files["test"], "-T", "4", "-o", out, "--max-memory", "1").exit_code == 0

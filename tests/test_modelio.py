@@ -65,3 +65,16 @@ def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path: Path, monkeypatc
         save_model(onnx.load(MODELS / "digits_cnn.onnx"), target)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+
+
+def test_large_models_are_written_with_external_data(tmp_path: Path) -> None:
+    """Past the threshold (2 GiB in use; lowered here) weights go to <name>.data, and load back."""
+    model = onnx.load(MODELS / "digits_cnn.onnx")
+    target = tmp_path / "big.onnx"
+    save_model(model, target, external_threshold=10_000)
+    assert (tmp_path / "big.onnx.data").stat().st_size > 100_000
+    assert target.stat().st_size < 50_000
+    back = load_model(target)
+    for a, b in zip(back.graph.initializer, model.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
