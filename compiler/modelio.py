@@ -91,8 +91,8 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto | bytes) -> onnx
         external_data_helper.load_external_data_for_model(model, str(base))
     except Exception as exc:
         raise ModelLoadError(f"could not read the external data of '{name}': {exc}") from None
-    try:
-        onnx.checker.check_model(model)
+    try:  # full_check adds strict shape inference: declared shapes must agree with the graph
+        onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(

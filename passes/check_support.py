@@ -1,9 +1,13 @@
 """Report every node the compiler cannot convert, all at once, before any work is done."""
 from __future__ import annotations
 
-from ann2snn.errors import NodeProblem, UnsupportedModelError
+import onnxruntime as ort
+
+from ann2snn.errors import ModelLoadError, NodeProblem, UnsupportedModelError
 from ann2snn.state import PassState
 from ann2snn.support import REJECTED, reject_reason, role
+
+from ._graph import export
 
 
 def check_support(state: PassState) -> PassState:
@@ -19,4 +23,16 @@ def check_support(state: PassState) -> PassState:
                                         "export the model in eval mode (model.eval() before torch.onnx.export)"))
     if problems:
         raise UnsupportedModelError(problems)
+    _check_runs(state)
     return state
+
+
+def _check_runs(state: PassState) -> None:
+    """The ANN itself must load in onnxruntime, or nothing later can run it."""
+    try:
+        ort.InferenceSession(export(state.graph.copy(), state.opset, state.ir_version).SerializeToString(),
+                             providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"onnxruntime cannot load the model: {first}; check that the model runs in "
+                             "onnxruntime before converting it") from None

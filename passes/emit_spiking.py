@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 from ann2snn import __version__
+from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
 from ann2snn.runtime.ops import DEAD_THRESHOLD, DOMAIN, IF_OP, if_neuron_function
 
@@ -254,7 +255,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         v_outs.append(v_out)
         states.append({"input": v_in.name, "output": v_out.name, "shape": list(site.shape),
                        "init": {"threshold": theta.name, "fraction": cfg.v0}})
-        folder.fold(spikes, values)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked for finiteness below
+            folder.fold(spikes, values)
         live = site.theta[site.theta > 0]
         neurons.append({
             "node": act.name, "state_in": v_in.name, "state_out": v_out.name, "threshold": theta.name,
@@ -262,6 +264,10 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
             "v0": cfg.v0, "units": int(np.prod(site.shape)), "dead_channels": int((site.theta <= 0).sum()),
             "theta_min": float(live.min()) if live.size else 0.0, "theta_max": float(live.max()) if live.size else 0.0,
         })
+    for name, t in graph.tensors().items():  # θ folded into weights must stay finite in float32
+        if isinstance(t, gs.Constant) and t.values.dtype.kind == "f" and not np.all(np.isfinite(t.values)):
+            raise DataError(f"folding the thresholds into '{name}' overflows float32; the calibration data drive "
+                            "activations out of float32 range: check the data's scale")
     outs = graph.tensors()
     graph.outputs = [outs[b] for b in boundary] + v_outs
     for t in graph.outputs:

@@ -14,9 +14,9 @@ CALIB = {"x": np.ones((4, 4), np.float32)}
 W = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
 
 
-def model(nodes, inits=(), opset: int = 17) -> onnx.ModelProto:
+def model(nodes, inits=(), opset: int = 17, width: int = 4) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], list(inits))
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])], list(inits))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -35,7 +35,8 @@ CASES = {
     "duplicate names": (model([helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Relu", ["a"], ["a"]),
                                helper.make_node("Relu", ["a"], ["y"])], [W]), "single static assignment"),
     "zero-sized tensor": (model([helper.make_node("MatMul", ["x", "W0"], ["a"]), helper.make_node("Relu", ["a"], ["y"])],
-                                [numpy_helper.from_array(np.ones((4, 0), np.float32), "W0")]), "zero-sized shape"),
+                                [numpy_helper.from_array(np.ones((4, 0), np.float32), "W0")], width=0),
+                          "zero-sized shape"),
     "enormous declared tensor": (model([helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Relu", ["a"], ["y"])],
                                        [TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[100000, 100000])]),
                                  "one and only one value field"),
