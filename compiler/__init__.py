@@ -3,6 +3,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import onnxruntime as _ort  # noqa: E402
+
+# onnxruntime logs its own errors to stderr before raising them; ann2snn turns every one it
+# expects into a single clean message, so only fatal onnxruntime logs remain visible.
+_ort.set_default_logger_severity(4)
+
 from .api import compile  # noqa: E402
 from .config import CompileConfig  # noqa: E402
 from .errors import (  # noqa: E402

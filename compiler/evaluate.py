@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .data import as_array_dict, check_arrays, input_specs
 from .errors import DataError
 from .modelio import load_model
+from .ortsession import make_session, run_checked
 from .progress import progress
 from .resources import check_memory
 
@@ -25,10 +25,10 @@ def predictions(y: np.ndarray) -> np.ndarray:
 
 def ann_outputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
     """The ANN's first output on all samples, in batches."""
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(model)
     names = [s.name for s in input_specs(model)]
     n = next(iter(arrays.values())).shape[0]
-    return np.concatenate([sess.run(None, {k: arrays[k][i:i + batch_size] for k in names})[0]
+    return np.concatenate([run_checked(sess, None, {k: arrays[k][i:i + batch_size] for k in names}, "evaluation data")[0]
                            for i in range(0, n, batch_size)])
 
 

@@ -88,6 +88,14 @@ def export(graph: gs.Graph, opset: int, ir_version: int | None = None) -> onnx.M
     return model
 
 
+def restore_output_types(model: onnx.ModelProto, types: dict[str, bytes]) -> onnx.ModelProto:
+    """Put back graph-output types gs does not keep (non-tensor ones, e.g. a ZipMap's sequence)."""
+    for o in model.graph.output:
+        if o.name in types:
+            o.type.ParseFromString(types[o.name])
+    return model
+
+
 def with_shapes(graph: gs.Graph, opset: int) -> gs.Graph:
     """Re-run ONNX shape inference over the graph and return the re-imported graph."""
     model = export(graph.cleanup().toposort(), opset)

@@ -16,12 +16,11 @@ import logging
 import math
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from ann2snn.data import CalibrationSource, input_specs
 from ann2snn.errors import DataError, PassError
+from ann2snn.ortsession import make_session, run_checked
 from ann2snn.progress import progress
 from ann2snn.state import PassState, Site
 
@@ -56,13 +55,6 @@ class _Builder:
     def const(self, value: float) -> gs.Constant:
         self.count += 1
         return gs.Constant(f"{self.prefix}/c_{self.count}", np.array(value, np.float32))
-
-
-def _session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _check_finite(values: np.ndarray, site: Site, what: str) -> None:
@@ -100,7 +92,7 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
         stat_outputs.append(stat)
     graph.inputs = list(graph.inputs) + theta_inputs
     graph.outputs = theta_outputs + stat_outputs
-    sess = _session(export(graph.cleanup().toposort(), state.opset), cfg.threads)
+    sess = make_session(export(graph.cleanup().toposort(), state.opset), cfg.threads)
     out_names = [t.name for t in graph.outputs]
     thetas = [np.zeros(s.theta_shape(cfg.granularity), np.float32) for s in state.sites]
     stats = [np.zeros(s.shape, np.float64) for s in state.sites]
@@ -109,7 +101,7 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
     for feeds in progress(batches, cfg.iters, "calibrating (LTB)", cfg.progress):
         feeds = dict(feeds)
         feeds.update({t.name: th for t, th in zip(theta_inputs, thetas)})
-        results = sess.run(out_names, feeds)
+        results = run_checked(sess, out_names, feeds, "calibration data")
         thetas = [np.asarray(r, np.float32) for r in results[: len(thetas)]]
         for j, r in enumerate(results[len(thetas):]):
             stats[j] += np.asarray(r, np.float64).reshape(stats[j].shape)
@@ -130,7 +122,7 @@ def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
     graph.outputs = [tensors[s.pre] for s in state.sites]
     for t in graph.outputs:
         t.dtype = np.float32
-    sess = _session(export(graph.cleanup().toposort(), state.opset), cfg.threads)
+    sess = make_session(export(graph.cleanup().toposort(), state.opset), cfg.threads)
     names = [t.name for t in graph.outputs]
     per_channel = cfg.granularity == "channel"
     maxima: list[np.ndarray | None] = [None] * len(state.sites)
@@ -140,7 +132,7 @@ def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
     iters = cfg.iters if n is None else min(cfg.iters, max(1, math.ceil(n / cfg.batch)))
     seen = 0
     for feeds in progress(source.batches(iters, cfg.batch, cfg.seed), iters, f"calibrating ({cfg.method})", cfg.progress):
-        for j, (site, z) in enumerate(zip(state.sites, sess.run(names, feeds))):
+        for j, (site, z) in enumerate(zip(state.sites, run_checked(sess, names, feeds, "calibration data"))):
             sums[j] += np.maximum(z, 0).mean(axis=0)
             zc = np.moveaxis(np.asarray(z), site.channel_axis, 0).reshape(site.shape[site.channel_axis - 1], -1)
             flat = zc if per_channel else zc.reshape(1, -1)

@@ -7,7 +7,7 @@ from ann2snn.errors import ModelLoadError, NodeProblem, UnsupportedModelError
 from ann2snn.state import PassState
 from ann2snn.support import REJECTED, reject_reason, role
 
-from ._graph import export
+from ._graph import export, restore_output_types
 
 
 def check_support(state: PassState) -> PassState:
@@ -30,8 +30,8 @@ def check_support(state: PassState) -> PassState:
 def _check_runs(state: PassState) -> None:
     """The ANN itself must load in onnxruntime, or nothing later can run it."""
     try:
-        ort.InferenceSession(export(state.graph.copy(), state.opset, state.ir_version).SerializeToString(),
-                             providers=["CPUExecutionProvider"])
+        model = restore_output_types(export(state.graph.copy(), state.opset, state.ir_version), state.output_types)
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"onnxruntime cannot load the model: {first}; check that the model runs in "

@@ -17,14 +17,14 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ann2snn import __version__
 from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
 from ann2snn.runtime.ops import DEAD_THRESHOLD, DOMAIN, IF_OP, if_neuron_function
 
-from ._graph import apply_node, const_value, export, owned_constant, static_shape, unique_name
+from ._graph import apply_node, const_value, export, owned_constant, restore_output_types, static_shape, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +224,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     full = onnx.shape_inference.infer_shapes(export(graph.copy().cleanup().toposort(), state.opset))
     tail_inputs = [b for b in boundary if any(b in n.input for n in full.graph.node if n.name in tail)]
     tail_outputs = [o for o in final_outputs if o not in boundary]
-    for o in full.graph.output:  # restore non-tensor output types that gs dropped
-        if o.name in state.output_types:
-            o.type.ParseFromString(state.output_types[o.name])
+    restore_output_types(full, state.output_types)
     types = {name: _type_of(full, name) for name in boundary + tail_outputs}
 
     nodes = {n.name: n for n in graph.nodes}

@@ -1,7 +1,6 @@
 """Remove Identity and inference-mode Dropout nodes."""
 from __future__ import annotations
 
-import onnx_graphsurgeon as gs
 
 from ann2snn.state import PassState
 

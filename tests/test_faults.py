@@ -2,7 +2,6 @@
 byte-identical across thread counts, huge models are written with external data."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -1,0 +1,31 @@
+"""onnxruntime sessions for the compiler, with its failures turned into clean errors."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import ModelLoadError
+
+
+def make_session(model: onnx.ModelProto, threads: int = 0, basic: bool = False) -> ort.InferenceSession:
+    """A CPU session; ``basic`` limits graph optimisations (stable last bits)."""
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    if basic:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_checked(sess: ort.InferenceSession, names: Sequence[str] | None, feeds: dict[str, np.ndarray],
+                what: str) -> list[np.ndarray]:
+    """``sess.run``; an onnxruntime failure becomes a ModelLoadError that says on what data."""
+    try:
+        return sess.run(names, feeds)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"the model fails in onnxruntime on the {what}: {first}; check that the ANN runs "
+                             f"on this data in onnxruntime") from None
