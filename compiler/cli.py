@@ -93,6 +93,8 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
                    "(repeatable).")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="onnxruntime threads for calibration (0: its default); the output does not depend on it.")
+@click.option("--max-memory", type=float, default=0.0, show_default=True,
+              help="Refuse a calibration estimated above this many GiB (0: 75% of physical memory).")
 @click.option("--dump-dir", type=click.Path(file_okay=False), default=None, help="Write the graph after every pass here.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context

@@ -39,6 +39,8 @@ class CompileConfig:
         tail (the boundary placed by hand).
     threads: onnxruntime intra-op threads for calibration (0: its default). The output
         is byte-identical whatever the value.
+    max_memory: refuse a calibration whose estimated memory exceeds this many GiB
+        (0: 75% of physical memory).
     progress: show a progress bar on stderr during calibration.
     """
 
@@ -55,6 +57,7 @@ class CompileConfig:
     strict: bool = False
     spiking_until: tuple[str, ...] = ()
     threads: int = 0
+    max_memory: float = 0.0
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ class CompileConfig:
             raise ConfigError(f"percentile must lie in (0, 100], got {self.percentile} (--percentile)")
         if not 0.0 <= self.v0 < 1.0:
             raise ConfigError(f"v0 is a fraction of the threshold in [0, 1), got {self.v0} (--v0)")
+        if self.max_memory < 0:
+            raise ConfigError(f"max_memory is a size in GiB (0: the default), got {self.max_memory} (--max-memory)")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: onnxruntime's default), got {self.threads} (--threads)")
         if self.eta <= 0:
@@ -85,7 +90,7 @@ class CompileConfig:
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain dict (recorded in the compiled model's metadata)."""
         d = asdict(self)
-        for runtime_only in ("progress", "threads"):  # they do not change the output
+        for runtime_only in ("progress", "threads", "max_memory"):  # they do not change the output
             d.pop(runtime_only)
         d["spiking_until"] = list(d["spiking_until"])
         return d

@@ -134,6 +134,12 @@ class CalibrationSource:
             return None
         return int(next(iter(self._arrays.values())).shape[0])
 
+    def first(self, n: int) -> ArrayDict | None:
+        """The first ``n`` samples of array data (None for iterables, which may be one-shot)."""
+        if self._arrays is None:
+            return None
+        return {k: v[:n] for k, v in self._arrays.items()}
+
     def batches(self, iters: int, batch: int, seed: int) -> Iterator[ArrayDict]:
         """Yield ``iters`` batches of (at most) ``batch`` samples, deterministically for a seed."""
         if self._arrays is not None:

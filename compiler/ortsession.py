@@ -13,6 +13,7 @@ from .errors import ModelLoadError
 def make_session(model: onnx.ModelProto, threads: int = 0, basic: bool = False) -> ort.InferenceSession:
     """A CPU session; ``basic`` limits graph optimisations (stable last bits)."""
     so = ort.SessionOptions()
+    so.log_severity_level = 4  # failures are raised to us and reported once, cleanly: log only fatal ones
     if threads:
         so.intra_op_num_threads = threads
     if basic:
@@ -23,8 +24,10 @@ def make_session(model: onnx.ModelProto, threads: int = 0, basic: bool = False) 
 def run_checked(sess: ort.InferenceSession, names: Sequence[str] | None, feeds: dict[str, np.ndarray],
                 what: str) -> list[np.ndarray]:
     """``sess.run``; an onnxruntime failure becomes a ModelLoadError that says on what data."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
     try:
-        return sess.run(names, feeds)
+        return sess.run(names, feeds, options)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"the model fails in onnxruntime on the {what}: {first}; check that the ANN runs "

@@ -44,6 +44,24 @@ def estimate_simulation_bytes(model: onnx.ModelProto, batch: int) -> dict[str, i
             "total": weights + 2 * states * batch * 4 + inter * batch * 4}
 
 
+def check_calibration_memory(model: onnx.ModelProto, batch: int, limit: int | None) -> int:
+    """Raise ResourceError when a calibration batch would need more than ``limit`` bytes.
+
+    The estimate counts every tensor of the ANN at once, plus the LTB probes (about one
+    more copy of each activation), which bounds onnxruntime's peak from above.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model)
+    floats = sum(_per_sample_floats(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.input))
+    weights = sum(int(np.prod(i.dims)) * 4 for i in model.graph.initializer)
+    need = weights + 2 * floats * batch * 4
+    limit = default_memory_limit() if limit is None else limit
+    if need > limit:
+        raise ResourceError(
+            f"calibrating with batches of {batch} needs about {need / GIB:.2f} GiB, more than the limit of "
+            f"{limit / GIB:.2f} GiB; lower the calibration batch (--batch) or raise --max-memory")
+    return need
+
+
 def check_memory(model: onnx.ModelProto, batch: int, limit: int | None) -> dict[str, int]:
     """Raise ResourceError when the estimate for ``batch`` exceeds ``limit`` bytes."""
     est = estimate_simulation_bytes(model, batch)

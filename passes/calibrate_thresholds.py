@@ -22,9 +22,10 @@ from ann2snn.data import CalibrationSource, input_specs
 from ann2snn.errors import DataError, PassError
 from ann2snn.ortsession import make_session, run_checked
 from ann2snn.progress import progress
+from ann2snn.resources import GIB, check_calibration_memory
 from ann2snn.state import PassState, Site
 
-from ._graph import export
+from ._graph import export, restore_output_types
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,13 @@ def calibrate_thresholds(state: PassState) -> PassState:
     if not state.sites:
         state.metadata["t0"] = 0
         return state
-    model = export(state.graph.copy().cleanup(), state.opset)
+    model = restore_output_types(export(state.graph.copy().cleanup(), state.opset), state.output_types)
+    cfg = state.config
+    check_calibration_memory(model, cfg.batch, int(cfg.max_memory * GIB) if cfg.max_memory else None)
     source = state.calib if isinstance(state.calib, CalibrationSource) else CalibrationSource(state.calib, input_specs(model))
+    sample = source.first(8)
+    if sample is not None:  # the whole ANN, tail included, must run on the data before we calibrate
+        run_checked(make_session(model), None, sample, "calibration data")
     if state.config.method == "ltb":
         _calibrate_ltb(state, source)
     else:

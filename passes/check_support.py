@@ -1,9 +1,8 @@
 """Report every node the compiler cannot convert, all at once, before any work is done."""
 from __future__ import annotations
 
-import onnxruntime as ort
-
 from ann2snn.errors import ModelLoadError, NodeProblem, UnsupportedModelError
+from ann2snn.ortsession import make_session
 from ann2snn.state import PassState
 from ann2snn.support import REJECTED, reject_reason, role
 
@@ -31,7 +30,7 @@ def _check_runs(state: PassState) -> None:
     """The ANN itself must load in onnxruntime, or nothing later can run it."""
     try:
         model = restore_output_types(export(state.graph.copy(), state.opset, state.ir_version), state.output_types)
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        make_session(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"onnxruntime cannot load the model: {first}; check that the model runs in "

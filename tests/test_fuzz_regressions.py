@@ -24,3 +24,25 @@ def test_fuzz_seed1_case114_declared_shape_disagrees() -> None:
     model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 3
     with pytest.raises(ModelLoadError, match="is not a valid ONNX model.*re-export it"):
         ann2snn.compile(model, MODELS / "data" / "digits_calib.npz")
+
+
+def test_fuzz_seed0_case449_tail_fails_at_run_time() -> None:
+    """fc2's bias rewired to fc1's output: loads, but cannot run; found before calibrating."""
+    model = onnx.load(MODELS / "digits_cnn.onnx")
+    fc2 = next(n for n in model.graph.node if n.name == "/fc2/Gemm")
+    fc2.input[2] = "/fc1/Gemm_output_0"
+    with pytest.raises(ann2snn.Ann2SnnError, match="fails in onnxruntime on the calibration data.*fc2"):
+        ann2snn.compile(model, MODELS / "data" / "digits_calib.npz")
+
+
+def test_fuzz_seed0_case406_huge_fixed_batch() -> None:
+    """A fixed batch of 10**6 is made symbolic without running anything at that size."""
+    model = onnx.load(MODELS / "keras_cnn.onnx")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 10**6
+    snn = ann2snn.compile(model, MODELS / "data" / "keras_calib.npz", iters=5)
+    assert snn.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+def test_calibration_memory_limit() -> None:
+    with pytest.raises(ann2snn.ResourceError, match="calibrating with batches of 64 needs about.*--max-memory"):
+        ann2snn.compile(MODELS / "digits_cnn.onnx", MODELS / "data" / "digits_calib.npz", max_memory=1e-6)
