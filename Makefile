@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow clean
+.PHONY: demo test test-slow wheel-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(STAMP)
 ## the slow end-to-end checks (full MNIST test set)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+## build the wheel with `python -m build`, install it in a fresh venv, smoke-test it there
+wheel-smoke: $(STAMP)
+	rm -rf build/dist build/wheel-venv
+	$(BIN)/python -m build --wheel --outdir build/dist .
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/python -m pip install --quiet --disable-pip-version-check build/dist/ann2snn-*.whl
+	cd build && wheel-venv/bin/python ../scripts/wheel_smoke.py
 
 clean:
 	rm -rf build .pytest_cache

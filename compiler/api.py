@@ -1,6 +1,8 @@
 """The Python API: ``ann2snn.compile``."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -10,7 +12,7 @@ import onnx
 
 from .config import CompileConfig
 from .data import DataLike
-from .modelio import load_model, save_model
+from .modelio import load_model, save_model, serialize, write_atomic
 from .pipeline import run_pipeline
 
 
@@ -21,6 +23,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     *,
     config: CompileConfig | None = None,
     dump_dir: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> onnx.ModelProto:
     """Convert an ONNX ReLU network into a spiking step model.
@@ -28,11 +31,44 @@ def compile(  # noqa: A001 - the public name the issue asks for
     ``calib`` is a .npz/.npy path, an array (single-input models), a mapping of input name
     to array, or an iterable of such batches. ``options`` are CompileConfig fields
     (method, iters, batch, granularity, ...). With ``output`` the model is also written,
-    atomically.
+    atomically; with ``report`` a JSON report of the run (versions, hashes, options,
+    partition, thresholds, calibration statistics, timings).
     """
     cfg = CompileConfig.from_options(**{**(asdict(config) if config is not None else {}), **options})
-    snn = run_pipeline(load_model(model), cfg, calib, dump_dir=dump_dir)
+    stats: dict[str, Any] = {}
+    snn = run_pipeline(load_model(model), cfg, calib, dump_dir=dump_dir, stats=stats)
     onnx.checker.check_model(snn, full_check=True)
     if output is not None:
         save_model(snn, Path(output))
+    if report is not None:
+        write_atomic(report, (json.dumps(build_report(model, snn, output, cfg, stats), indent=2, sort_keys=True)
+                              + "\n").encode())
     return snn
+
+
+def build_report(model: Any, snn: onnx.ModelProto, output: Any, cfg: CompileConfig,
+                 stats: dict[str, Any]) -> dict[str, Any]:
+    """The --report JSON: what was compiled, with what, how, and what came out."""
+    import platform
+
+    import numpy
+    import onnxruntime
+
+    from . import __version__
+
+    if isinstance(model, (str, os.PathLike)):
+        source = {"path": str(model), "sha256": hashlib.sha256(Path(model).read_bytes()).hexdigest()}
+    else:
+        proto = model if isinstance(model, onnx.ModelProto) else None
+        data = serialize(proto) if proto is not None else bytes(model)
+        source = {"path": None, "sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        "versions": {"ann2snn": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "numpy": numpy.__version__, "python": platform.python_version()},
+        "input": source,
+        "output": {"path": str(output) if output is not None else None,
+                   "sha256": hashlib.sha256(serialize(snn)).hexdigest()},
+        "seed": cfg.seed,
+        "options": cfg.to_dict(),
+        **stats,
+    }

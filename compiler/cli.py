@@ -13,6 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -52,6 +53,47 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE: TOML whose keys are the command's flags (without dashes); flags override it.
+
+    Keys may stand at the top level or in a table named after the command ([compile], [eval]...).
+    """
+    if value is None:
+        return None
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(value).read_text())
+    except FileNotFoundError:
+        raise click.BadParameter(f"config file '{value}' does not exist", param=param) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"config file '{value}' is not valid TOML: {exc}", param=param) from None
+    table = data.get(ctx.command.name) if isinstance(data.get(ctx.command.name), dict) else data
+    flags: dict[str, str] = {}
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and p.name != "config":
+            for opt in p.opts:  # not the --no-x forms: their value would mean the opposite
+                flags[opt.lstrip("-").replace("-", "_")] = p.name
+            flags[p.name] = p.name
+    mapped = {}
+    for key, v in table.items():
+        if isinstance(v, dict):
+            continue  # another command's table
+        name = flags.get(key.replace("-", "_"))
+        if name is None:
+            valid = sorted({k.replace("_", "-") for k in flags if len(k) > 1})
+            raise click.BadParameter(f"config file '{value}' has key '{key}', which is no flag of "
+                                     f"'{ctx.command.name}'; valid keys: {', '.join(valid)}", param=param)
+        mapped[name] = tuple(v) if isinstance(v, list) else v
+    ctx.default_map = {**(ctx.default_map or {}), **mapped}
+    return value
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
+    help="TOML file of this command's options (keys = flag names); flags given here override it.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ann2snn")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging, and tracebacks with errors.")
@@ -67,6 +109,7 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 
 
 @main.command("compile")
+@config_option
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the .snn.onnx model.")
 @click.option("--calib", required=True, type=click.Path(dir_okay=False),
@@ -96,16 +139,19 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--max-memory", type=float, default=0.0, show_default=True,
               help="Refuse a calibration estimated above this many GiB (0: 75% of physical memory).")
 @click.option("--dump-dir", type=click.Path(file_okay=False), default=None, help="Write the graph after every pass here.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Write a JSON report: versions, input hash, options, partition, thresholds, calibration, timings.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
 @_handle_errors
-def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_dir: str | None, **options: Any) -> None:
+def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_dir: str | None, report: str | None,
+                **options: Any) -> None:
     """Compile MODEL (an ONNX ANN) into a spiking ONNX model."""
     from .api import compile as compile_model
 
     options["progress"] = options["progress"] and not ctx.obj["quiet"]
     options["spiking_until"] = tuple(options["spiking_until"])
-    snn = compile_model(model, calib, output, dump_dir=dump_dir, **options)
+    snn = compile_model(model, calib, output, dump_dir=dump_dir, report=report, **options)
     meta = {p.key: p.value for p in snn.metadata_props}
     info = json.loads(meta["ann2snn"])
     click.echo(f"wrote {output}: {len(info['neurons'])} neuron layer(s), "
@@ -129,6 +175,7 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
 
 
 @main.command("run")
+@config_option
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
               help="Inputs: .npz keyed by input name, or .npy.")
@@ -166,6 +213,7 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, T: int, output: str
 
 
 @main.command("eval")
+@config_option
 @click.argument("ann", type=click.Path(dir_okay=False))
 @click.argument("snn", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(dir_okay=False),
@@ -198,6 +246,8 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, Ts: str, label_k
 
 from .cli_report import report_cmd  # noqa: E402
 main.add_command(report_cmd)
+from .export_nir import export_cmd  # noqa: E402
+main.add_command(export_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from ann2snn.passes.calibrate_thresholds import calibrate_thresholds
@@ -68,9 +69,18 @@ PIPELINE: list[Pass] = [
 
 
 def run_pipeline(model: onnx.ModelProto, config: CompileConfig, calib: Any,
-                 dump_dir: str | Path | None = None) -> onnx.ModelProto:
-    """Run every pass of PIPELINE on ``model`` and return the spiking model."""
+                 dump_dir: str | Path | None = None, stats: dict[str, Any] | None = None) -> onnx.ModelProto:
+    """Run every pass of PIPELINE on ``model`` and return the spiking model.
+
+    ``stats``, if given, receives per-pass timings, the partition, per-layer thresholds and
+    calibration statistics (for ``--report``; none of it goes into the model, which stays
+    byte-identical from run to run).
+    """
+    total = time.perf_counter()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
     state = import_model(model, config)
+    timings["import_model"] = time.perf_counter() - start
     state.calib = calib
     have: set[str] = set()
     result: Any = state
@@ -91,11 +101,35 @@ def run_pipeline(model: onnx.ModelProto, config: CompileConfig, calib: Any,
             raise UnsupportedModelError(state.problems)
         state.history.append(p.name)
         have |= p.provides
-        log.debug("pass %s took %.3f s", p.name, time.perf_counter() - start)
+        timings[p.name] = time.perf_counter() - start
+        log.debug("pass %s took %.3f s", p.name, timings[p.name])
         if dump_dir is not None and isinstance(result, PassState):
             from ann2snn.passes._graph import export
 
             save_model(export(state.graph.copy().cleanup().toposort(), state.opset),
                        Path(dump_dir) / f"{i:02d}_{p.name}.onnx")
     assert isinstance(result, onnx.ModelProto)
+    if stats is not None:
+        timings["total"] = time.perf_counter() - total
+        stats.update(_statistics(state, timings))
     return result
+
+
+def _statistics(state: PassState, timings: dict[str, float]) -> dict[str, Any]:
+    layers = []
+    for site in state.sites:
+        theta = site.theta
+        live = theta[theta > 0]
+        layers.append({"layer": site.node, "units": int(np.prod(site.shape)), "thresholds": int(theta.size),
+                       "min": float(live.min()) if live.size else 0.0, "max": float(theta.max()),
+                       "mean": float(live.mean()) if live.size else 0.0, "dead": int((theta <= 0).sum()),
+                       "mean_activation": float(site.mean_act.mean())})
+    return {
+        "partition": {"neuron_layers": len(state.sites), "neurons": sum(int(np.prod(s.shape)) for s in state.sites),
+                      "spiking_nodes": len(state.spiking), "tail_nodes": list(state.tail),
+                      "boundary": list(state.boundary), "cumulative_pools": list(state.varying_pools)},
+        "thresholds": layers,
+        "readout_t0": int(state.metadata.get("t0", 0)),
+        "calibration": dict(state.metadata.get("calibration", {})),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+    }

@@ -99,8 +99,10 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
     stats = [np.zeros(s.shape, np.float64) for s in state.sites]
     n_batches = 0
     batches = source.batches(cfg.iters, cfg.batch, cfg.seed)
+    samples = 0
     for feeds in progress(batches, cfg.iters, "calibrating (LTB)", cfg.progress):
         feeds = dict(feeds)
+        samples += len(next(iter(feeds.values())))
         feeds.update({t.name: th for t, th in zip(theta_inputs, thetas)})
         results = run_checked(sess, out_names, feeds, "calibration data")
         thetas = [np.asarray(r, np.float32) for r in results[: len(thetas)]]
@@ -109,6 +111,7 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
         n_batches += 1
     if n_batches == 0:
         raise DataError("calibration saw no batch; provide calibration data with at least one sample")
+    state.metadata["calibration"] = {"method": "ltb", "batches": n_batches, "samples": samples}
     for site, th, st in zip(state.sites, thetas, stats):
         _check_finite(th, site, "threshold")
         site.theta = th.reshape(-1).astype(np.float32)
@@ -145,6 +148,7 @@ def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
         seen += 1
     if seen == 0:
         raise DataError("calibration saw no batch; provide calibration data with at least one sample")
+    state.metadata["calibration"] = {"method": cfg.method, "batches": seen}
     for j, site in enumerate(state.sites):
         if cfg.method == "max":
             th = maxima[j]

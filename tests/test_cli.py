@@ -1,6 +1,7 @@
 """The CLI: the happy path, and bad input that gets a clean error, an exit code and no output file."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,35 @@ def test_memory_limit_is_checked_before_simulating(files) -> None:
     r = invoke("eval", files["model"], snn, "--data", files["test"], "-T", "4", "--max-memory", "0.000001")
     assert r.exit_code == 5 and "raise --max-memory" in r.stderr
     assert invoke("run", snn, "--input", files["test"], "-T", "4", "-o", out, "--max-memory", "1").exit_code == 0
+
+
+def test_config_file_mirrors_flags_and_flags_override(files) -> None:
+    cfg = files["dir"] / "c.toml"
+    cfg.write_text('iters = 7\nbatch = 32\ngranularity = "layer"\nkeep-clip-cap = false\n[eval]\nT = "4,8"\n')
+    out = files["dir"] / "m.onnx"
+    r = invoke("compile", files["model"], "-o", out, "--calib", files["calib"], "--config", cfg, "--batch", "16")
+    assert r.exit_code == 0, r.output
+    meta = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["ann2snn"])
+    assert (meta["config"]["iters"], meta["config"]["batch"], meta["config"]["granularity"]) == (7, 16, "layer")
+    assert meta["config"]["keep_clip_cap"] is False
+    r = invoke("eval", files["model"], out, "--data", files["test"], "--config", cfg)
+    assert r.exit_code == 0 and "| 8 |" in r.stdout and "| 16 |" not in r.stdout
+    cfg.write_text("itters = 3\n")
+    r = invoke("compile", files["model"], "-o", out, "--calib", files["calib"], "--config", cfg)
+    assert r.exit_code == 2 and "has key 'itters', which is no flag of 'compile'" in r.stderr
+
+
+def test_compile_report(files) -> None:
+    out, rep = files["dir"] / "m.onnx", files["dir"] / "r.json"
+    r = invoke("compile", files["model"], "-o", out, "--calib", files["calib"], "--iters", "6", "--report", rep)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    import hashlib
+
+    assert report["input"]["sha256"] == hashlib.sha256(files["model"].read_bytes()).hexdigest()
+    assert report["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert report["options"]["iters"] == 6 and report["seed"] == 0
+    assert report["calibration"] == {"method": "ltb", "batches": 6, "samples": 6 * 64}
+    assert report["partition"]["neuron_layers"] == 2 and len(report["thresholds"]) == 2
+    assert {"onnx", "onnxruntime", "ann2snn"} <= set(report["versions"])
+    assert report["timings_s"]["total"] >= report["timings_s"]["calibrate_thresholds"] > 0
