@@ -246,8 +246,6 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, Ts: str, label_k
 
 from .cli_report import report_cmd  # noqa: E402
 main.add_command(report_cmd)
-from .export_nir import export_cmd  # noqa: E402
-main.add_command(export_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover
