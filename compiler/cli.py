@@ -112,8 +112,9 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @config_option
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the .snn.onnx model.")
-@click.option("--calib", required=True, type=click.Path(dir_okay=False),
-              help="Calibration data: .npz keyed by input name, or .npy for single-input models.")
+@click.option("--calib", required=True, type=click.Path(),
+              help="Calibration data: .npz keyed by input name, .npy, or images (a folder of class subfolders, "
+                   "or a .txt list of paths) for single-input models.")
 @click.option("--method", type=click.Choice(METHODS), default=CompileConfig.method, show_default=True,
               help="Threshold calibration: local threshold balancing, max-norm or percentile norm.")
 @click.option("--iters", type=int, default=CompileConfig.iters, show_default=True, help="Calibration iterations K (batches).")
@@ -139,6 +140,16 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--max-memory", type=float, default=0.0, show_default=True,
               help="Refuse a calibration estimated above this many GiB (0: 75% of physical memory).")
 @click.option("--dump-dir", type=click.Path(file_okay=False), default=None, help="Write the graph after every pass here.")
+@click.option("--resize", type=int, default=0, show_default=True, help="Images: resize the shorter side first.")
+@click.option("--crop", type=int, default=0, show_default=True, help="Images: square crop size (0: none).")
+@click.option("--crop-mode", type=click.Choice(["center", "random"]), default="center", show_default=True,
+              help="Images: where to crop (random is seeded).")
+@click.option("--mean", default="", help="Images: per-channel means, comma-separated, of pixels in [0, 1].")
+@click.option("--std", default="", help="Images: per-channel standard deviations, comma-separated.")
+@click.option("--channel-order", type=click.Choice(["RGB", "BGR", "L"]), default="RGB", show_default=True,
+              help="Images: channel order (L: grayscale).")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
+              help="Images: tensor layout of the model's input.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write a JSON report: versions, input hash, options, partition, thresholds, calibration, timings.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
@@ -177,8 +188,10 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
 @main.command("run")
 @config_option
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
-              help="Inputs: .npz keyed by input name, or .npy.")
+@click.option("--input", "input_path", required=True, type=click.Path(),
+              help="Inputs: .npz keyed by input name, .npy, or images (folder or list file), preprocessed as "
+                   "recorded at compile time.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Images simulated at once.")
 @click.option("-T", "T", required=True, type=int, help="Number of timesteps.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the outputs (.npz).")
 @click.option("--t0", type=int, default=None, help="Readout delay (default: the model's).")
@@ -187,8 +200,8 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
               "(default: 75% of physical memory).")
 @click.pass_context
 @_handle_errors
-def run_cmd(ctx: click.Context, model: str, input_path: str, T: int, output: str, t0: int | None, threads: int,
-            max_memory: float | None) -> None:
+def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int, T: int, output: str, t0: int | None,
+            threads: int, max_memory: float | None) -> None:
     """Run a compiled spiking MODEL for T timesteps and save the readout."""
     import io
 
@@ -196,16 +209,28 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, T: int, output: str
     from ann2snn.runtime.session import check_T
 
     from .data import as_array_dict, check_arrays
+    from .images import ImageSource, is_image_source, preprocess_from_config
     from .modelio import load_model, write_atomic
     from .resources import GIB, check_memory
 
     check_T(T)
     session = SpikingSession(model, threads=threads or None)
-    inputs = as_array_dict(input_path, session.input_specs, "input")
-    check_arrays(inputs, session.input_specs, "input")
-    check_memory(load_model(model), len(inputs[session.input_specs[0].name]),
-                 int(max_memory * GIB) if max_memory is not None else None)
-    out = session.run(inputs, T, t0)
+    limit = int(max_memory * GIB) if max_memory is not None else None
+    if is_image_source(input_path):  # decoded and simulated batch by batch
+        images = ImageSource(input_path, preprocess_from_config(session.meta.get("config", {})))
+        check_memory(load_model(model), min(batch_size, len(images)), limit)
+        parts: dict[str, list[np.ndarray]] = {}
+        name = session.input_specs[0].name
+        for x, _ in images.chunks(batch_size):
+            for k, v in session.run({name: x}, T, t0).items():
+                parts.setdefault(k, []).append(np.asarray(v))
+        out = {k: np.concatenate(v) for k, v in parts.items()}
+        out["files"] = np.array([str(f) for f in images.files])
+    else:
+        inputs = as_array_dict(input_path, session.input_specs, "input")
+        check_arrays(inputs, session.input_specs, "input")
+        check_memory(load_model(model), len(inputs[session.input_specs[0].name]), limit)
+        out = session.run(inputs, T, t0)
     buf = io.BytesIO()
     np.savez(buf, **out)
     write_atomic(output, buf.getvalue())
@@ -216,8 +241,9 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, T: int, output: str
 @config_option
 @click.argument("ann", type=click.Path(dir_okay=False))
 @click.argument("snn", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, type=click.Path(dir_okay=False),
-              help="Test data: .npz keyed by input name, with labels under --label-key.")
+@click.option("--data", required=True, type=click.Path(),
+              help="Test data: .npz keyed by input name with labels under --label-key, or images (class subfolders "
+                   "give labels) preprocessed as recorded at compile time.")
 @click.option("-T", "Ts", default="8,16,32,64,128", show_default=True, help="Comma-separated timesteps.")
 @click.option("--label-key", default="label", show_default=True, help="Key of the labels in the .npz.")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Samples simulated at once.")
@@ -246,6 +272,8 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, Ts: str, label_k
 
 from .cli_report import report_cmd  # noqa: E402
 main.add_command(report_cmd)
+from .export_nir import export_cmd  # noqa: E402
+main.add_command(export_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

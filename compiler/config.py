@@ -39,6 +39,9 @@ class CompileConfig:
         tail (the boundary placed by hand).
     threads: onnxruntime intra-op threads for calibration (0: its default). The output
         is byte-identical whatever the value.
+    resize, crop, crop_mode, mean, std, channel_order, layout: how image files (a class
+        folder or list file given as data) become inputs; recorded in the compiled model so
+        that run and eval apply the same (see ann2snn.images.Preprocess).
     max_memory: refuse a calibration whose estimated memory exceeds this many GiB
         (0: 75% of physical memory).
     progress: show a progress bar on stderr during calibration.
@@ -58,6 +61,13 @@ class CompileConfig:
     spiking_until: tuple[str, ...] = ()
     threads: int = 0
     max_memory: float = 0.0
+    resize: int = 0
+    crop: int = 0
+    crop_mode: str = "center"
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -80,6 +90,16 @@ class CompileConfig:
             raise ConfigError(f"percentile must lie in (0, 100], got {self.percentile} (--percentile)")
         if not 0.0 <= self.v0 < 1.0:
             raise ConfigError(f"v0 is a fraction of the threshold in [0, 1), got {self.v0} (--v0)")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            try:
+                if isinstance(value, str):
+                    value = tuple(float(v) for v in value.split(",") if v.strip())
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} takes comma-separated numbers, one per channel, got {value!r} "
+                                  f"(--{name})") from None
+        self.preprocess()  # validates the image options
         if self.max_memory < 0:
             raise ConfigError(f"max_memory is a size in GiB (0: the default), got {self.max_memory} (--max-memory)")
         if self.threads < 0:
@@ -93,7 +113,15 @@ class CompileConfig:
         for runtime_only in ("progress", "threads", "max_memory"):  # they do not change the output
             d.pop(runtime_only)
         d["spiking_until"] = list(d["spiking_until"])
+        d["mean"], d["std"] = list(d["mean"]), list(d["std"])
         return d
+
+    def preprocess(self) -> Any:
+        """The image preprocessing these options declare (an ann2snn.images.Preprocess)."""
+        from .images import Preprocess
+
+        return Preprocess(self.resize, self.crop, self.crop_mode, tuple(self.mean), tuple(self.std),
+                          self.channel_order, self.layout)
 
     @classmethod
     def from_options(cls, **options: Any) -> "CompileConfig":

@@ -114,11 +114,20 @@ def _fmt_shape(shape: Sequence[Any]) -> str:
 class CalibrationSource:
     """Batches for calibration: K seeded, reshuffled batches from arrays, or an iterable's batches."""
 
-    def __init__(self, data: DataLike, specs: Sequence[InputSpec]) -> None:
+    def __init__(self, data: DataLike, specs: Sequence[InputSpec], preprocess: Any = None) -> None:
+        from .images import ImageSource, Preprocess, is_image_source
+
         self.specs = list(specs)
         self._arrays: ArrayDict | None = None
         self._iterable: Iterable[Any] | None = None
-        if isinstance(data, (str, os.PathLike, np.ndarray, Mapping)):
+        self._images: ImageSource | None = None
+        if isinstance(data, (str, os.PathLike)) and is_image_source(data):
+            if len(self.specs) != 1:
+                raise DataError(f"image data feed single-input models; this one has inputs "
+                                f"{', '.join(s.name for s in self.specs)} (use a .npz keyed by input name)")
+            self._images = ImageSource(data, preprocess or Preprocess())
+            check_arrays({self.specs[0].name: self._images.load([0])}, self.specs, f"image data '{data}'")
+        elif isinstance(data, (str, os.PathLike, np.ndarray, Mapping)):
             arrays = as_array_dict(data, specs, "calibration data")
             check_arrays(arrays, specs, "calibration data")
             self._arrays = {s.name: np.asarray(arrays[s.name]) for s in specs}
@@ -130,19 +139,23 @@ class CalibrationSource:
     @property
     def size(self) -> int | None:
         """Number of samples, when known."""
+        if self._images is not None:
+            return len(self._images)
         if self._arrays is None:
             return None
         return int(next(iter(self._arrays.values())).shape[0])
 
     def first(self, n: int) -> ArrayDict | None:
         """The first ``n`` samples of array data (None for iterables, which may be one-shot)."""
+        if self._images is not None:
+            return {self.specs[0].name: self._images.load(range(min(n, len(self._images))))}
         if self._arrays is None:
             return None
         return {k: v[:n] for k, v in self._arrays.items()}
 
     def batches(self, iters: int, batch: int, seed: int) -> Iterator[ArrayDict]:
         """Yield ``iters`` batches of (at most) ``batch`` samples, deterministically for a seed."""
-        if self._arrays is not None:
+        if self._arrays is not None or self._images is not None:
             n = self.size or 0
             if n < batch:
                 log.warning("calibration data has %d samples, fewer than the batch size %d; using batches of %d", n, batch, n)
@@ -155,7 +168,10 @@ class CalibrationSource:
                     order, pos = rng.permutation(n), 0
                 idx = np.sort(order[pos:pos + batch])
                 pos += batch
-                yield {k: v[idx] for k, v in self._arrays.items()}
+                if self._images is not None:  # decoded per batch: the set never sits in memory whole
+                    yield {self.specs[0].name: self._images.load(idx, rng)}
+                else:
+                    yield {k: v[idx] for k, v in self._arrays.items()}
             return
         produced = 0
         reiterable = isinstance(self._iterable, Sequence)

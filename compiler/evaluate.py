@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,15 +21,6 @@ def predictions(y: np.ndarray) -> np.ndarray:
     """Predicted classes: the argmax of scores, or the output itself when it is a label vector."""
     y = np.asarray(y)
     return y.reshape(len(y), -1).argmax(axis=1) if np.issubdtype(y.dtype, np.floating) else y.reshape(-1)
-
-
-def ann_outputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
-    """The ANN's first output on all samples, in batches."""
-    sess = make_session(model)
-    names = [s.name for s in input_specs(model)]
-    n = next(iter(arrays.values())).shape[0]
-    return np.concatenate([run_checked(sess, None, {k: arrays[k][i:i + batch_size] for k in names}, "evaluation data")[0]
-                           for i in range(0, n, batch_size)])
 
 
 def evaluate(
@@ -60,27 +51,22 @@ def evaluate(
         session = SpikingSession(snn_proto, threads=threads)
     ann_model = load_model(ann)
     specs = input_specs(ann_model)
-    arrays = as_array_dict(data, specs, "evaluation data")
-    check_arrays(arrays, specs, "evaluation data")
-    n = next(iter(arrays[s.name] for s in specs)).shape[0]
-    labels = arrays.get(label_key)
-    if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-        if labels.shape[0] != n:
-            raise DataError(f"evaluation data has {labels.shape[0]} labels under '{label_key}' for {n} samples")
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, got {batch_size} (--batch-size)")
+    n, labels, chunks = _chunks(data, specs, session, label_key, batch_size)
     if snn_proto is not None:
         check_memory(snn_proto, min(batch_size, n), max_memory)
-    ref = ann_outputs(ann_model, arrays, batch_size)
+    ann_sess = make_session(ann_model)
     Ts = sorted(set(Ts))
     outs: dict[int, list[np.ndarray]] = {T: [] for T in Ts}
+    refs: list[np.ndarray] = []
     out_name = session.output_names[0]
-    chunks = range(0, n, batch_size)
-    for i in progress(chunks, math.ceil(n / batch_size), "simulating", show_progress):
-        res = session.run_many({s.name: arrays[s.name][i:i + batch_size] for s in specs}, Ts, t0)
+    for feeds in progress(chunks, math.ceil(n / batch_size), "simulating", show_progress):
+        refs.append(run_checked(ann_sess, None, feeds, "evaluation data")[0])
+        res = session.run_many(feeds, Ts, t0)
         for T in Ts:
             outs[T].append(res[T][out_name])
+    ref = np.concatenate(refs)
     ref_pred = predictions(ref)
     scores = ref.ndim > 1 and np.issubdtype(ref.dtype, np.floating)  # else the output is the label itself
     scale = (float(np.abs(ref).mean()) or 1.0) if scores else 1.0
@@ -101,6 +87,30 @@ def evaluate(
         "t0": session.t0 if t0 is None else int(t0),
         "snn": rows,
     }
+
+
+def _chunks(data: Any, specs: list, session: Any, label_key: str,
+            batch_size: int) -> tuple[int, np.ndarray | None, Iterator[dict[str, np.ndarray]]]:
+    """(sample count, labels, batches of inputs): arrays are sliced; image folders are decoded
+    batch by batch with the preprocessing recorded in the compiled model."""
+    from .images import ImageSource, is_image_source, preprocess_from_config
+
+    if isinstance(data, (str, os.PathLike)) and is_image_source(data):
+        images = ImageSource(data, preprocess_from_config(session.meta.get("config", {})))
+        if len(specs) != 1:
+            raise DataError("image data feed single-input models; use a .npz keyed by input name")
+        first = {specs[0].name: images.load([0])}
+        check_arrays(first, specs, f"image data '{data}'")
+        return len(images), images.labels, ({specs[0].name: x} for x, _ in images.chunks(batch_size))
+    arrays = as_array_dict(data, specs, "evaluation data")
+    check_arrays(arrays, specs, "evaluation data")
+    n = next(iter(arrays[s.name] for s in specs)).shape[0]
+    labels = arrays.get(label_key)
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != n:
+            raise DataError(f"evaluation data has {labels.shape[0]} labels under '{label_key}' for {n} samples")
+    return n, labels, ({s.name: arrays[s.name][i:i + batch_size] for s in specs} for i in range(0, n, batch_size))
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -189,7 +189,8 @@ def calibrate_thresholds(state: PassState) -> PassState:
     model = restore_output_types(export(state.graph.copy().cleanup(), state.opset), state.output_types)
     cfg = state.config
     check_calibration_memory(model, cfg.batch, int(cfg.max_memory * GIB) if cfg.max_memory else None)
-    source = state.calib if isinstance(state.calib, CalibrationSource) else CalibrationSource(state.calib, input_specs(model))
+    source = state.calib if isinstance(state.calib, CalibrationSource) else CalibrationSource(
+        state.calib, input_specs(model), cfg.preprocess())
     sample = source.first(8)
     if sample is not None:  # the whole ANN, tail included, must run on the data before we calibrate
         run_checked(make_session(model), None, sample, "calibration data")
