@@ -499,6 +499,9 @@ def _maxpool(ex: _Exporter, node: onnx.NodeProto) -> None:
             padding=np.array(p), approximation="AvgPool2d stands in for MaxPool: NIR has no max pooling")
 
 
+DOMAIN_OF_IF = "ann2snn"
+
+
 def _if_neuron(ex: _Exporter, node: onnx.NodeProto) -> None:
     neuron = ex.neurons.get(node.name)
     theta = ex.const(node.input[2])
@@ -509,6 +512,10 @@ def _if_neuron(ex: _Exporter, node: onnx.NodeProto) -> None:
     th = ex.per_sample(theta, tuple(neuron["shape"]))
     v0 = float(neuron.get("v0", 0.5))
     dead = int(neuron.get("dead_channels", 0))
+    ex.approx(node.name, f"{DOMAIN_OF_IF}::IFNeuron",
+              f"resets by subtraction and starts at v(0) = {v0:g}*v_threshold, which NIR's IF (reset to a fixed "
+              "v_reset, no initial state, fires at v > v_threshold) cannot express",
+              "an IF node with v_reset = 0 (the true reset rule and v(0) in its metadata)")
     key = ex.emit(node, ex.nir.IF(r=np.ones(th.shape, np.float32), v_threshold=th, v_reset=np.zeros(th.shape, np.float32)),
                   [node.input[0]], region="spiking",
                   threshold_initializer=node.input[2], channel_axis=int(neuron["channel_axis"]),
@@ -607,8 +614,9 @@ def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--to", "fmt", type=click.Choice(["nir"]), required=True, help="Target format.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the file.")
 @click.option("--allow-approximation", is_flag=True,
-              help="Export parts NIR cannot represent exactly (MaxPool as an AvgPool2d placeholder, the spiking "
-                   "part without the analog tail); the metadata marks them.")
+              help="Export what NIR can only approximate (every IF neuron: NIR resets to a fixed potential and has "
+                   "no initial membrane; MaxPool as an AvgPool2d placeholder; the spiking part without the analog "
+                   "tail); the metadata marks each change.")
 @click.pass_context
 @_handled
 def export_cmd(ctx: click.Context, model: str, fmt: str, output: str, allow_approximation: bool) -> None:
@@ -617,8 +625,8 @@ def export_cmd(ctx: click.Context, model: str, fmt: str, output: str, allow_appr
     kinds = Counter(type(n).__name__ for n in graph.nodes.values())
     click.echo(f"wrote {output}: NIR graph with {len(graph.nodes)} nodes "
                f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}), {len(graph.edges)} edges")
-    click.echo("neurons reset by subtraction and start at v0*threshold; NIR cannot say so: see the "
-               "'ann2snn.*' metadata", err=True)
+    click.echo("approximated: neurons reset by subtraction and start at v0*threshold, which NIR's IF cannot "
+               "express; the 'ann2snn.*' metadata of each node says what was changed", err=True)
 
 
 __all__ = ["ALLOW_FLAG", "LOST", "NirExportError", "export_cmd", "export_nir", "to_nir"]

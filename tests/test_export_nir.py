@@ -133,6 +133,7 @@ def inits(snn: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def written(snn: onnx.ModelProto, tmp_path, **kw) -> nir.NIRGraph:
+    kw.setdefault("allow_approximation", True)  # every IF neuron is an approximation in NIR
     path = tmp_path / "model.nir"
     export_nir(snn, path, **kw)
     return nir.read(path)
@@ -239,7 +240,8 @@ def test_plain_cnn_round_trip_and_simulation(tmp_path) -> None:
     kinds = Counter(type(n).__name__ for n in g.nodes.values())
     assert kinds == {"Input": 1, "Conv2d": 2, "IF": 2, "AvgPool2d": 1, "Flatten": 1, "Affine": 1, "Output": 1}
     assert len(g.edges) == len(g.nodes) - 1  # a chain
-    assert json.loads(g.metadata["ann2snn.approximations"]) == []
+    notes = json.loads(g.metadata["ann2snn.approximations"])  # only the neuron model is approximated here
+    assert len(notes) == 2 and all("/IF: resets by subtraction" in a for a in notes)
     assert int(g.metadata["ann2snn.readout_t0"]) == meta_of(snn)["readout"]["t0"]
     assert_same_run(snn, g, x[:16])
 
@@ -324,7 +326,7 @@ def test_cumulative_maxpool_deeper_in_the_network(tmp_path) -> None:
     snn = ann2snn.compile(str(MODELS / "mnist_cnn.onnx") if (MODELS / "mnist_cnn.onnx").exists()
                           else pytest.skip("mnist model not built"),
                           str(MODELS / "data" / "mnist_calib.npz"), iters=4, batch=32, progress=False)
-    with pytest.raises(NirExportError, match="2 part"):
+    with pytest.raises(NirExportError, match="5 part"):  # 2 MaxPools and 3 IF layers
         to_nir(snn)
     g = written(snn, tmp_path, allow_approximation=True)
     modes = [n.metadata["ann2snn.maxpool_mode"] for n in g.nodes.values() if "ann2snn.maxpool_mode" in n.metadata]
@@ -381,8 +383,8 @@ def test_metadata_documents_what_nir_cannot_express(tmp_path) -> None:
 
 def test_export_is_deterministic(tmp_path) -> None:
     snn, _ = compiled(RESIDUAL, seed=3)
-    export_nir(snn, tmp_path / "a.nir")
-    export_nir(snn, tmp_path / "b.nir")
+    export_nir(snn, tmp_path / "a.nir", allow_approximation=True)
+    export_nir(snn, tmp_path / "b.nir", allow_approximation=True)
     assert (tmp_path / "a.nir").read_bytes() == (tmp_path / "b.nir").read_bytes()
 
 
@@ -398,7 +400,10 @@ def test_cli_export(tmp_path) -> None:
     snn, _ = compiled(PLAIN)
     save_model(snn, tmp_path / "m.snn.onnx")
     out = tmp_path / "m.nir"
-    res = CliRunner().invoke(main, ["export", str(tmp_path / "m.snn.onnx"), "--to", "nir", "-o", str(out)])
+    args = ["export", str(tmp_path / "m.snn.onnx"), "--to", "nir", "-o", str(out)]
+    res = CliRunner().invoke(main, args)  # IF neurons reset by subtraction: NIR can only approximate them
+    assert res.exit_code == 3 and "ann2snn::IFNeuron) resets by subtraction" in res.output and not out.exists()
+    res = CliRunner().invoke(main, args + ["--allow-approximation"])
     assert res.exit_code == 0, res.output
     assert "IF 2" in res.output and out.exists()
     assert len(nir.read(out).nodes) == 9
