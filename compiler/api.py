@@ -11,6 +11,7 @@ from typing import Any
 import onnx
 
 from .config import CompileConfig
+from .errors import PassError
 from .data import DataLike
 from .modelio import load_model, save_model, serialize, write_atomic
 from .pipeline import run_pipeline
@@ -37,7 +38,12 @@ def compile(  # noqa: A001 - the public name the issue asks for
     cfg = CompileConfig.from_options(**{**(asdict(config) if config is not None else {}), **options})
     stats: dict[str, Any] = {}
     snn = run_pipeline(load_model(model), cfg, calib, dump_dir=dump_dir, stats=stats)
-    onnx.checker.check_model(snn, full_check=True)
+    try:  # a last guard: never write a model the ONNX checker rejects
+        onnx.checker.check_model(snn, full_check=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PassError(f"the compiled model fails the ONNX checker ({first}); nothing was written. This is a bug in "
+                        "ann2snn or an unusual model: please report it with the model") from None
     if output is not None:
         save_model(snn, Path(output))
     if report is not None:

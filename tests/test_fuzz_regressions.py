@@ -46,3 +46,12 @@ def test_fuzz_seed0_case406_huge_fixed_batch() -> None:
 def test_calibration_memory_limit() -> None:
     with pytest.raises(ann2snn.ResourceError, match="calibrating with batches of 64 needs about.*--max-memory"):
         ann2snn.compile(MODELS / "digits_cnn.onnx", MODELS / "data" / "digits_calib.npz", max_memory=1e-6)
+
+
+def test_fuzz_seed0_case1074_emitted_model_fails_the_checker() -> None:
+    """skl2onnx's Softmax rewired to the first hidden layer: the tail's types no longer fit."""
+    model = onnx.load(MODELS / "sklearn_mlp.onnx")
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    softmax.input[0] = "next_activations"
+    with pytest.raises(ann2snn.Ann2SnnError):
+        ann2snn.compile(model, MODELS / "data" / "sklearn_calib.npz", iters=4, batch=16)
