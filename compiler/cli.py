@@ -1,4 +1,4 @@
-"""The ``ann2snn`` command line: compile, inspect, run, eval.
+"""The ``ann2snn`` command line: inspect, compile, run, eval, report, export.
 
 Errors are printed as one clean message on stderr with a non-zero exit code
 (2: bad option, 3: model cannot be read or converted, 4: bad data, 5: resource limit,

@@ -34,6 +34,8 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Count every weight as a synapse, or only nonzero weights.")
 @click.option("--analog-macs", type=click.Choice(["once", "every-step"]), default="once", show_default=True,
               help="MACs of layers with analog (direct-coded, constant) input: once per input, or at every step.")
+@click.option("--macs", "mac_count", type=click.Choice(["dense", "valid"]), default="dense", show_default=True,
+              help="MACs of analog layers and the ANN: every kernel tap (conventional), or taps off padding only.")
 @click.option("--sop-fj", type=float, default=77.0, show_default=True, help="Paper set: energy per SOP (fJ).")
 @click.option("--flop-pj", type=float, default=12.5, show_default=True, help="Paper set: energy per ANN FLOP (pJ).")
 @click.option("--flops-per-mac", type=float, default=1.0, show_default=True,
@@ -47,14 +49,14 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.pass_context
 @_handle_errors
 def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | None, label_key: str, batch_size: int,
-               t0: int | None, layer_T: int | None, weights: str, analog_macs: str, sop_fj: float, flop_pj: float,
-               flops_per_mac: float, ac_pj: float, mac_pj: float, json_path: str | None, plot_path: str | None,
-               progress: bool) -> None:
+               t0: int | None, layer_T: int | None, weights: str, analog_macs: str, mac_count: str,
+               sop_fj: float, flop_pj: float, flops_per_mac: float, ac_pj: float, mac_pj: float,
+               json_path: str | None, plot_path: str | None, progress: bool) -> None:
     """What the SNN MODEL costs per input at each T: spikes, SOPs, MACs, energy, per layer."""
     from .cli import _parse_ts
     from .errors import ConfigError
     from .modelio import write_atomic
-    from .report import cmos45_energy, format_report, paper_energy, plot_report, report
+    from .report import cmos45_energy, format_report, paper_energy, plot_report, report, require_matplotlib
 
     values: dict[str, Any] = {"--sop-fj": sop_fj, "--flop-pj": flop_pj, "--flops-per-mac": flops_per_mac,
                               "--ac-pj": ac_pj, "--mac-pj": mac_pj}
@@ -65,15 +67,10 @@ def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | No
     if layer_T is not None and layer_T not in ts:
         raise ConfigError(f"--layer-T {layer_T} is not one of the timesteps -T {Ts}")
     if plot_path:  # fail before a long simulation, not after
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            from .report import PlotUnavailableError
-            raise PlotUnavailableError("--plot needs matplotlib, which is not installed; "
-                                       "`pip install matplotlib` (or drop --plot)") from None
+        require_matplotlib()
     result = report(model, data, ts, ann=ann, label_key=label_key, batch_size=batch_size, t0=t0,
                     energy=(paper_energy(sop_fj, flop_pj, flops_per_mac), cmos45_energy(ac_pj, mac_pj)),
-                    nonzero_weights=weights == "nonzero", analog_once=analog_macs == "once",
+                    nonzero_weights=weights == "nonzero", analog_once=analog_macs == "once", mac_count=mac_count,
                     show_progress=progress and not ctx.obj["quiet"])
     click.echo(format_report(result, layer_T))
     if json_path:

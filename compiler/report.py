@@ -8,16 +8,16 @@ Counting conventions (the README repeats them):
 
 - **SOP** (synaptic operation, one accumulate): a spike of a neuron costs one SOP per synapse
   it drives. Following the spike forward, every path ends at an accumulator:
-  - a weighted layer (Conv, Gemm, MatMul with constant weights): one SOP per weight tap that
-    connects the spiking element to an output element that exists. For Conv this depends on
-    the position (padding edges, strides, dilations, groups); for Gemm / MatMul it is the
-    number of outputs. By default every weight counts (the dense structure, as hardware that
+  - a weighted layer (Conv, ConvTranspose, Gemm, MatMul with constant weights): one SOP per
+    weight tap that connects the spiking element to an output element that exists. For Conv
+    this depends on the position (padding edges, strides, dilations, groups); for Gemm /
+    MatMul it is the number of outputs. By default every weight counts (the dense structure, as hardware that
     stores the layer would execute it); ``nonzero_weights=True`` counts only nonzero weights.
   - otherwise the element the spike reaches, at one SOP per element: the next neuron's
     membrane (a residual Add: the spike, scaled by θ, is added into the next neuron's input),
     the readout (a graph output), or any other op that consumes it (e.g. a MaxPool on spikes).
   Weight-free linear ops on the way route the spike without costing anything themselves:
-  Flatten, Reshape, Transpose, Squeeze/Unsqueeze, Identity, Concat, Add/Sub, and the Mul/Div
+  Flatten, Reshape, Transpose, Squeeze/Unsqueeze, Identity, Concat, constant Pad, Add/Sub, and the Mul/Div
   by a constant that applies θ (it is part of the synaptic weight, as in the folded case).
   AveragePool / GlobalAveragePool count as folded into the consumer's weights (as the compiler
   folds θ through them): an element's fan-out is the sum, over the pool windows that contain
@@ -27,13 +27,18 @@ Counting conventions (the README repeats them):
   costs one SOP per window a spike falls in.
 - Biases, the membrane update, the cumulative max-pool state and the readout average are not
   counted (as in the paper's SOP count).
-- **MAC**: a weighted layer whose input is analog performs one multiply-accumulate per
-  synapse, counted exactly like SOPs (taps that fall on padding are not operations). Under
+- **MAC**: a weighted layer whose input is analog performs multiply-accumulates: by default
+  the conventional dense count (every kernel tap of every output position, padding included,
+  as ``ann2snn inspect`` and published FLOP counts); ``mac_count="valid"`` counts one per
+  synapse exactly like SOPs (taps that fall on padding excluded). Under
   direct coding this is every weighted layer before the first neuron. Its input is the same
   at every step, so by default it is counted once per input (``E_MAC x MACs_1 + E_AC x SOPs``,
   the usual direct-coding estimate); ``analog_once=False`` counts it at every step, as the
-  compiled step graph executes it (``T x`` its MACs). The analog tail runs once per input. The ANN's MACs are those of the same weighted layers, all analog,
-  counted the same way, from the compiled graph (BatchNorm is folded, so it costs nothing).
+  plain step graph executes it (``T x`` its MACs). The analog tail runs once per input. The
+  ANN's MACs are those of the same weighted layers, all analog, counted the same way, from
+  the compiled graph (BatchNorm is folded, so it costs nothing).
+- SOPs and spikes at T count every step in ``[0, T)``: the steps before the readout window
+  (t0) are spent too.
 - **Energy**: ``SOPs x E_sop + MACs x E_mac`` per input, under each ``EnergyModel``: the paper's
   (77 fJ per SOP, 12.5 pJ per FLOP, 1 FLOP per MAC: the paper's ResNet-34 figures, 22 frames/s/W
   for the ANN, match 3.6 G MACs at 12.5 pJ each) and the 45 nm one (0.9 pJ per accumulate,
@@ -43,6 +48,7 @@ Counting conventions (the README repeats them):
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -65,7 +71,7 @@ log = logging.getLogger(__name__)
 
 METADATA_KEY = "ann2snn"
 IF_OP = "IFNeuron"
-WEIGHTED = ("Conv", "Gemm", "MatMul")
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RESHAPING = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast")
 ELEMENTWISE = ("Add", "Sub")
 SCALING = ("Mul", "Div")
@@ -161,6 +167,36 @@ def conv_fanout(node: onnx.NodeProto, w: np.ndarray, in_shape: Sequence[int], ou
     return fan
 
 
+def conv_transpose_fanout(node: onnx.NodeProto, w: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int],
+                          nonzero_weights: bool = False) -> np.ndarray | None:
+    """Synapses per input element of a ConvTranspose (explicit pads only; None otherwise)."""
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID") \
+            or _attr(node, "output_shape", None) is not None:
+        return None
+    groups = int(_attr(node, "group", 1))
+    cin, cout_g = w.shape[:2]
+    kernel = list(w.shape[2:])
+    nd = len(kernel)
+    strides = list(_attr(node, "strides", [1] * nd))
+    dil = list(_attr(node, "dilations", [1] * nd))
+    begin = list(_attr(node, "pads", [0] * (2 * nd)))[:nd]
+    mask = (w != 0) if nonzero_weights else np.ones(w.shape, bool)
+    m = mask.reshape(cin, cout_g, -1).sum(axis=1).astype(np.float64)  # [ci, tap]
+    in_sp, out_sp = in_shape[1:], out_shape[1:]
+    fan = np.zeros(tuple(in_shape), np.float64)
+    for j, tap in enumerate(product(*(range(k) for k in kernel))):
+        hits = [None] * nd
+        for d in range(nd):  # input i reaches output i·stride − pad_begin + k·dilation
+            o = np.arange(in_sp[d]) * strides[d] - begin[d] + tap[d] * dil[d]
+            hits[d] = ((o >= 0) & (o < out_sp[d])).astype(np.float64)
+        valid = hits[0]
+        for h in hits[1:]:
+            valid = np.multiply.outer(valid, h)
+        fan += m[:, j].reshape((-1,) + (1,) * nd) * valid
+    return fan
+
+
 def pool_transpose(node: onnx.NodeProto, f_out: np.ndarray, in_shape: Sequence[int]) -> np.ndarray:
     """Adjoint of the window-sum of an AveragePool: each input element gets the sum of f over its windows."""
     if node.op_type == "GlobalAveragePool":
@@ -217,12 +253,33 @@ class _Graph:
         mask = (w != 0) if nonzero_weights else np.ones(w.shape, bool)
         if node.op_type == "Conv":
             return conv_fanout(node, w, x_shape[1:], self.shape(node.output[0])[1:], nonzero_weights)[None]
+        if node.op_type == "ConvTranspose":
+            fan = conv_transpose_fanout(node, w, x_shape[1:], self.shape(node.output[0])[1:], nonzero_weights)
+            return None if fan is None else fan[None]
         if node.op_type == "Gemm" and not _attr(node, "transA", 0) and w.ndim == 2:
             per_k = mask.sum(axis=0) if _attr(node, "transB", 0) else mask.sum(axis=1)
             return np.broadcast_to(per_k.astype(np.float64), x_shape).copy()
         if node.op_type == "MatMul" and w.ndim == 2:
             return np.broadcast_to(mask.sum(axis=1).astype(np.float64), x_shape).copy()
         return None
+
+
+    def macs(self, node: onnx.NodeProto, nonzero_weights: bool, count: str) -> int:
+        """MACs of a weighted node per sample: ``valid`` = its synapses (taps on padding excluded),
+        ``dense`` = the conventional count (every kernel tap of every output, as ``inspect``)."""
+        fan = self.own_fanout(node, nonzero_weights)
+        if fan is None:
+            return 0
+        if count == "valid":
+            return int(round(fan.sum()))
+        w = self.weight(node)
+        taps = int(np.count_nonzero(w)) if nonzero_weights else int(w.size)
+        if node.op_type == "Conv":  # every output position runs the whole kernel of its group
+            return int(np.prod(self.shape(node.output[0])[2:])) * taps
+        if node.op_type == "ConvTranspose":  # every input position scatters the whole kernel
+            return int(np.prod(self.shape(node.input[0])[2:])) * taps
+        rows = int(np.prod(self.shape(node.input[0])[1:-1])) if len(self.shape(node.input[0])) > 2 else 1
+        return rows * taps
 
 
 def _merge(into: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> None:
@@ -264,7 +321,7 @@ class _Router:
             log.warning("fan-out of %s '%s' is not modelled (non-constant or unusual weights): "
                         "counting one SOP per spike", op, c.name)
             return ones
-        if op in RESHAPING or (op == "Reshape" and slots == [0]):
+        if op in RESHAPING and slots == [0]:
             return self._mapped(c, lambda m: m.reshape(shape))
         if op == "Transpose":
             perm = list(_attr(c, "perm", list(range(len(shape)))[::-1]))
@@ -282,11 +339,22 @@ class _Router:
             start = sum(g.shape(x)[axis] for x in c.input[:slots[0]])
             sl = (slice(None),) * axis + (slice(start, start + shape[axis]),)
             return self._mapped(c, lambda m: m[sl])
-        return ones  # the element reaches a neuron, or an op that is not an accumulator-free router
+        if op == "Pad" and slots == [0] and _attr(c, "mode", b"constant") in (b"constant", "constant") \
+                and len(c.input) > 1 and c.input[1] in g.consts and (len(c.input) < 4 or not c.input[3]):
+            pads = [int(v) for v in g.consts[c.input[1]]]
+            begin = pads[:len(shape)]
+            if all(b >= 0 for b in pads):
+                sl = tuple(slice(b, b + n) for b, n in zip(begin, shape))
+                return self._mapped(c, lambda m: m[sl])
+        if op not in (IF_OP, "MaxPool"):
+            log.warning("spikes reach %s '%s', whose fan-out is not modelled: counting one SOP per element", op, c.name)
+        return ones  # the element reaches a neuron's membrane, or an op that is not an accumulator-free router
 
 
-def _static_shapes(model: onnx.ModelProto, feeds_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Shapes of every tensor with the batch dimension set to 1 (shape inference, then one run if needed)."""
+def _static_shapes(model: onnx.ModelProto, feeds_shapes: dict[str, tuple[int, ...]],
+                   needed: set[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors (``needed``, default all) with the batch dimension set to 1: shape
+    inference, then one run on zeros for those it leaves open."""
     shapes: dict[str, tuple[int, ...]] = {}
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -296,7 +364,8 @@ def _static_shapes(model: onnx.ModelProto, feeds_shapes: dict[str, tuple[int, ..
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         if dims and all(d is not None for d in dims[1:]):
             shapes[vi.name] = (1,) + tuple(dims[1:])
-    missing = [o for n in model.graph.node for o in n.output if o and o not in shapes]
+    missing = [o for n in model.graph.node for o in n.output
+               if o and o not in shapes and (needed is None or o in needed)]
     if missing:
         run = onnx.ModelProto()
         run.CopyFrom(model)
@@ -312,10 +381,14 @@ def _static_shapes(model: onnx.ModelProto, feeds_shapes: dict[str, tuple[int, ..
             feeds[vi.name] = np.zeros(feeds_shapes.get(vi.name, shapes.get(vi.name, ())), dtype)
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        sess = ort.InferenceSession(run.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        names = [o.name for o in run.graph.output]
-        for nm, v in zip(names, sess.run(names, feeds)):
-            shapes[nm] = tuple(np.shape(v))
+        try:
+            sess = ort.InferenceSession(run.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            names = [o.name for o in run.graph.output]
+            for nm, v in zip(names, sess.run(names, feeds)):
+                if isinstance(v, np.ndarray):
+                    shapes[nm] = (1,) + tuple(v.shape[1:]) if v.ndim else ()
+        except Exception as exc:  # noqa: BLE001 - a tensor left without a shape is reported where it is needed
+            log.debug("shape run failed: %s", exc)
     return shapes
 
 
@@ -334,8 +407,14 @@ class NetworkCost:
         return float(sum(m.sum() for m in self.fanout[spikes].values()))
 
 
-def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights: bool = False) -> NetworkCost:
+MAC_COUNTS = ("dense", "valid")
+
+
+def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights: bool = False,
+            mac_count: str = "dense") -> NetworkCost:
     """Fan-out maps of every neuron layer and the MACs of every weighted layer of a compiled model."""
+    if mac_count not in MAC_COUNTS:
+        raise ConfigError(f"mac_count must be one of {', '.join(MAC_COUNTS)}, got {mac_count!r} (--macs)")
     proto = load_model(model)
     props = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in props:
@@ -365,8 +444,7 @@ def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights:
     for n in proto.graph.node:
         macs = 0
         if n.op_type in WEIGHTED:
-            fan = g.own_fanout(n, nonzero_weights)
-            macs = int(round(fan.sum())) if fan is not None else 0
+            macs = g.macs(n, nonzero_weights, mac_count)
             ann_macs += macs
         if n.op_type in WEIGHTED or n.name in targets:
             layers.append({"name": n.name, "op": n.op_type, "part": "spiking", "ann_macs": macs,
@@ -374,36 +452,51 @@ def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights:
     layers += [{"name": t, "op": "readout", "part": "spiking", "ann_macs": 0, "analog_macs_per_step": 0}
                for t in sorted(targets) if t.startswith("readout:")]
     tail_macs = 0
-    for layer in _tail_layers(proto, meta, nonzero_weights):
+    for layer in _tail_layers(proto, meta, nonzero_weights, mac_count):
         layers.append(layer)
         tail_macs += layer["tail_macs"]
         ann_macs += layer["ann_macs"]
     return NetworkCost(neurons, fanout, layers, tail_macs, ann_macs)
 
 
-def _tail_layers(proto: onnx.ModelProto, meta: dict[str, Any], nonzero_weights: bool) -> list[dict[str, Any]]:
+def _tail_layers(proto: onnx.ModelProto, meta: dict[str, Any], nonzero_weights: bool,
+                 mac_count: str) -> list[dict[str, Any]]:
     """The weighted layers of the analog tail, which runs once per input on the readout."""
     tail = meta.get("tail")
     if not tail:
         return []
     fn = next(f for f in proto.functions if f.domain == tail["domain"] and f.name == tail["function"])
-    types = meta["types"]
+    weighted = [n for n in fn.node if n.op_type in WEIGHTED]
+    if not weighted:
+        return []
+    types = meta.get("types", {})
 
-    def vi(name: str) -> onnx.ValueInfoProto:
-        t = types.get(name, {"elem_type": onnx.TensorProto.FLOAT, "shape": None})
-        return helper.make_tensor_value_info(name, t["elem_type"], t["shape"])
+    def vi(name: str) -> onnx.ValueInfoProto:  # as SpikingSession builds the tail (both metadata formats)
+        t = types.get(name, {})
+        info = onnx.ValueInfoProto(name=name)
+        if t.get("onnx_type"):
+            info.type.ParseFromString(base64.b64decode(t["onnx_type"]))
+        elif t.get("shape") is not None:
+            info.CopyFrom(helper.make_tensor_value_info(name, t.get("elem_type") or onnx.TensorProto.FLOAT, t["shape"]))
+        else:
+            info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        return info
 
-    graph = helper.make_graph(list(fn.node), "tail", [vi(i) for i in fn.input], [vi(o) for o in fn.output])
+    inputs = [vi(i) for i in fn.input]
+    graph = helper.make_graph(list(fn.node), "tail", inputs, [vi(o) for o in fn.output])
     model = helper.make_model(graph, opset_imports=list(fn.opset_import), ir_version=proto.ir_version)
-    feeds = {i: (1,) + tuple(types[i]["shape"][1:]) for i in fn.input if types.get(i, {}).get("shape")}
-    g = _Graph(fn.node, _static_shapes(model, feeds), {}, fn.output)
+    feeds = {}
+    for info in inputs:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+        if dims and all(d is not None for d in dims[1:]):
+            feeds[info.name] = (1,) + tuple(dims[1:])
+    needed = {x for n in weighted for x in (n.input[0], n.output[0])}
+    g = _Graph(fn.node, _static_shapes(model, feeds, needed), {}, fn.output)
     layers = []
-    for n in fn.node:
-        if n.op_type in WEIGHTED:
-            fan = g.own_fanout(n, nonzero_weights)
-            macs = int(round(fan.sum())) if fan is not None else 0
-            layers.append({"name": n.name, "op": n.op_type, "part": "tail", "ann_macs": macs,
-                           "analog_macs_per_step": 0, "tail_macs": macs})
+    for n in weighted:
+        macs = g.macs(n, nonzero_weights, mac_count)
+        layers.append({"name": n.name, "op": n.op_type, "part": "tail", "ann_macs": macs,
+                       "analog_macs_per_step": 0, "tail_macs": macs})
     return layers
 
 
@@ -513,6 +606,7 @@ def report(
     energy: Sequence[EnergyModel] = DEFAULT_ENERGY,
     nonzero_weights: bool = False,
     analog_once: bool = True,
+    mac_count: str = "dense",
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """Firing rates, SOPs, MACs and energy per input, per layer and in total, at each T.
@@ -529,7 +623,7 @@ def report(
     if not energy:
         raise ConfigError("report needs at least one energy model")
     proto = load_model(snn)
-    cost = analyse(proto, nonzero_weights=nonzero_weights)
+    cost = analyse(proto, nonzero_weights=nonzero_weights, mac_count=mac_count)
     holder: list[SpikeCounter] = []
     session = _counting_session(proto, holder)
     holder.append(SpikeCounter({n["spikes"]: n["shape"] for n in cost.neurons}, Ts))
@@ -542,7 +636,8 @@ def report(
     counter = holder[0]
     result = summarise(cost, counter, acc, energy, analog_once)
     result["conventions"] = {"weights": "nonzero" if nonzero_weights else "dense",
-                             "analog_macs": "once per input" if analog_once else "every step"}
+                             "analog_macs": "once per input" if analog_once else "every step",
+                             "mac_count": mac_count}
     result["model"] = str(snn) if isinstance(snn, (str, os.PathLike)) else None
     result["ann_model"] = str(ann) if isinstance(ann, (str, os.PathLike)) else None
     return result
@@ -641,7 +736,8 @@ def format_report(result: dict[str, Any], layer_T: int | None = None) -> str:
     ann = result["ann"]
     conv = result.get("conventions", {})
     lines = [f"samples: {result['samples']}, readout t0: {result['t0']}, weights counted: "
-             f"{conv.get('weights', 'dense')}, analog-input MACs: {conv.get('analog_macs', 'every step')}",
+             f"{conv.get('weights', 'dense')}, MACs: {conv.get('mac_count', 'dense')}, analog-input MACs: "
+             f"{conv.get('analog_macs', 'once per input')}",
              "energy: " + "; ".join(f"{e['name']} = {e['note']}" for e in result["energy_models"]),
              f"ANN: {_si(ann['macs'])}MAC per input, accuracy {_pct(ann['accuracy'])}, energy "
              + ", ".join(f"{k} {_joules(v)}" for k, v in ann["energy_j"].items()), ""]
@@ -684,16 +780,24 @@ def format_report(result: dict[str, Any], layer_T: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot_report(result: dict[str, Any], path: str | os.PathLike[str], energy_model: str | None = None) -> None:
-    """Accuracy against energy per input (one point per T, the ANN as a reference line) and a
-    per-layer bar chart of SOPs per input at each T, written atomically to ``path``."""
+def require_matplotlib() -> None:
+    """Raise PlotUnavailableError (naming ``pip install matplotlib``) if matplotlib is missing."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise PlotUnavailableError("--plot needs matplotlib, which is not installed; "
                                    "`pip install matplotlib` (or drop --plot)") from None
+
+
+def plot_report(result: dict[str, Any], path: str | os.PathLike[str], energy_model: str | None = None) -> None:
+    """Accuracy against energy per input (one point per T, the ANN as a reference line) and a
+    per-layer bar chart of SOPs per input at each T, written atomically to ``path``."""
+    require_matplotlib()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
     models = [e["name"] for e in result["energy_models"]]
     Ts = result["Ts"]
     ann = result["ann"]
@@ -713,6 +817,7 @@ def plot_report(result: dict[str, Any], path: str | os.PathLike[str], energy_mod
     if key == "accuracy" and ann["accuracy"] is not None:
         ax1.axhline(ann["accuracy"] * 100, color="gray", linestyle="--", label="ANN accuracy")
     ax1.set_xscale("log")
+    ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
     ax1.set_xlabel("energy per input (µJ)")
     ax1.set_ylabel({"accuracy": "accuracy (%)", "agreement": "agreement with ANN (%)", None: "T"}[key])
     ax1.legend(fontsize=8)

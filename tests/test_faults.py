@@ -52,12 +52,18 @@ def test_killed_writer_leaves_old_file_or_nothing(tmp_path: Path, existing: bool
 
 def test_ctrl_c_during_compile_exits_cleanly(tmp_path: Path) -> None:
     out = tmp_path / "m.snn.onnx"
-    cmd = [sys.executable, "-m", "ann2snn", "compile", str(MODELS / "mnist_cnn.onnx"), "-o", str(out),
+    cmd = [sys.executable, "-m", "ann2snn", "-v", "compile", str(MODELS / "mnist_cnn.onnx"), "-o", str(out),
            "--calib", str(MODELS / "data" / "mnist_calib.npz"), "--iters", "100000", "--no-progress"]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    time.sleep(4.0)  # well inside the calibration
+    seen = []
+    for line in child.stderr:  # debug log: interrupt once calibration has started
+        seen.append(line)
+        if "pass partition_graph took" in line:
+            break
+    time.sleep(1.0)
     child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=60)
+    _, err = child.communicate(timeout=120)
+    err = "".join(seen) + err
     assert child.returncode == 130, err
     assert "interrupted; nothing was written" in err and "Traceback" not in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
