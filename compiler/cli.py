@@ -210,7 +210,8 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int, T:
 
     from .data import as_array_dict, check_arrays
     from .images import ImageSource, is_image_source, preprocess_from_config
-    from .modelio import load_model, write_atomic
+    from .modelio import write_atomic
+    from .progress import progress
     from .resources import GIB, check_memory
 
     check_T(T)
@@ -218,10 +219,11 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int, T:
     limit = int(max_memory * GIB) if max_memory is not None else None
     if is_image_source(input_path):  # decoded and simulated batch by batch
         images = ImageSource(input_path, preprocess_from_config(session.meta.get("config", {})))
-        check_memory(load_model(model), min(batch_size, len(images)), limit)
+        check_memory(session.model, min(batch_size, len(images)), limit)
         parts: dict[str, list[np.ndarray]] = {}
         name = session.input_specs[0].name
-        for x, _ in images.chunks(batch_size):
+        n_chunks = -(-len(images) // batch_size)
+        for x, _ in progress(images.chunks(batch_size), n_chunks, "simulating", not ctx.obj["quiet"]):
             for k, v in session.run({name: x}, T, t0).items():
                 parts.setdefault(k, []).append(np.asarray(v))
         out = {k: np.concatenate(v) for k, v in parts.items()}
@@ -229,7 +231,7 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int, T:
     else:
         inputs = as_array_dict(input_path, session.input_specs, "input")
         check_arrays(inputs, session.input_specs, "input")
-        check_memory(load_model(model), len(inputs[session.input_specs[0].name]), limit)
+        check_memory(session.model, len(inputs[session.input_specs[0].name]), limit)
         out = session.run(inputs, T, t0)
     buf = io.BytesIO()
     np.savez(buf, **out)

@@ -45,7 +45,7 @@ def evaluate(
     from ann2snn.runtime import SpikingSession
 
     if isinstance(snn, SpikingSession):
-        session, snn_proto = snn, getattr(snn, "model", None)
+        session, snn_proto = snn, snn.model
     else:
         snn_proto = load_model(snn)
         session = SpikingSession(snn_proto, threads=threads)
@@ -54,8 +54,7 @@ def evaluate(
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, got {batch_size} (--batch-size)")
     n, labels, chunks = _chunks(data, specs, session, label_key, batch_size)
-    if snn_proto is not None:
-        check_memory(snn_proto, min(batch_size, n), max_memory)
+    check_memory(snn_proto, min(batch_size, n), max_memory)
     ann_sess = make_session(ann_model)
     Ts = sorted(set(Ts))
     outs: dict[int, list[np.ndarray]] = {T: [] for T in Ts}

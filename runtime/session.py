@@ -4,6 +4,11 @@ The step graph is run once per timestep with the membrane potentials carried fro
 step to the next. The readout is the average of the spiking part's analog outputs over
 the steps ``[start, T)`` (delayed evaluation); the analog tail, if any, then runs once on
 that average.
+
+``run`` / ``run_many`` use faster forms derived from the step graph at load time
+(``runtime/fast.py``): the time-constant prefix (input normalisation, the first layer
+under direct coding) runs once per input, and for small batches several timesteps run
+as one batch layer by layer. ``step`` and probes run the step graph itself.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from onnx import helper, numpy_helper
 from ann2snn.data import InputSpec, as_array_dict, check_arrays, input_specs
 from ann2snn.errors import ConfigError, ModelLoadError
 from ann2snn.modelio import load_model
+
+from .fast import StepPlan, run_layered, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,15 @@ def check_T(T: int) -> int:
     return int(T)
 
 
+MODES = ("auto", "step", "layered")
+#: in auto mode, the layered form runs chunks of about this many samples (timesteps × batch);
+#: it is used only for batches smaller than this, where one step alone is a small GEMM
+LAYERED_ROWS = 32
+#: and only while a chunk's membrane states (a proxy for its activations) stay below this, so
+#: that memory stays near the ANN's: large models at batch 1 already run big GEMMs per step
+LAYERED_STATE_BYTES = 16 * 2 ** 20
+
+
 def _session_options(threads: int | None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     if threads:
@@ -59,10 +75,26 @@ class SpikingSession:
     """
 
     def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, *, threads: int | None = None,
-                 probes: Sequence[str] = ()) -> None:
+                 probes: Sequence[str] = (), mode: str = "auto", chunk: int | None = None) -> None:
         """Load a compiled model. ``probes`` names extra tensors (e.g. ``spike_tensors``) to
-        fetch at every step; their latest values are in ``probe_values``."""
+        fetch at every step; their latest values are in ``probe_values``.
+
+        ``mode`` picks how ``run`` / ``run_many`` execute the time loop (results agree up to
+        float rounding): ``"step"`` runs the step graph once per timestep, with the
+        time-constant prefix (e.g. the first convolution under direct coding) computed once;
+        ``"layered"`` runs each layer on ``chunk`` timesteps at once (a batch of chunk × B)
+        with each neuron layer unrolled over the chunk; ``"auto"`` uses layered for batches
+        below ``LAYERED_ROWS`` when the graph allows it and the chunk's states stay under
+        ``LAYERED_STATE_BYTES``, else step. Probes and ``on_step`` always use the step form.
+        """
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if chunk is not None and (isinstance(chunk, bool) or int(chunk) <= 0):
+            raise ConfigError(f"chunk must be a positive number of timesteps, got {chunk!r}")
+        self.mode, self.chunk = mode, (int(chunk) if chunk is not None else None)
+        self.bind = True  # IOBinding of the states in the step form (False: through numpy, for comparison)
         proto = load_model(model)
+        self.model: onnx.ModelProto = proto  # the compiled model as loaded (for memory estimates, reports)
         props = {p.key: p.value for p in proto.metadata_props}
         if METADATA_KEY not in props:
             raise ModelLoadError("the model has no ann2snn metadata: it is not a compiled spiking model; "
@@ -91,10 +123,16 @@ class SpikingSession:
         self.probes: list[str] = list(probes)
         self.probe_values: dict[str, np.ndarray] = {}
         graph_outputs = {o.name for o in proto.graph.output}
-        proto.graph.output.extend(helper.make_tensor_value_info(p, onnx.TensorProto.FLOAT, None)
-                                  for p in self.probes if p not in graph_outputs)
-        self._sess = ort.InferenceSession(proto.SerializeToString(), _session_options(threads),
-                                          providers=["CPUExecutionProvider"])
+        self._extra_outputs = [p for p in self.probes if p not in graph_outputs]
+        self._threads = threads
+        self._full: ort.InferenceSession | None = None  # the whole step graph, built on first use
+        self._plan = StepPlan(proto, [(s[0], s[1], s[3]) for s in self._state_specs], self.step_outputs,
+                              _session_options(threads))
+        if self.probes or self._plan.reduced is None:
+            self._sess  # noqa: B018 - build it now: every step uses it
+        if mode == "layered" and self._plan.cuts is None:
+            raise ConfigError(f"mode='layered' is not available for this model: {self._plan.refusal}; "
+                              "use mode='step' or 'auto'")
         self._fetch = self.step_outputs + [n[1] for n in self._state_specs] + self.probes
         self._tail = self._tail_session(proto, threads)
         self._float = [self.meta["types"][o]["elem_type"] == onnx.TensorProto.FLOAT for o in self.step_outputs]
@@ -103,6 +141,19 @@ class SpikingSession:
         self._last: list[np.ndarray] | None = None
         self._t = 0
         self._counted = 0
+
+    @property
+    def _sess(self) -> ort.InferenceSession:
+        """The session of the whole step graph (with the probes as extra outputs): used by
+        ``step()``, by probes and when the graph has no time-constant prefix to split off."""
+        if self._full is None:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(self._plan.proto)
+            proto.graph.output.extend(helper.make_tensor_value_info(p, onnx.TensorProto.FLOAT, None)
+                                      for p in self._extra_outputs)
+            self._full = ort.InferenceSession(proto.SerializeToString(), _session_options(self._threads),
+                                              providers=["CPUExecutionProvider"])
+        return self._full
 
     def _tail_session(self, proto: onnx.ModelProto, threads: int | None) -> ort.InferenceSession | None:
         tail = self.meta.get("tail")
@@ -202,15 +253,17 @@ class SpikingSession:
         if t0 < 0:
             raise ConfigError(f"t0 must be >= 0, got {t0} (--t0)")
         feeds = self._feeds(inputs)
-        self.reset(next(iter(feeds.values())).shape[0])
+        batch = next(iter(feeds.values())).shape[0]
+        self.reset(batch)
         starts = {T: window_start(T, t0, self.min_window) for T in Ts}
+        steps = self._steps(feeds, batch, Ts[-1], with_probes=on_step is not None)
         running: list[np.ndarray] | None = None  # sums of the float outputs over steps [0, t)
         at_start: dict[int, list[np.ndarray] | None] = {}
         results: dict[int, dict[str, np.ndarray]] = {}
         for t in range(Ts[-1]):
             if t in starts.values():
                 at_start[t] = None if running is None else [r.copy() for r in running]
-            outs = self._advance(feeds)
+            outs = next(steps)
             if on_step is not None:
                 on_step(t, self.probe_values)
             if running is None:
@@ -223,4 +276,36 @@ class SpikingSession:
                 values = [((r - base[j] if base is not None else r) / (T - s)).astype(np.float32) if f else o
                           for j, (r, o, f) in enumerate(zip(running, outs, self._float))]
                 results[T] = self._finish(values)
+        steps.close()
         return results
+
+    def _layered_chunk(self, batch: int, T: int) -> int | None:
+        """Timesteps per chunk for the layered form, or None to step."""
+        if self._plan.cuts is None or self.mode == "step":
+            return None
+        if self.chunk is not None:
+            return min(self.chunk, T)
+        chunk = max(1, min(T, -(-LAYERED_ROWS // batch)))
+        if self.mode == "auto":
+            per_sample = sum(4 * int(np.prod(shape)) for _, _, _, shape in self._state_specs)
+            chunk = min(chunk, LAYERED_STATE_BYTES // max(per_sample * batch, 1))
+            if batch >= LAYERED_ROWS or chunk < 2:
+                return None
+        return chunk
+
+    def _steps(self, feeds: dict[str, np.ndarray], batch: int, T: int, with_probes: bool):
+        """Generator of the step outputs for steps 0..T-1 from the current state."""
+        chunk = None if (self.probes or with_probes) else self._layered_chunk(batch, T)
+        if chunk is not None:
+            for outs in run_layered(self._plan, feeds, self._states, T, chunk):
+                self._t += 1
+                yield outs
+            return
+        if self.probes or self._plan.reduced is None:
+            for _ in range(T):
+                yield self._advance(feeds)
+            return
+        for outs in run_steps(self._plan, feeds, self._states, T, bind=self.bind):
+            self._t += 1
+            # bound output buffers are rewritten by the next step: hand out copies
+            yield [o.copy() for o in outs]

@@ -1,0 +1,423 @@
+"""Faster execution forms of a spiking step model, derived from it at load time.
+
+The stateful step graph stays the artifact; this module only reads it.
+
+* **Prefix split.** Nodes whose inputs are constant in time (input normalisation, the
+  first convolution under direct coding) form a *prefix* model, run once per input. The
+  *reduced step* model takes the prefix's outputs as inputs and runs every step.
+  The states are bound to two preallocated buffer sets used in turn (IOBinding).
+* **Layered (multi-step) execution.** The stateful nodes (IF neurons, and the accumulate /
+  increment ops of cumulative max pooling) are the only nodes that link timesteps; every
+  other per-step node acts on each sample alone (checked against a table; otherwise the
+  form is refused and the step form is used). So a *chunk model* runs Tc timesteps in one
+  call: each stateless node once on a batch of Tc·B (one larger Conv / Gemm instead of Tc
+  small ones), each stateful node unrolled Tc times through its state. IFNeuron keeps its
+  own function (the same float32 arithmetic). Time goes in chunks, so memory does not grow
+  with T; an unrolled chunk is one onnxruntime call with top-level ops only (a Loop / Scan
+  body runs slower).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from .ops import DOMAIN, IF_OP
+
+log = logging.getLogger(__name__)
+
+#: ops known to act on each sample of the batch (axis 0) independently, with the attribute
+#: checks that keep them so; anything else in a stage makes the layered form refuse the graph
+_PER_SAMPLE = {
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Sum", "Relu", "Clip",
+    "AveragePool", "GlobalAveragePool", "MaxPool", "Flatten", "Pad", "Resize", "Upsample",
+    "Identity", "Cast", "Neg", "Abs", "Max", "Min", "BatchNormalization", "LeakyRelu", "Sigmoid",
+    "Tanh", "Softmax", "Concat", "Split", "Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+    "Constant", "Exp", "Sqrt", "Pow", "Where", "Equal", "Greater", "Less", "GreaterOrEqual",
+}
+
+
+@dataclass
+class Cut:
+    """A stateful node: ``drive`` is computed by the graph, ``produced`` is fed back to it."""
+
+    kind: str  # "if" | "accumulate" | "increment"
+    drive: str
+    produced: str
+    state_in: str
+    state_out: str
+    node: str
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def _subgraph_model(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[str], outputs: list[str],
+                    types: dict[str, onnx.TypeProto], name: str) -> onnx.ModelProto:
+    """A model of ``nodes`` (in order) with the given inputs and outputs; shapes left symbolic."""
+    used = {i for n in nodes for i in n.input}
+    inits = [i for i in proto.graph.initializer if i.name in used and i.name not in inputs]
+
+    def vi(tensor: str) -> onnx.ValueInfoProto:
+        info = onnx.ValueInfoProto(name=tensor)
+        if tensor in types:
+            info.type.CopyFrom(types[tensor])
+            if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+                dims = info.type.tensor_type.shape.dim
+                if len(dims):  # the batch becomes Tc·B in the layered form
+                    dims[0].Clear()
+                    dims[0].dim_param = "rows"
+        else:
+            info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        return info
+
+    graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    model.functions.extend(proto.functions)
+    return model
+
+
+def _types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - types are a hint; symbolic float is the fallback
+        inferred = proto
+    g = inferred.graph
+    return {vi.name: vi.type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+
+
+class StepPlan:
+    """The step model split into a prefix (time-constant) part and the per-step remainder,
+    plus, when the graph allows it, the stages of the layered form."""
+
+    def __init__(self, proto: onnx.ModelProto, states: list[tuple[str, str, tuple[int, ...]]], step_outputs: list[str],
+                 session_options: ort.SessionOptions) -> None:
+        """``states``: (state input, state output, sample shape) of every state."""
+        self.proto, self.step_outputs, self.so = proto, list(step_outputs), session_options
+        graph = proto.graph
+        self.state_order = [i for i, _, _ in states]
+        self.state_in = set(self.state_order)
+        self.state_out_of = {i: o for i, o, _ in states}
+        self.state_shape = {i: tuple(int(d) for d in shape) for i, _, shape in states}
+        self.inits = {i.name for i in graph.initializer}
+        self.data_inputs = [i.name for i in graph.input if i.name not in self.state_in and i.name not in self.inits]
+        self.types = _types(proto)
+        static_made: set[str] = set(self.inits)
+        varying: set[str] = set(self.state_in)
+        statics, prefix_nodes, rest_nodes = [], [], []
+        for node in graph.node:  # nodes are in topological order (checked by onnx.checker)
+            ins = [i for i in node.input if i]
+            if all(i in static_made for i in ins):  # constants only: copied to whoever needs them
+                static_made.update(node.output)
+                statics.append(node)
+            elif any(i in varying for i in ins):
+                varying.update(node.output)
+                rest_nodes.append(node)
+            else:
+                prefix_nodes.append(node)
+        self.statics, self.static_made, self.varying = statics, static_made, varying
+        needed = {i for n in rest_nodes for i in n.input} | set(step_outputs)
+        self.prefix_outputs = [t for t in dict.fromkeys(o for n in prefix_nodes for o in n.output) if t in needed]
+        self.prefix_nodes = self._static_closure(prefix_nodes, statics) + prefix_nodes
+        self.rest_nodes = self._static_closure(rest_nodes, statics) + rest_nodes
+        self._static_ids = {id(n) for n in statics}
+        used = {i for n in rest_nodes for i in n.input}
+        #: inputs of the reduced step model: states, prefix outputs, data inputs used directly
+        self.reduced_inputs = (self.state_order + self.prefix_outputs + [i for i in self.data_inputs if i in used])
+        self.prefix: ort.InferenceSession | None = None
+        self.reduced: ort.InferenceSession | None = None
+        if self.prefix_outputs:
+            self.prefix = self._session(self.prefix_nodes, self.data_inputs, self.prefix_outputs, "ann2snn_prefix")
+            self.reduced = self._session(self.rest_nodes, self.reduced_inputs, [o.name for o in graph.output],
+                                         "ann2snn_step_reduced")
+        self.cuts: dict[str, Cut] | None = None
+        self.refusal: str | None = None
+        try:
+            self.cuts = self._check_layered()
+        except _Refuse as exc:
+            self.refusal = str(exc)
+            log.info("layered execution not available: %s", exc)
+        self._chunk_sessions: dict[int, ort.InferenceSession] = {}
+
+    def _session(self, nodes: list[onnx.NodeProto], inputs: list[str], outputs: list[str], name: str) -> ort.InferenceSession:
+        model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, name)
+        return ort.InferenceSession(model.SerializeToString(), self.so, providers=["CPUExecutionProvider"])
+
+    def chunk_session(self, steps: int) -> ort.InferenceSession:
+        """The session of :meth:`chunk_model` for ``steps`` timesteps (built once, then cached)."""
+        if steps not in self._chunk_sessions:
+            self._chunk_sessions[steps] = ort.InferenceSession(self.chunk_model(steps).SerializeToString(), self.so,
+                                                               providers=["CPUExecutionProvider"])
+        return self._chunk_sessions[steps]
+
+    # -- layered form ---------------------------------------------------------------------
+    def _cuts(self) -> dict[str, Cut]:
+        """Recognise every node that touches a state; refuse the graph for anything else."""
+        inits = {i.name: i for i in self.proto.graph.initializer}
+        cuts: dict[str, Cut] = {}
+        state_outs = set(self.state_out_of.values())
+        for node in self.proto.graph.node:
+            touching = [i for i in node.input if i in self.state_in]
+            if not touching:
+                continue
+            if not node.name or node.name in cuts:
+                raise _Refuse("a stateful node without a unique name")
+            if node.domain == DOMAIN and node.op_type == IF_OP and node.input[1] in self.state_in \
+                    and node.input[0] not in self.state_in and node.output[1] == self.state_out_of[node.input[1]]:
+                if node.input[2] in self.varying:
+                    raise _Refuse(f"threshold of {node.name} varies in time")
+                cuts[node.name] = Cut("if", node.input[0], node.output[0], node.input[1], node.output[1], node.name)
+            elif node.op_type == "Add" and len(touching) == 1 and node.output[0] == self.state_out_of[touching[0]]:
+                other = node.input[1] if node.input[0] == touching[0] else node.input[0]
+                cuts[node.name] = Cut("accumulate", other, node.output[0], touching[0], node.output[0], node.name)
+            elif node.op_type == "Sub" and node.input[1] in self.state_in and node.input[0] in state_outs \
+                    and self.state_out_of[node.input[1]] == node.input[0]:
+                cuts[node.name] = Cut("increment", node.input[0], node.output[0], node.input[1], node.input[0], node.name)
+            else:
+                raise _Refuse(f"node {node.name} ({node.op_type}) uses a state in an unrecognised way")
+        return cuts
+
+    def _check_layered(self) -> dict[str, Cut]:
+        """The cuts, after checking that every other per-step node acts on each sample alone."""
+        cuts = self._cuts()
+        if {c.state_in for c in cuts.values()} != self.state_in:
+            raise _Refuse("some states are not handled by a recognised stateful node")
+        for node in self.rest_nodes:
+            if node.name in cuts or id(node) in self._static_ids:
+                continue
+            if node.op_type not in _PER_SAMPLE or node.domain not in ("", "ai.onnx"):
+                raise _Refuse(f"node {node.name} ({node.domain}::{node.op_type}) is not known to act per sample")
+            self._check_per_sample(node)
+        return cuts
+
+    def chunk_model(self, steps: int) -> onnx.ModelProto:
+        """The step graph unrolled over ``steps`` timesteps with every layer batched over them.
+
+        Inputs: the prefix outputs (and data inputs) at batch B, and the states; outputs: the
+        step outputs as ``[steps·B, ...]`` (time-major) and the states after the last step.
+        Each stateless node runs once on all steps; each stateful node becomes ``steps``
+        copies of itself chained through its state (IFNeuron keeps its exact arithmetic).
+        """
+        if self.cuts is None:
+            raise ValueError(f"layered execution is not available: {self.refusal}")
+        nodes: list[onnx.NodeProto] = []
+        inits: list[onnx.TensorProto] = []
+        by_node = {c.node: c for c in self.cuts.values()}
+        tiled: dict[str, str] = {}
+
+        def const(name: str, values: list[int] | int) -> str:
+            inits.append(onnx.numpy_helper.from_array(np.asarray(values, np.int64), name))
+            return name
+
+        def tile(x: str) -> str:
+            """A time-constant [B, ...] tensor repeated for every step: [steps·B, ...]."""
+            if x not in tiled:
+                p = f"{x}@tile"
+                nodes.extend([
+                    helper.make_node("Unsqueeze", [x, const(f"{p}/axes", [0])], [f"{p}/u"]),
+                    helper.make_node("Shape", [x], [f"{p}/shape"]),
+                    helper.make_node("Concat", [const(f"{p}/steps", [steps]), f"{p}/shape"], [f"{p}/full"], axis=0),
+                    helper.make_node("Expand", [f"{p}/u", f"{p}/full"], [f"{p}/e"]),
+                    helper.make_node("Slice", [f"{p}/shape", const(f"{p}/one", [1]), const(f"{p}/end", [2 ** 62])],
+                                     [f"{p}/sample"]),
+                    helper.make_node("Concat", [const(f"{p}/minus1", [-1]), f"{p}/sample"], [f"{p}/flat"], axis=0),
+                    helper.make_node("Reshape", [f"{p}/e", f"{p}/flat"], [p]),
+                ])
+                tiled[x] = p
+            return tiled[x]
+
+        def per_step(x: str, shape: tuple[int, ...]) -> list[str]:
+            """[steps·B, ...] -> one [B, ...] tensor per step."""
+            p = f"{x}@steps"
+            nodes.append(helper.make_node("Reshape", [x, const(f"{p}/shape", [steps, -1, *shape])], [p]))
+            out = []
+            for t in range(steps):
+                nodes.append(helper.make_node("Gather", [p, const(f"{p}/{t}", t)], [f"{p}/{t}/g"], axis=0))
+                out.append(f"{p}/{t}/g")
+            return out
+
+        for node in self.rest_nodes:
+            cut = by_node.get(node.name)
+            if cut is None:
+                new = onnx.NodeProto()
+                new.CopyFrom(node)
+                if node not in self.statics:
+                    for k, i in enumerate(new.input):
+                        if i and i not in self.varying and i not in self.static_made:
+                            new.input[k] = tile(i)
+                nodes.append(new)
+                continue
+            shape = self.state_shape[cut.state_in]
+            constant = cut.drive not in self.varying
+            if cut.kind == "increment":
+                m = cut.drive if not constant else tile(cut.drive)
+                p = f"{cut.produced}@inc"
+                nodes.extend([
+                    helper.make_node("Reshape", [m, const(f"{p}/shape", [steps, -1, *shape])], [f"{p}/m"]),
+                    helper.make_node("Unsqueeze", [cut.state_in, const(f"{p}/axes", [0])], [f"{p}/prev"]),
+                    helper.make_node("Concat", [f"{p}/prev", f"{p}/m"], [f"{p}/all"], axis=0),
+                    helper.make_node("Slice", [f"{p}/all", const(f"{p}/s1", [1]), const(f"{p}/e1", [steps + 1])], [f"{p}/hi"]),
+                    helper.make_node("Slice", [f"{p}/all", const(f"{p}/s0", [0]), const(f"{p}/e0", [steps])], [f"{p}/lo"]),
+                    helper.make_node("Sub", [f"{p}/hi", f"{p}/lo"], [f"{p}/d"]),
+                    helper.make_node("Reshape", [f"{p}/d", const(f"{p}/flat", [-1, *shape])], [cut.produced]),
+                    helper.make_node("Gather", [f"{p}/m", const(f"{p}/last", steps - 1)], [f"{cut.state_out}@out"], axis=0),
+                ])
+                continue
+            xs = [cut.drive] * steps if constant else per_step(cut.drive, shape)
+            prev, produced = cut.state_in, []
+            for t, x in enumerate(xs):
+                last = t == steps - 1
+                nxt = f"{cut.state_out}@out" if last else f"{cut.state_out}@{t}"
+                if cut.kind == "if":
+                    spk = f"{cut.produced}@{t}"
+                    nodes.append(helper.make_node(IF_OP, [x, prev, node.input[2]], [spk, nxt], domain=DOMAIN,
+                                                  name=f"{node.name}@{t}"))
+                    produced.append(spk)
+                else:  # accumulate: the running sum is both the state and what the pool sees
+                    nodes.append(helper.make_node("Add", [prev, x], [nxt]))
+                    produced.append(nxt)
+                prev = nxt
+            # downstream nodes read the spikes (or running sums) of every step under the original name
+            nodes.append(helper.make_node("Concat", produced, [cut.produced], axis=0))
+        for o in self.step_outputs:
+            if o not in self.varying:
+                nodes.append(helper.make_node("Identity", [tile(o)], [f"{o}@chunk"]))
+        outputs = [o if o in self.varying else f"{o}@chunk" for o in self.step_outputs]
+        outputs += [f"{self.state_out_of[s]}@out" for s in self.state_order]
+        inputs = self.state_order + [i for i in self.reduced_inputs if i not in self.state_in]
+        model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, f"ann2snn_chunk{steps}")
+        model.graph.initializer.extend(inits)
+        for vi in model.graph.input:  # states keep the batch B, not steps·B
+            if vi.name in self.state_in or vi.name not in self.varying:
+                dims = vi.type.tensor_type.shape.dim
+                if len(dims):
+                    dims[0].dim_param = "batch"
+        return model
+
+    @staticmethod
+    def _static_closure(nodes: list[onnx.NodeProto], statics: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        need = {i for n in nodes for i in n.input}
+        out = []
+        for n in reversed(statics):
+            if any(o in need for o in n.output):
+                out.append(n)
+                need |= set(n.input)
+        return list(reversed(out))
+
+    def _check_per_sample(self, node: onnx.NodeProto) -> None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        op = node.op_type
+        if op in ("Concat", "Split", "Softmax") and int(attrs.get("axis", 0 if op != "Softmax" else -1)) == 0:
+            raise _Refuse(f"{node.name}: {op} along the batch axis")
+        if op == "Flatten" and int(attrs.get("axis", 1)) == 0:
+            raise _Refuse(f"{node.name}: Flatten with axis 0")
+        if op == "Transpose" and attrs.get("perm") is not None and list(attrs["perm"])[0] != 0:
+            raise _Refuse(f"{node.name}: Transpose moves the batch axis")
+        if op in ("Reshape", "Squeeze", "Unsqueeze", "Slice", "Pad", "Resize", "Upsample", "Gemm", "MatMul"):
+            inits = {i.name: i for i in self.proto.graph.initializer}
+            if op == "Reshape":
+                shape = inits.get(node.input[1])
+                dims = onnx.numpy_helper.to_array(shape).reshape(-1).tolist() if shape is not None else []
+                # [-1] alone would merge the batch into one axis
+                if len(dims) < 2 or int(dims[0]) not in (0, -1):
+                    raise _Refuse(f"{node.name}: Reshape whose batch dimension is not 0 or -1")
+            elif op == "Gemm" and int(attrs.get("transA", 0)):
+                raise _Refuse(f"{node.name}: Gemm with transA")
+            elif op == "MatMul" and node.input[1] not in inits:
+                raise _Refuse(f"{node.name}: MatMul of two varying tensors")
+            elif op in ("Squeeze", "Unsqueeze", "Slice", "Pad") and len(node.input) > 1:
+                axes_src = node.input[1] if op != "Slice" else (node.input[3] if len(node.input) > 3 else "")
+                if op == "Pad":
+                    pads = inits.get(node.input[1])
+                    if pads is None:
+                        raise _Refuse(f"{node.name}: Pad with computed pads")
+                    p = onnx.numpy_helper.to_array(pads).reshape(2, -1) if len(node.input) < 4 or not node.input[3] else None
+                    if p is None or p[0, 0] or p[1, 0]:
+                        raise _Refuse(f"{node.name}: Pad along the batch axis or with explicit axes")
+                    return
+                if not axes_src or axes_src not in inits:
+                    raise _Refuse(f"{node.name}: {op} without constant axes")
+                if 0 in onnx.numpy_helper.to_array(inits[axes_src]).reshape(-1).tolist():
+                    raise _Refuse(f"{node.name}: {op} on the batch axis")
+            elif op in ("Squeeze", "Unsqueeze") and 0 in list(attrs.get("axes", [])):
+                raise _Refuse(f"{node.name}: {op} on the batch axis")
+
+
+class _Refuse(Exception):
+    """The layered form does not apply to this graph."""
+
+
+
+
+def run_layered(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray], T: int,
+                chunk: int) -> Iterator[list[np.ndarray]]:
+    """Yield the step outputs of steps 0..T-1, running ``chunk`` steps per call.
+
+    ``states`` (state input -> array) is updated to the state after each chunk.
+    """
+    const = dict(feeds)
+    if plan.prefix is not None:
+        const.update(zip(plan.prefix_outputs, plan.prefix.run(plan.prefix_outputs, feeds)))
+    const = {k: v for k, v in const.items() if k in plan.reduced_inputs}
+    batch = next(iter(feeds.values())).shape[0]
+    k = len(plan.step_outputs)
+    done = 0
+    while done < T:
+        n = min(chunk, T - done)
+        sess = plan.chunk_session(n)
+        results = sess.run(None, {**const, **states})
+        states.update(zip(plan.state_order, results[k:]))
+        outs = [r.reshape((n, batch) + r.shape[1:]) for r in results[:k]]
+        for t in range(n):
+            yield [o[t] for o in outs]
+        done += n
+
+
+def run_steps(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray], T: int,
+              bind: bool = True) -> Iterator[list[np.ndarray]]:
+    """Yield the step outputs of steps 0..T-1 of the reduced step model (prefix run once).
+
+    With ``bind``, the states live in two preallocated sets of buffers that the session reads
+    and writes in turn (IOBinding), so no state is allocated or copied between steps.
+    ``states`` is updated to the state after the last step.
+    """
+    assert plan.prefix is not None and plan.reduced is not None
+    const = dict(zip(plan.prefix_outputs, plan.prefix.run(plan.prefix_outputs, feeds)))
+    const.update({k: v for k, v in feeds.items() if k in plan.reduced_inputs})
+    k = len(plan.step_outputs)
+    outs_names = plan.step_outputs + [plan.state_out_of[s] for s in plan.state_order]
+    if T <= 1 or not bind:
+        for _ in range(T):
+            results = plan.reduced.run(outs_names, {**const, **states})
+            states.update(zip(plan.state_order, results[k:]))
+            yield results[:k]
+        return
+    results = plan.reduced.run(outs_names, {**const, **states})
+    yield results[:k]
+    # buffers: the numpy arrays own the memory; the OrtValues only view it, so keep both
+    bufs = [[np.ascontiguousarray(r) for r in results[k:]], [np.empty_like(r) for r in results[k:]]]
+    out_bufs = [np.empty_like(r) for r in results[:k]]
+    keep = {n: np.ascontiguousarray(v) for n, v in const.items()}
+    bindings = []
+    for src, dst in ((0, 1), (1, 0)):
+        b = plan.reduced.io_binding()
+        for n, v in keep.items():
+            b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(v))
+        for s, v in zip(plan.state_order, bufs[src]):
+            b.bind_ortvalue_input(s, ort.OrtValue.ortvalue_from_numpy(v))
+        for n, v in zip(outs_names, out_bufs + bufs[dst]):
+            b.bind_ortvalue_output(n, ort.OrtValue.ortvalue_from_numpy(v))
+        bindings.append(b)
+    cur = 0
+    for i in range(T - 1):
+        plan.reduced.run_with_iobinding(bindings[cur])
+        cur ^= 1
+        if i == T - 2:  # before the last yield: the caller may close the generator there
+            states.update(zip(plan.state_order, bufs[cur]))
+        yield out_bufs

@@ -1,0 +1,168 @@
+"""The runtime's fast execution forms agree with the plain step-by-step execution.
+
+Reference: the whole step graph run once per step (the path probes use). Compared: the
+``step`` form (time-constant prefix once, reduced step graph, IOBinding of the states) and
+the ``layered`` form (chunks of timesteps batched per layer). Both are built from the same
+step graph at load time; arithmetic per element is the same, so readouts agree to float
+rounding (spike counts could flip at exact threshold ties, hence the tolerance).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import MODELS, build
+from onnx import helper
+
+import ann2snn
+from ann2snn.errors import ConfigError
+from ann2snn.runtime import SpikingSession
+from ann2snn.runtime.fast import StepPlan
+from ann2snn.runtime.ops import DOMAIN, if_neuron_function
+
+#: residual block with a max pool deep in the network (a cumulative max pool on spikes)
+RESNET_TEXT = """
+g (float[N,1,8,8] x, float[4,1,3,3] W1, float[4] b1, float[4,4,3,3] W2, float[4] b2, float[4,4,3,3] W3, float[4] b3,
+   float[3,64] W4, float[3] b4) => (float[N,3] y) {
+  s = Sub (x, half)
+  c1 = Conv <pads=[1,1,1,1]> (s, W1, b1)
+  r1 = Relu (c1)
+  c2 = Conv <pads=[1,1,1,1]> (r1, W2, b2)
+  r2 = Relu (c2)
+  c3 = Conv <pads=[1,1,1,1]> (r2, W3, b3)
+  a = Add (c3, r1)
+  r3 = Relu (a)
+  p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r3)
+  f = Flatten <axis=1> (p)
+  y = Gemm <transB=1> (f, W4, b4)
+}
+"""
+
+
+def _resnet() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    weights = {"W1": rng.normal(0, 0.6, (4, 1, 3, 3)), "b1": rng.normal(0, 0.1, 4),
+               "W2": rng.normal(0, 0.4, (4, 4, 3, 3)), "b2": rng.normal(0, 0.1, 4),
+               "W3": rng.normal(0, 0.4, (4, 4, 3, 3)), "b3": rng.normal(0, 0.1, 4),
+               "W4": rng.normal(0, 0.3, (3, 64)), "b4": np.zeros(3), "half": np.full((1, 1, 1, 1), 0.5)}
+    return build(RESNET_TEXT, weights)
+
+
+@pytest.fixture(scope="module")
+def resnet_snn() -> onnx.ModelProto:
+    calib = np.random.default_rng(1).uniform(0, 1, (128, 1, 8, 8)).astype(np.float32)
+    return ann2snn.compile(_resnet(), {"x": calib}, iters=20, batch=32)
+
+
+@pytest.fixture(scope="module")
+def digits_snn() -> onnx.ModelProto:
+    with np.load(MODELS / "data" / "digits_calib.npz") as z:
+        return ann2snn.compile(MODELS / "digits_cnn.onnx", z["input"], iters=20, batch=32)
+
+
+def _reference(snn: onnx.ModelProto, x: dict[str, np.ndarray], Ts: list[int]) -> dict[int, dict[str, np.ndarray]]:
+    """The plain path: the whole step graph every step (forced by asking for a probe)."""
+    ref = SpikingSession(snn, mode="step", probes=[SpikingSession(snn).spike_tensors[0]])
+    return ref.run_many(x, Ts)
+
+
+def _assert_close(a: dict[int, dict[str, np.ndarray]], b: dict[int, dict[str, np.ndarray]]) -> None:
+    assert a.keys() == b.keys()
+    for T in a:
+        for name in a[T]:
+            scale = max(float(np.abs(a[T][name]).max()), 1e-6)
+            np.testing.assert_allclose(b[T][name], a[T][name], rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("mode,chunk", [("step", None), ("layered", 1), ("layered", 8), ("layered", 64), ("auto", None)])
+def test_fast_forms_match_the_step_graph_on_digits(digits_snn, mode: str, chunk: int | None) -> None:
+    with np.load(MODELS / "data" / "digits_test.npz") as z:
+        x = {"input": z["input"][:6]}
+    Ts = [3, 17, 40]  # not multiples of the chunk: the last chunk is partial
+    _assert_close(_reference(digits_snn, x, Ts), SpikingSession(digits_snn, mode=mode, chunk=chunk).run_many(x, Ts))
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_layered_handles_residual_adds_and_cumulative_maxpool(resnet_snn, batch: int) -> None:
+    meta_states = {s["init"] == "zeros" for s in SpikingSession(resnet_snn).meta["states"]}
+    assert True in meta_states, "the fixture should contain a cumulative max pool"
+    session = SpikingSession(resnet_snn, mode="layered", chunk=7)
+    assert session._plan.refusal is None
+    x = {"x": np.random.default_rng(2).uniform(0, 1, (batch, 1, 8, 8)).astype(np.float32)}
+    _assert_close(_reference(resnet_snn, x, [4, 30]), session.run_many(x, [4, 30]))
+
+
+def test_prefix_holds_the_time_constant_first_layer(resnet_snn) -> None:
+    plan = SpikingSession(resnet_snn)._plan
+    ops = [n.op_type for n in plan.prefix_nodes]
+    assert "Sub" in ops and "Conv" in ops  # normalisation and the first convolution
+    assert all(n.domain != DOMAIN for n in plan.prefix_nodes)
+
+
+@pytest.mark.parametrize("mode,chunk", [("step", None), ("layered", 4)])
+def test_states_after_run_are_the_final_states(digits_snn, mode: str, chunk: int | None) -> None:
+    with np.load(MODELS / "data" / "digits_test.npz") as z:
+        x = {"input": z["input"][:3]}
+    ref = SpikingSession(digits_snn, mode="step", probes=[SpikingSession(digits_snn).spike_tensors[0]])
+    ref.run(x, 9)
+    fast = SpikingSession(digits_snn, mode=mode, chunk=chunk)
+    fast.run(x, 9)
+    assert fast._states.keys() == ref._states.keys()
+    for name, value in ref._states.items():
+        np.testing.assert_allclose(fast._states[name], value, rtol=0, atol=1e-5)
+
+
+def test_on_step_and_streaming_still_see_every_step(digits_snn) -> None:
+    with np.load(MODELS / "data" / "digits_test.npz") as z:
+        x = z["input"][:2]
+    session = SpikingSession(digits_snn, mode="auto")
+    seen: list[int] = []
+    by_T = session.run_many({"input": x}, [12], on_step=lambda t, _: seen.append(t))
+    assert seen == list(range(12))
+    session.reset(2)
+    for _ in range(12):
+        session.step({"input": x})
+    np.testing.assert_allclose(session.readout()["logits"], by_T[12]["logits"], rtol=1e-6, atol=1e-6)
+
+
+def test_auto_picks_layered_only_for_small_batches(digits_snn) -> None:
+    session = SpikingSession(digits_snn, mode="auto")
+    assert session._layered_chunk(1, 128) == 32
+    assert session._layered_chunk(32, 128) is None
+    assert SpikingSession(digits_snn, mode="step")._layered_chunk(1, 128) is None
+    assert SpikingSession(digits_snn, mode="layered", chunk=5)._layered_chunk(64, 128) == 5
+
+
+def test_bad_mode_and_chunk_are_config_errors(digits_snn) -> None:
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        SpikingSession(digits_snn, mode="fast")
+    with pytest.raises(ConfigError, match="chunk must be a positive"):
+        SpikingSession(digits_snn, chunk=0)
+
+
+def _step_graph_with(op_after_if: onnx.NodeProto) -> tuple[onnx.ModelProto, list[tuple[str, str, tuple[int, ...]]]]:
+    """A hand-made step graph: Gemm -> IFNeuron -> ``op_after_if`` -> Gemm."""
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["z"], transB=1, name="gemm"),
+             helper.make_node("IFNeuron", ["z", "v", "theta"], ["s", "v_next"], domain=DOMAIN, name="if"),
+             op_after_if,
+             helper.make_node("Gemm", ["s2", "W2", "b2"], ["y"], transB=1, name="out")]
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+             [("W", rng.normal(size=(4, 4))), ("b", np.zeros(4)), ("theta", np.ones(4)),
+              ("W2", rng.normal(size=(2, 4))), ("b2", np.zeros(2))]]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4]),
+                                           helper.make_tensor_value_info("v", onnx.TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("v_next", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.functions.append(if_neuron_function(17))
+    return model, [("v", "v_next", (4,))]
+
+
+def test_layered_refuses_ops_that_mix_samples() -> None:
+    ok, states = _step_graph_with(helper.make_node("Relu", ["s"], ["s2"], name="relu"))
+    assert StepPlan(ok, states, ["y"], ort.SessionOptions()).refusal is None
+    mixing, states = _step_graph_with(helper.make_node("Transpose", ["s"], ["s2"], perm=[1, 0], name="t"))
+    plan = StepPlan(mixing, states, ["y"], ort.SessionOptions())
+    assert plan.refusal is not None and "batch axis" in plan.refusal
