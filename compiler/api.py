@@ -4,13 +4,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from .config import CompileConfig
+from .data import CalibrationSource, input_specs
 from .errors import PassError
 from .data import DataLike
 from .modelio import load_model, save_model, serialize, write_atomic
@@ -37,7 +40,11 @@ def compile(  # noqa: A001 - the public name the issue asks for
     """
     cfg = CompileConfig.from_options(**{**(asdict(config) if config is not None else {}), **options})
     stats: dict[str, Any] = {}
-    snn = run_pipeline(load_model(model), cfg, calib, dump_dir=dump_dir, stats=stats)
+    proto = load_model(model)
+    if not isinstance(calib, CalibrationSource) and isinstance(calib, (str, os.PathLike, Mapping, np.ndarray)):
+        # check the data against the model's inputs before any work is done
+        calib = CalibrationSource(calib, input_specs(proto), cfg.preprocess())
+    snn = run_pipeline(proto, cfg, calib, dump_dir=dump_dir, stats=stats)
     try:  # a last guard: never write a model the ONNX checker rejects
         onnx.checker.check_model(snn, full_check=True)
     except Exception as exc:

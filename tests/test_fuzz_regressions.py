@@ -55,3 +55,12 @@ def test_fuzz_seed0_case1074_emitted_model_fails_the_checker() -> None:
     softmax.input[0] = "next_activations"
     with pytest.raises(ann2snn.Ann2SnnError):
         ann2snn.compile(model, MODELS / "data" / "sklearn_calib.npz", iters=4, batch=16)
+
+
+def test_fuzz_seed1_case898_data_checked_before_any_work() -> None:
+    """Keras input declared with 10**6 channels: the data mismatch is reported at once, not after
+    minutes of folding huge shapes."""
+    model = onnx.load(MODELS / "keras_cnn.onnx")
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 10**6
+    with pytest.raises(ann2snn.DataError, match=r"axis 3: 1 != 1000000"):
+        ann2snn.compile(model, MODELS / "data" / "keras_calib.npz")
