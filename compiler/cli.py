@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import traceback
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,8 @@ import numpy as np
 
 from . import __version__
 from .config import GRANULARITIES, MAXPOOL_MODES, METHODS, CompileConfig
-from .errors import Ann2SnnError, ConfigError
+from .clierrors import handle_errors as _handle_errors
+from .errors import ConfigError
 
 log = logging.getLogger("ann2snn")
 
@@ -34,23 +32,6 @@ def _parse_ts(value: str) -> list[int]:
     if not Ts or any(T <= 0 for T in Ts):
         raise ConfigError(f"T must be a positive number of timesteps, got '{value}' (-T)")
     return Ts
-
-
-def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context()
-        try:
-            return fn(*args, **kwargs)
-        except Ann2SnnError as exc:
-            if ctx.obj.get("verbose"):
-                traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
-            ctx.exit(130)
-    return wrapper
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -2,20 +2,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 import click
 
-
-def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """cli._handle_errors, looked up at call time: cli.py imports this module at its end."""
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .cli import _handle_errors as handle
-        return handle(fn)(*args, **kwargs)
-    return wrapper
+from .clierrors import handle_errors
 
 
 @click.command("report")
@@ -47,7 +38,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Also plot accuracy vs energy and SOPs per layer (.png/.pdf/.svg; needs matplotlib).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
-@_handle_errors
+@handle_errors
 def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | None, label_key: str, batch_size: int,
                t0: int | None, layer_T: int | None, weights: str, analog_macs: str, mac_count: str,
                sop_fj: float, flop_pj: float, flops_per_mac: float, ac_pj: float, mac_pj: float,

@@ -26,7 +26,6 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import __version__
+from .clierrors import handle_errors
 from .errors import ConfigError, ModelLoadError, NodeProblem, PassError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -599,16 +599,6 @@ def export_nir(model, output: str | Path, allow_approximation: bool = False):
     return graph
 
 
-def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The CLI's error handling, imported late: cli.py imports this module."""
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .cli import _handle_errors
-
-        return _handle_errors(fn)(*args, **kwargs)
-    return wrapper
-
-
 @click.command("export")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--to", "fmt", type=click.Choice(["nir"]), required=True, help="Target format.")
@@ -618,7 +608,7 @@ def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
                    "no initial membrane; MaxPool as an AvgPool2d placeholder; the spiking part without the analog "
                    "tail); the metadata marks each change.")
 @click.pass_context
-@_handled
+@handle_errors
 def export_cmd(ctx: click.Context, model: str, fmt: str, output: str, allow_approximation: bool) -> None:
     """Export a compiled spiking MODEL to another format (NIR)."""
     graph = export_nir(model, output, allow_approximation)

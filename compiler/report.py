@@ -174,7 +174,6 @@ def conv_transpose_fanout(node: onnx.NodeProto, w: np.ndarray, in_shape: Sequenc
     if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID") \
             or _attr(node, "output_shape", None) is not None:
         return None
-    groups = int(_attr(node, "group", 1))
     cin, cout_g = w.shape[:2]
     kernel = list(w.shape[2:])
     nd = len(kernel)

@@ -159,7 +159,6 @@ class StepPlan:
     # -- layered form ---------------------------------------------------------------------
     def _cuts(self) -> dict[str, Cut]:
         """Recognise every node that touches a state; refuse the graph for anything else."""
-        inits = {i.name: i for i in self.proto.graph.initializer}
         cuts: dict[str, Cut] = {}
         state_outs = set(self.state_out_of.values())
         for node in self.proto.graph.node:
