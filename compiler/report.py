@@ -61,11 +61,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from .errors import Ann2SnnError, ConfigError, DataError, ModelLoadError
 from .modelio import load_model, write_atomic
+from .ortsession import make_session
 
 log = logging.getLogger(__name__)
 
@@ -378,10 +378,8 @@ def _static_shapes(model: onnx.ModelProto, feeds_shapes: dict[str, tuple[int, ..
                 continue
             dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
             feeds[vi.name] = np.zeros(feeds_shapes.get(vi.name, shapes.get(vi.name, ())), dtype)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
         try:
-            sess = ort.InferenceSession(run.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            sess = make_session(run)
             names = [o.name for o in run.graph.output]
             for nm, v in zip(names, sess.run(names, feeds)):
                 if isinstance(v, np.ndarray):

@@ -108,7 +108,7 @@ def with_shapes(graph: gs.Graph, opset: int) -> gs.Graph:
 
 def apply_node(node: gs.Node, x: np.ndarray, opset: int = 17) -> list[np.ndarray]:
     """Run a copy of ``node`` on ``x`` (its first input; the others must be constants)."""
-    import onnxruntime as ort
+    from ann2snn.ortsession import make_session
 
     inp = gs.Variable("x", dtype=x.dtype, shape=list(x.shape))
     outs = [gs.Variable(f"y{i}", dtype=x.dtype) for i in range(len(node.outputs))]
@@ -116,5 +116,5 @@ def apply_node(node: gs.Node, x: np.ndarray, opset: int = 17) -> list[np.ndarray
     copy = gs.Node(node.op, attrs=dict(node.attrs), inputs=[inp] + rest, outputs=outs)
     graph = gs.Graph(nodes=[copy], inputs=[inp], outputs=outs, opset=opset)
     model = gs.export_onnx(graph, do_type_check=False)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(model)
     return [np.asarray(v) for v in sess.run(None, {"x": x})]

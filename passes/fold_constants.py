@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
+from ann2snn.ortsession import make_session
 from ann2snn.state import PassState
 
 from ._graph import const_value, export, with_shapes
@@ -49,7 +49,7 @@ def _resolve_reshapes(state: PassState) -> int:
         t.dtype = np.int64
     values = []
     try:
-        sess = ort.InferenceSession(export(probe.cleanup(), state.opset).SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = make_session(export(probe.cleanup(), state.opset))
         for b in (2, 3):
             feeds = _dummy_inputs(graph, b)
             if feeds is None:
@@ -79,7 +79,6 @@ def _resolve_reshapes(state: PassState) -> int:
 def fold_constants(state: PassState) -> PassState:
     """Fold constant subgraphs (with onnxruntime) and batch-only dynamic reshapes."""
     graph = state.graph
-    ort.set_default_logger_severity(3)  # onnxruntime's optimiser warnings on folded subgraphs are noise here
     graph.fold_constants(fold_shapes=True, error_ok=True).cleanup()
     if _resolve_reshapes(state):
         graph.fold_constants(fold_shapes=True, error_ok=True).cleanup()

@@ -12,9 +12,9 @@ import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from ann2snn.errors import ModelLoadError
+from ann2snn.ortsession import make_session
 from ann2snn.state import PassState
 
 from ._graph import const_value, export, with_shapes
@@ -32,11 +32,7 @@ def _fixed_batch(graph: gs.Graph) -> int | None:
 
 
 def _run(graph: gs.Graph, opset: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    sess = ort.InferenceSession(export(graph.copy().cleanup(), opset).SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    return make_session(export(graph.copy().cleanup(), opset), basic=True).run(None, feeds)
 
 
 def make_batch_dynamic(state: PassState) -> PassState:
