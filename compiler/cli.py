@@ -17,9 +17,10 @@ import click
 import numpy as np
 
 from . import __version__
-from .config import GRANULARITIES, MAXPOOL_MODES, METHODS, CompileConfig
 from .clierrors import handle_errors as _handle_errors
+from .config import GRANULARITIES, MAXPOOL_MODES, METHODS, CompileConfig
 from .errors import ConfigError
+from .tasks import TASKS
 
 log = logging.getLogger("ann2snn")
 
@@ -220,17 +221,42 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int, T:
     click.echo(f"wrote {output}: {', '.join(f'{k} {v.shape}' for k, v in out.items())}")
 
 
-@main.command("eval")
+@main.command("eval", epilog="""\b
+Data for --task segmentation: .npz with the model inputs keyed by input name and
+  'mask' int [N,H,W] (class ids; 255 = ignore). The model outputs scores [N,C,H,W]
+  (argmax over C, channel c = class c) or labels [N,H,W]. Reports mIoU (confusion
+  matrix over the whole set; classes absent from ground truth and prediction are
+  skipped), pixel accuracy, per-class IoU in --json.
+\b
+Data for --task detection: .npz with the model inputs, 'boxes' float [M,4]
+  (x1,y1,x2,y2 pixels), 'box_labels' int [M], 'box_image' int [M] (index of the
+  image in the file). The model outputs one tensor [K,7] of rows
+  [image_index, class_id, score, x1, y1, x2, y2], image_index relative to the batch
+  fed. Reports COCO-style AP (101-point interpolation, greedy matching by descending
+  score, at most 100 detections per image, no crowd or area ranges): mAP@0.5 and
+  mAP@[.5:.95], averaged over the classes that have ground truth.""")
 @config_option
 @click.argument("ann", type=click.Path(dir_okay=False))
 @click.argument("snn", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(),
-              help="Test data: .npz keyed by input name with labels under --label-key, or images (class subfolders "
-                   "give labels) preprocessed as recorded at compile time.")
+              help="Test data: .npz keyed by input name with labels under --label-key (classification), 'mask' "
+                   "(segmentation) or 'boxes'/'box_labels'/'box_image' (detection); or images (classification: "
+                   "class subfolders give labels) preprocessed as recorded at compile time.")
+@click.option("--task", type=click.Choice(TASKS), default="classification", show_default=True,
+              help="What the outputs are scored as: top-1 accuracy, mIoU, or mAP.")
 @click.option("-T", "Ts", default="8,16,32,64,128", show_default=True, help="Comma-separated timesteps.")
-@click.option("--label-key", default="label", show_default=True, help="Key of the labels in the .npz.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Samples simulated at once.")
-@click.option("--t0", type=int, default=None, help="Readout delay (default: the model's).")
+@click.option("--label-key", default="label", show_default=True, help="Key of the labels in the .npz (classification).")
+@click.option("--batch-size", type=int, default=None, help="Samples simulated at once [default: 256 for "
+              "classification, 16 for segmentation and detection].")
+@click.option("--t0", type=int, default=None, help="Readout delay in steps (default: the model's).")
+@click.option("--t0-frac", type=float, default=None,
+              help="Readout delay as a fraction of T: t0 = floor(F*T) for each T, e.g. 0.5 for the last half "
+                   "(segmentation and detection; costs one simulation per T).")
+@click.option("--output", "output_name", default=None,
+              help="Model output to score (segmentation, detection; default: the first).")
+@click.option("--num-classes", type=int, default=None,
+              help="Segmentation classes (default: the score channels, or the largest id seen + 1).")
+@click.option("--ignore-index", type=int, default=255, show_default=True, help="Mask value of unscored pixels.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
 @click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: its default).")
 @click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
@@ -238,17 +264,31 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int, T:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
 @_handle_errors
-def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, Ts: str, label_key: str, batch_size: int,
-             t0: int | None, json_path: str | None, threads: int, max_memory: float | None, progress: bool) -> None:
-    """Print ANN vs SNN accuracy of a compiled SNN at several T."""
+def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: str, label_key: str,
+             batch_size: int | None, t0: int | None, t0_frac: float | None, output_name: str | None,
+             num_classes: int | None, ignore_index: int, json_path: str | None, threads: int,
+             max_memory: float | None, progress: bool) -> None:
+    """Print ANN vs SNN accuracy (or mIoU, or mAP) of a compiled SNN at several T."""
     from .evaluate import evaluate, format_table
     from .modelio import write_atomic
     from .resources import GIB
+    from .tasks import Readout, evaluate_task, format_task_table
 
-    result = evaluate(ann, snn, data, _parse_ts(Ts), label_key=label_key, threads=threads or None,
-                      batch_size=batch_size, t0=t0, max_memory=int(max_memory * GIB) if max_memory is not None else None,
-                      show_progress=progress and not ctx.obj["quiet"])
-    click.echo(format_table(result))
+    limit = int(max_memory * GIB) if max_memory is not None else None
+    show = progress and not ctx.obj["quiet"]
+    if task == "classification":
+        if t0_frac is not None:
+            raise ConfigError("--t0-frac is for --task segmentation|detection; use --t0 for classification")
+        result = evaluate(ann, snn, data, _parse_ts(Ts), label_key=label_key, threads=threads or None,
+                          batch_size=batch_size or 256, t0=t0, max_memory=limit, show_progress=show)
+        table = format_table(result)
+    else:
+        result = evaluate_task(ann, snn, data, _parse_ts(Ts), task, readouts=[Readout(t0, t0_frac)],
+                               batch_size=batch_size or 16, output=output_name, num_classes=num_classes,
+                               ignore_index=ignore_index, threads=threads or None, max_memory=limit,
+                               show_progress=show)
+        table = format_task_table(result)
+    click.echo(table)
     if json_path:
         write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
 

@@ -1,0 +1,529 @@
+"""Dense tasks: segmentation (mIoU) and detection (COCO-style mAP), ANN vs SNN at several T.
+
+Data formats (``.npz``; the model inputs keyed by input name, as for classification):
+
+- segmentation: ``mask`` int [N, H, W], class ids, ``ignore_index`` (255) marks pixels that
+  are not scored. The model outputs scores [N, C, H, W] (the prediction is the argmax over C;
+  channel c is class c) or labels [N, H, W].
+- detection: ``boxes`` float [M, 4] (x1, y1, x2, y2 in pixels), ``box_labels`` int [M],
+  ``box_image`` int [M] (index of the image in the file). The model outputs one tensor
+  [K, 7] of rows ``[image_index, class_id, score, x1, y1, x2, y2]``, with ``image_index``
+  relative to the batch that was fed (NonMaxSuppression's batch index).
+
+Metrics, numpy only:
+
+- mIoU from one confusion matrix accumulated over the whole set: IoU_c = TP / (TP + FP + FN),
+  averaged over the classes present in the ground truth or the prediction (class 0, the
+  background, counts like any other); pixel accuracy over the scored pixels.
+- AP per class as COCO computes it: detections sorted by descending score, each greedily
+  matched to the unmatched ground-truth box of the same class and image with the highest
+  IoU >= the threshold; precision made monotone and read at 101 recall points 0, 0.01, ..., 1.
+  mAP@0.5 and mAP@[.5:.95] (mean over IoU 0.50:0.05:0.95) average over the classes that have
+  ground truth. At most ``max_dets`` (100) highest-scoring detections per image; no crowd
+  regions and no area ranges. Box areas are (x2 - x1) * (y2 - y1).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .data import as_array_dict, check_arrays, input_specs
+from .errors import ConfigError, DataError
+from .modelio import load_model
+from .ortsession import make_session, run_checked
+from .progress import progress
+from .resources import check_memory
+
+TASKS = ("classification", "segmentation", "detection")
+COCO_IOUS: tuple[float, ...] = tuple(float(t) for t in np.linspace(0.5, 0.95, 10))
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+
+SEG_FORMAT = ("segmentation data: .npz with the model inputs keyed by input name and 'mask' int [N,H,W] "
+              "(class ids, 255 = ignore)")
+DET_FORMAT = ("detection data: .npz with the model inputs keyed by input name, 'boxes' float [M,4] "
+              "(x1,y1,x2,y2 pixels), 'box_labels' int [M] and 'box_image' int [M] (image index in the file)")
+
+
+# -- segmentation -------------------------------------------------------------------------
+class ConfusionMatrix:
+    """Pixel confusion matrix (rows: ground truth, columns: prediction), accumulated batch by batch.
+
+    With ``num_classes=None`` it grows to the largest class id seen.
+    """
+
+    def __init__(self, num_classes: int | None = None, ignore_index: int | None = 255) -> None:
+        """An empty matrix for ``num_classes`` classes (or growing); ``ignore_index`` pixels are skipped."""
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = np.zeros((num_classes or 0,) * 2, np.int64)
+
+    def update(self, pred: np.ndarray, mask: np.ndarray) -> None:
+        """Add the pixels of ``pred`` (labels) against ``mask`` (ground truth), same shape."""
+        pred, mask = np.asarray(pred), np.asarray(mask)
+        if pred.shape != mask.shape:
+            raise DataError(f"predicted labels have shape {pred.shape} but the mask has {mask.shape}; "
+                            "the model must output one label (or C scores) per mask pixel")
+        keep = mask != self.ignore_index if self.ignore_index is not None else np.ones(mask.shape, bool)
+        gt, pr = mask[keep].astype(np.int64), pred[keep].astype(np.int64)
+        if gt.size == 0:
+            return
+        if gt.min() < 0 or pr.min() < 0:
+            raise DataError("class ids must be >= 0 (mask and predicted labels); mark unscored pixels with "
+                            f"{self.ignore_index}")
+        top = int(max(gt.max(), pr.max())) + 1
+        n = self.matrix.shape[0]
+        if top > n:
+            if self.num_classes is not None:
+                which = "mask" if gt.max() >= n else "prediction"
+                raise DataError(f"the {which} has class id {top - 1} but there are {n} classes "
+                                f"(the model's score channels or --num-classes); mark unscored pixels with "
+                                f"{self.ignore_index}")
+            grown = np.zeros((top, top), np.int64)
+            grown[:n, :n] = self.matrix
+            self.matrix, n = grown, top
+        self.matrix += np.bincount(gt * n + pr, minlength=n * n).reshape(n, n)
+
+    def metrics(self) -> dict[str, Any]:
+        """mIoU, pixel accuracy and per-class IoU (None for classes absent from both sides)."""
+        return matrix_metrics(self.matrix)
+
+
+def matrix_metrics(matrix: np.ndarray) -> dict[str, Any]:
+    """mIoU (over classes present in ground truth or prediction), pixel accuracy, per-class IoU."""
+    m = np.asarray(matrix, np.float64)
+    tp = np.diag(m)
+    gt, pr = m.sum(axis=1), m.sum(axis=0)
+    union = gt + pr - tp
+    present = union > 0
+    iou = np.where(present, tp / np.maximum(union, 1), np.nan)
+    total = m.sum()
+    return {
+        "miou": float(iou[present].mean()) if present.any() else None,
+        "pixel_accuracy": float(tp.sum() / total) if total > 0 else None,
+        "iou": [None if not p else float(v) for v, p in zip(iou, present)],
+        "pixels": int(total),
+    }
+
+
+def segmentation_metrics(pred_labels: np.ndarray, mask: np.ndarray, num_classes: int | None = None,
+                         ignore_index: int | None = 255) -> dict[str, Any]:
+    """mIoU, pixel accuracy and per-class IoU of predicted labels against a mask (any equal shapes)."""
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    cm.update(pred_labels, mask)
+    return cm.metrics()
+
+
+def segmentation_labels(y: np.ndarray, name: str = "output") -> np.ndarray:
+    """Labels [N, H, W] from a segmentation output: the argmax of scores [N, C, H, W], or labels as given."""
+    y = np.asarray(y)
+    if np.issubdtype(y.dtype, np.floating) and y.ndim == 4:
+        return y.argmax(axis=1)
+    if np.issubdtype(y.dtype, np.integer) and y.ndim == 3:
+        return y
+    if np.issubdtype(y.dtype, np.integer) and y.ndim == 4 and y.shape[1] == 1:
+        return y[:, 0]
+    raise DataError(f"model output '{name}' has shape {list(y.shape)} ({y.dtype}); --task segmentation needs "
+                    "float scores [N,C,H,W] or integer labels [N,H,W] at the mask's resolution (pick another "
+                    "output with --output, or end the model with a Resize to the input size)")
+
+
+# -- detection ------------------------------------------------------------------------------
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix [len(a), len(b)] of boxes (x1, y1, x2, y2)."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = w * h
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def interpolated_ap(tp: np.ndarray, n_gt: int) -> float:
+    """COCO's 101-point interpolated AP of detections already sorted by descending score.
+
+    ``tp`` marks each detection as a true (1) or false (0) positive; ``n_gt`` > 0.
+    """
+    tp = np.asarray(tp, np.float64)
+    if tp.size == 0:
+        return 0.0
+    ctp, cfp = np.cumsum(tp), np.cumsum(1.0 - tp)
+    recall = ctp / n_gt
+    precision = ctp / (ctp + cfp)
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # the envelope: best precision at recall >= r
+    idx = np.searchsorted(recall, RECALL_POINTS, side="left")
+    q = np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0)
+    return float(q.mean())
+
+
+def _match(det_boxes: np.ndarray, gt_boxes: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """True positives [len(thresholds), D] of one image and class; detections sorted by score."""
+    tp = np.zeros((len(thresholds), len(det_boxes)), bool)
+    if len(gt_boxes) == 0 or len(det_boxes) == 0:
+        return tp
+    ious = box_iou(det_boxes, gt_boxes)
+    for k, thr in enumerate(thresholds):
+        taken = np.zeros(len(gt_boxes), bool)
+        for d in range(len(det_boxes)):
+            cand = np.where(taken, -1.0, ious[d])
+            g = int(cand.argmax())
+            if cand[g] >= min(thr, 1 - 1e-10):
+                taken[g] = True
+                tp[k, d] = True
+    return tp
+
+
+def check_detections(dets: np.ndarray, name: str = "output") -> np.ndarray:
+    """Detections as float64 [K, 7]; a DataError naming the output when the shape is wrong."""
+    d = np.asarray(dets)
+    if d.ndim != 2 or d.shape[1] != 7 or not (np.issubdtype(d.dtype, np.floating) or np.issubdtype(d.dtype, np.integer)):
+        raise DataError(f"model output '{name}' has shape {list(d.shape)} ({d.dtype}); --task detection needs one "
+                        "tensor [K,7] of rows [image_index, class_id, score, x1, y1, x2, y2] (pick another output "
+                        "with --output, or build these rows after NonMaxSuppression in the model)")
+    return d.astype(np.float64)
+
+
+def detection_ap(dets: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_image: np.ndarray,
+                 iou_thresholds: Sequence[float] = COCO_IOUS, max_dets: int | None = 100) -> dict[str, Any]:
+    """COCO-style AP per class and IoU threshold, mAP@0.5 and mAP over ``iou_thresholds``.
+
+    ``dets`` [K, 7]: rows [image_index, class_id, score, x1, y1, x2, y2] with image indices into
+    the same numbering as ``gt_image``. Classes without ground truth are not averaged.
+    """
+    dets = check_detections(dets, "detections")
+    gt_boxes = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
+    gt_labels = np.asarray(gt_labels).reshape(-1).astype(np.int64)
+    gt_image = np.asarray(gt_image).reshape(-1).astype(np.int64)
+    thresholds = [float(t) for t in iou_thresholds]
+    if not thresholds:
+        raise ConfigError("detection_ap needs at least one IoU threshold")
+    if max_dets is not None and len(dets):
+        keep = np.zeros(len(dets), bool)
+        img = dets[:, 0].astype(np.int64)
+        order = np.lexsort((-dets[:, 2], img))  # by image, then descending score
+        rank = np.empty(len(dets), np.int64)
+        sorted_img = img[order]
+        starts = np.searchsorted(sorted_img, sorted_img, side="left")
+        rank[order] = np.arange(len(dets)) - starts
+        keep = rank < max_dets
+        dets = dets[keep]
+    classes = sorted(set(gt_labels.tolist()))
+    per_class: dict[int, list[float]] = {}
+    for c in classes:
+        gmask = gt_labels == c
+        n_gt = int(gmask.sum())
+        cd = dets[dets[:, 1].astype(np.int64) == c]
+        cd = cd[np.argsort(-cd[:, 2], kind="stable")]
+        tp = np.zeros((len(thresholds), len(cd)), bool)
+        for im in np.unique(cd[:, 0].astype(np.int64)):
+            rows = np.where(cd[:, 0].astype(np.int64) == im)[0]
+            tp[:, rows] = _match(cd[rows, 3:7], gt_boxes[gmask & (gt_image == im)], thresholds)
+        per_class[c] = [interpolated_ap(tp[k], n_gt) for k in range(len(thresholds))]
+    ap = np.array([per_class[c] for c in classes]).reshape(len(classes), len(thresholds))
+    i50 = next((k for k, t in enumerate(thresholds) if abs(t - 0.5) < 1e-9), None)
+    return {
+        "map50": float(ap[:, i50].mean()) if classes and i50 is not None else None,
+        "map": float(ap.mean()) if classes else None,
+        "ap_per_class": {str(c): {"ap50": per_class[c][i50] if i50 is not None else None,
+                                  "ap": float(np.mean(per_class[c]))} for c in classes},
+        "iou_thresholds": thresholds,
+        "detections": len(dets),
+        "gt_boxes": len(gt_boxes),
+    }
+
+
+# -- readout windows ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Readout:
+    """Where the readout window starts: the model's t0 (both None), a fixed ``t0``, or ``floor(frac·T)``."""
+
+    t0: int | None = None
+    frac: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.t0 is not None and self.frac is not None:
+            raise ConfigError("give either --t0 or --t0-frac, not both")
+        if self.t0 is not None and self.t0 < 0:
+            raise ConfigError(f"t0 must be >= 0, got {self.t0} (--t0)")
+        if self.frac is not None and not 0 <= self.frac < 1:
+            raise ConfigError(f"--t0-frac must be in [0, 1), got {self.frac}")
+
+    def at(self, T: int, default: int) -> int:
+        """The t0 for T timesteps; ``default`` is the model's."""
+        if self.frac is not None:
+            return math.floor(self.frac * T)
+        return default if self.t0 is None else int(self.t0)
+
+    @property
+    def label(self) -> str:
+        """'model', 't0=5' or 'T*0.5'."""
+        if self.frac is not None:
+            return f"T*{self.frac:g}"
+        return "model" if self.t0 is None else f"t0={self.t0}"
+
+
+def run_readouts(session: Any, feeds: dict[str, np.ndarray], Ts: Sequence[int],
+                 readouts: Sequence[Readout]) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """SNN outputs for every (readout label, T): one ``run_many`` simulation per distinct t0.
+
+    ``SpikingSession.run_many`` takes one t0 for all T, so T's that need different t0 are
+    simulated separately (a fraction of T costs about twice the steps of one simulation).
+    """
+    groups: dict[int, set[int]] = {}
+    for r in readouts:
+        for T in Ts:
+            groups.setdefault(r.at(T, session.t0), set()).add(T)
+    outs = {t0: session.run_many(feeds, sorted(group), t0) for t0, group in groups.items()}
+    return {(r.label, T): outs[r.at(T, session.t0)][T] for r in readouts for T in Ts}
+
+
+# -- evaluation --------------------------------------------------------------------------
+def _targets(task: str, arrays: Mapping[str, np.ndarray], n: int, ignore_index: int | None) -> dict[str, np.ndarray]:
+    """The ground truth of a dense task from the data file, checked."""
+    if task == "segmentation":
+        if "mask" not in arrays:
+            raise DataError(f"evaluation data has no 'mask' array (it has {', '.join(repr(k) for k in arrays)}); "
+                            f"{SEG_FORMAT}")
+        mask = np.asarray(arrays["mask"])
+        if not np.issubdtype(mask.dtype, np.integer) or mask.ndim != 3 or mask.shape[0] != n:
+            raise DataError(f"evaluation data 'mask' has shape {list(mask.shape)} ({mask.dtype}) for {n} samples; "
+                            f"{SEG_FORMAT}")
+        return {"mask": mask}
+    missing = [k for k in ("boxes", "box_labels", "box_image") if k not in arrays]
+    if missing:
+        raise DataError(f"evaluation data has no {', '.join(repr(m) for m in missing)} array(s) (it has "
+                        f"{', '.join(repr(k) for k in arrays)}); {DET_FORMAT}")
+    boxes = np.asarray(arrays["boxes"])
+    labels, image = np.asarray(arrays["box_labels"]), np.asarray(arrays["box_image"])
+    m = boxes.shape[0] if boxes.ndim == 2 else -1
+    if (boxes.ndim != 2 or boxes.shape[1] != 4 or labels.shape != (m,) or image.shape != (m,)
+            or not np.issubdtype(labels.dtype, np.integer) or not np.issubdtype(image.dtype, np.integer)):
+        raise DataError(f"evaluation data has 'boxes' {list(boxes.shape)}, 'box_labels' {list(labels.shape)} "
+                        f"({labels.dtype}), 'box_image' {list(image.shape)} ({image.dtype}); {DET_FORMAT}")
+    if m and (image.min() < 0 or image.max() >= n):
+        raise DataError(f"evaluation data 'box_image' has indices from {image.min()} to {image.max()} but there "
+                        f"are {n} images; {DET_FORMAT}")
+    return {"boxes": boxes.astype(np.float64), "box_labels": labels.astype(np.int64),
+            "box_image": image.astype(np.int64)}
+
+
+class _Scorer:
+    """Accumulates one model's (or one SNN readout's) predictions over the batches."""
+
+    def __init__(self, task: str, num_classes: int | None, ignore_index: int | None) -> None:
+        self.task = task
+        self.cm = ConfusionMatrix(num_classes, ignore_index)
+        self.dets: list[np.ndarray] = []
+        self.agree = 0
+        self.pixels = 0
+
+    def add(self, y: np.ndarray, name: str, start: int, batch: int, targets: dict[str, np.ndarray],
+            ref: np.ndarray | None = None) -> np.ndarray:
+        """Score one batch's output ``y`` (``start``: index of its first sample); returns its predictions."""
+        if self.task == "segmentation":
+            pred = segmentation_labels(y, name)
+            mask = targets["mask"][start:start + batch]
+            if pred.shape != mask.shape:
+                raise DataError(f"model output '{name}' gives labels {list(pred.shape)} but the mask is "
+                                f"{list(mask.shape)}; the output must have the mask's resolution (add a Resize "
+                                "to the input size at the end of the model)")
+            self.cm.update(pred, mask)
+            if ref is not None:
+                self.agree += int((pred == ref).sum())
+                self.pixels += pred.size
+            return pred
+        d = check_detections(y, name)
+        if len(d) and (d[:, 0].min() < 0 or d[:, 0].max() >= batch):
+            raise DataError(f"model output '{name}' has image indices up to {int(d[:, 0].max())} for a batch of "
+                            f"{batch}; column 0 must be the index of the image in the batch fed")
+        d = d.copy()
+        d[:, 0] += start
+        self.dets.append(d)
+        return d
+
+    def result(self, targets: dict[str, np.ndarray], max_dets: int | None) -> dict[str, Any]:
+        if self.task == "segmentation":
+            out = self.cm.metrics()
+            out["agreement"] = self.agree / self.pixels if self.pixels else None
+            return out
+        dets = np.concatenate(self.dets) if self.dets else np.zeros((0, 7))
+        return detection_ap(dets, targets["boxes"], targets["box_labels"], targets["box_image"], max_dets=max_dets)
+
+
+def _ann_runner(ann_model: onnx.ModelProto, threads: int | None):
+    """A function running the ANN on a batch; models with a fixed batch size get fed in pieces."""
+    sess = make_session(ann_model, threads=threads or 0)
+    specs = input_specs(ann_model)
+    fixed = specs[0].shape[0] if specs and isinstance(specs[0].shape[0], int) and specs[0].shape[0] > 0 else None
+    names = [o.name for o in sess.get_outputs()]
+
+    def run(feeds: dict[str, np.ndarray], task: str) -> dict[str, np.ndarray]:
+        batch = next(iter(feeds.values())).shape[0]
+        if fixed is None or fixed == batch:
+            return dict(zip(names, run_checked(sess, None, feeds, "evaluation data")))
+        if batch % fixed:
+            raise DataError(f"the ANN has a fixed batch size of {fixed}; use a --batch-size that is a multiple of it")
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for i in range(0, batch, fixed):
+            for n, v in zip(names, run_checked(sess, None, {k: a[i:i + fixed] for k, a in feeds.items()},
+                                                "evaluation data")):
+                if task == "detection" and v.ndim == 2 and v.shape[1] == 7:
+                    v = v.astype(np.float64)
+                    v[:, 0] += i
+                parts[n].append(v)
+        return {n: np.concatenate(v) for n, v in parts.items()}
+
+    return run
+
+
+def evaluate_task(
+    ann: str | os.PathLike[str] | onnx.ModelProto,
+    snn: Any,
+    data: Any,
+    Ts: Sequence[int],
+    task: str,
+    *,
+    readouts: Sequence[Readout] = (Readout(),),
+    batch_size: int = 16,
+    output: str | None = None,
+    num_classes: int | None = None,
+    ignore_index: int | None = 255,
+    max_dets: int | None = 100,
+    limit: int | None = None,
+    show_progress: bool = False,
+    max_memory: int | None = None,
+    threads: int | None = None,
+    keep_predictions: bool = False,
+) -> dict[str, Any]:
+    """mIoU / pixel accuracy (segmentation) or mAP@0.5 / mAP@[.5:.95] (detection) of the ANN and
+    of the SNN at each T and readout window, streamed batch by batch.
+
+    ``data`` is a path or mapping in the module's formats; ``output`` names the model output
+    to score (default: the first); ``limit`` keeps the first samples only. Each batch runs the
+    ANN once and the SNN once per distinct t0 (``run_readouts``). With ``keep_predictions``
+    the result also holds the predictions under ``"predictions"`` (not JSON-serialisable).
+    """
+    from ann2snn.runtime import SpikingSession
+    from ann2snn.runtime.session import window_start
+
+    if task not in ("segmentation", "detection"):
+        raise ConfigError(f"task must be segmentation or detection here, got {task!r} (--task)")
+    if batch_size <= 0:
+        raise DataError(f"batch size must be positive, got {batch_size} (--batch-size)")
+    if isinstance(snn, SpikingSession):
+        session, snn_proto = snn, snn.model
+    else:
+        snn_proto = load_model(snn)
+        session = SpikingSession(snn_proto, threads=threads)
+    ann_model = load_model(ann)
+    specs = input_specs(ann_model)
+    if isinstance(data, (str, os.PathLike)) and not str(data).endswith(".npz"):
+        raise DataError(f"--task {task} reads a .npz file, got '{data}'; "
+                        f"{SEG_FORMAT if task == 'segmentation' else DET_FORMAT}")
+    arrays = as_array_dict(data, specs, "evaluation data")
+    check_arrays(arrays, specs, "evaluation data")
+    n = int(np.asarray(arrays[specs[0].name]).shape[0])
+    targets = _targets(task, arrays, n, ignore_index)
+    if limit is not None:
+        if limit <= 0:
+            raise ConfigError(f"limit must be positive, got {limit}")
+        n = min(n, limit)
+        if task == "detection":
+            keep = targets["box_image"] < n
+            targets = {k: v[keep] for k, v in targets.items()}
+    out_name = output or session.output_names[0]
+    if out_name not in session.output_names:
+        raise ConfigError(f"the SNN has no output '{out_name}'; its outputs are {', '.join(session.output_names)} "
+                          "(--output)")
+    Ts = sorted({int(T) for T in Ts})
+    readouts = list(dict.fromkeys(readouts))
+    check_memory(snn_proto, min(batch_size, n), max_memory)
+    run_ann = _ann_runner(ann_model, threads)
+    ann_scorer: _Scorer | None = None
+    scorers: dict[tuple[str, int], _Scorer] = {}
+    preds: dict[Any, list[np.ndarray]] = {}
+
+    def batches() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        for i in range(0, n, batch_size):
+            yield i, {s.name: np.asarray(arrays[s.name][i:min(i + batch_size, n)]) for s in specs}
+
+    for start, feeds in progress(batches(), math.ceil(n / batch_size), "simulating", show_progress):
+        b = next(iter(feeds.values())).shape[0]
+        ann_out = run_ann(feeds, task)
+        if out_name not in ann_out:
+            raise ConfigError(f"the ANN has no output '{out_name}' (the SNN's output); its outputs are "
+                              f"{', '.join(ann_out)} (--output)")
+        y_ann = ann_out[out_name]
+        if ann_scorer is None:  # without --num-classes: the score channels, or grown to the ids seen
+            classes = num_classes
+            if classes is None and task == "segmentation" and np.issubdtype(y_ann.dtype, np.floating) and y_ann.ndim == 4:
+                classes = int(y_ann.shape[1])
+            ann_scorer = _Scorer(task, classes, ignore_index)
+            scorers = {(r.label, T): _Scorer(task, classes, ignore_index) for r in readouts for T in Ts}
+        ref = ann_scorer.add(y_ann, out_name, start, b, targets)
+        if keep_predictions:
+            preds.setdefault("ann", []).append(ref)
+        snn_out = run_readouts(session, feeds, Ts, readouts)
+        for key, res in snn_out.items():
+            p = scorers[key].add(res[out_name], out_name, start, b, targets,
+                                 ref if task == "segmentation" else None)
+            if keep_predictions:
+                preds.setdefault(key, []).append(p)
+    assert ann_scorer is not None
+    ann_res = ann_scorer.result(targets, max_dets)
+    main_key = "miou" if task == "segmentation" else "map50"
+    rows = []
+    for r in readouts:
+        for T in Ts:
+            res = scorers[(r.label, T)].result(targets, max_dets)
+            # the first step averaged: t0, or the last min_window steps when T < t0 + min_window
+            start = window_start(T, r.at(T, session.t0), session.min_window)
+            row = {"T": T, "readout": r.label, "t0": start, **res}
+            for k in ("miou", "pixel_accuracy", "map50", "map"):
+                if k in res:
+                    row[f"{k}_ratio"] = (res[k] / ann_res[k]) if res[k] is not None and ann_res[k] else None
+            rows.append(row)
+    result: dict[str, Any] = {"task": task, "samples": int(n), "output": out_name, "model_t0": session.t0,
+                              "metric": main_key, "ann": ann_res, "snn": rows}
+    if keep_predictions:
+        result["predictions"] = {k: np.concatenate(v) for k, v in preds.items()}
+    return result
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.2f}%"
+
+
+def format_task_table(result: dict[str, Any]) -> str:
+    """A markdown table of an ``evaluate_task`` result."""
+    ann = result["ann"]
+    multi = len({r["readout"] for r in result["snn"]}) > 1
+    head = f"task: {result['task']}, samples: {result['samples']}, output: {result['output']}, " \
+           f"model readout t0: {result['model_t0']}"
+    if result["task"] == "segmentation":
+        lines = [head, f"ANN: mIoU {_pct(ann['miou'])}, pixel accuracy {_pct(ann['pixel_accuracy'])}", "",
+                 "| T |" + (" readout |" if multi else "") + " t0 | mIoU | SNN/ANN | pixel acc | agreement with ANN |",
+                 "|---|" + ("---|" if multi else "") + "---|---|---|---|---|"]
+        for r in result["snn"]:
+            lines.append(f"| {r['T']} |" + (f" {r['readout']} |" if multi else "")
+                         + f" {r['t0']} | {_pct(r['miou'])} | {_pct(r['miou_ratio'])} | {_pct(r['pixel_accuracy'])} "
+                         f"| {_pct(r['agreement'])} |")
+    else:
+        summary = (f"ANN: mAP@0.5 {_pct(ann['map50'])}, mAP@[.5:.95] {_pct(ann['map'])} "
+                   f"({ann['gt_boxes']} boxes, {ann['detections']} detections)")
+        lines = [head, summary, "",
+                 "| T |" + (" readout |" if multi else "") + " t0 | mAP@0.5 | SNN/ANN | mAP@[.5:.95] | SNN/ANN |",
+                 "|---|" + ("---|" if multi else "") + "---|---|---|---|---|"]
+        for r in result["snn"]:
+            lines.append(f"| {r['T']} |" + (f" {r['readout']} |" if multi else "")
+                         + f" {r['t0']} | {_pct(r['map50'])} | {_pct(r['map50_ratio'])} | {_pct(r['map'])} "
+                         f"| {_pct(r['map_ratio'])} |")
+    return "\n".join(lines)
