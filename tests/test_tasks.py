@@ -276,6 +276,12 @@ def test_per_T_readout_equals_separate_runs(seg_files) -> None:
         np.testing.assert_allclose(out[("T*0.5", T)]["y"], session.run(x, T, t0=T // 2)["y"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(out[("t0=0", T)]["y"], session.run(x, T, t0=0)["y"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(out[("model", T)]["y"], session.run(x, T)["y"], rtol=1e-5, atol=1e-6)
+    # a model with an analog tail (ArgMax) is simulated once per distinct t0
+    tailed = SpikingSession(seg_files["labels_snn"])
+    out = run_readouts(tailed, x, [16, 32], [Readout(frac=0.5), Readout()])
+    for T in (16, 32):
+        np.testing.assert_array_equal(out[("T*0.5", T)]["lab"], tailed.run(x, T, t0=T // 2)["lab"])
+        np.testing.assert_array_equal(out[("model", T)]["lab"], tailed.run(x, T)["lab"])
     assert Readout(frac=0.25).at(30, 5) == 7 and Readout().at(30, 5) == 5 and Readout(t0=2).at(30, 5) == 2
     with pytest.raises(ConfigError, match="either --t0 or --t0-frac"):
         Readout(t0=1, frac=0.5)
