@@ -24,6 +24,7 @@ Metrics, numpy only:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -270,35 +271,72 @@ class Readout:
         return "model" if self.t0 is None else f"t0={self.t0}"
 
 
+class WindowReader:
+    """Reads out a SpikingSession at several T and readout windows from one simulation per batch.
+
+    The readout of T steps with window start s is the tail applied to the mean of the spiking
+    part's step outputs over [s, T). One simulation read out from step 0 at every T and every
+    window start gives all of them: mean[s, T) = (T·mean[0, T) - s·mean[0, s)) / (T - s),
+    computed in float64. Models with an analog tail are simulated through a copy of the model
+    without the tail (its outputs are the step outputs), and the tail runs on each window.
+    Where that is not possible (non-float step outputs), each distinct t0 is one ``run_many``.
+    """
+
+    def __init__(self, session: Any, threads: int | None = None) -> None:
+        """Wrap ``session`` (a SpikingSession); ``threads`` for the tail-less copy, if one is needed."""
+        from ann2snn.runtime import SpikingSession
+
+        self.session = session
+        self._sim: Any = None
+        self._finish: Any = None
+        floats = all(session.meta["types"].get(o, {}).get("elem_type") == onnx.TensorProto.FLOAT
+                     for o in session.step_outputs)
+        if not floats:
+            return
+        if not session.meta.get("tail"):
+            self._sim = session
+        elif hasattr(session, "_finish"):
+            proto = onnx.ModelProto()
+            proto.CopyFrom(session.model)
+            meta = dict(session.meta, tail=None, outputs=list(session.step_outputs))
+            for prop in proto.metadata_props:
+                if prop.key == "ann2snn":
+                    prop.value = json.dumps(meta)
+            self._sim = SpikingSession(proto, threads=threads, mode=session.mode, chunk=session.chunk)
+            self._finish = session._finish  # the session's own tail, run once per readout
+
+    def run(self, feeds: dict[str, np.ndarray], Ts: Sequence[int],
+            readouts: Sequence[Readout]) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+        """The model's outputs for every (readout label, T)."""
+        from ann2snn.runtime.session import window_start
+
+        sess = self.session
+        starts = {(r.label, T): window_start(T, r.at(T, sess.t0), sess.min_window) for r in readouts for T in Ts}
+        if self._sim is None:
+            groups: dict[int, set[int]] = {}
+            for r in readouts:
+                for T in Ts:
+                    groups.setdefault(r.at(T, sess.t0), set()).add(T)
+            outs = {t0: sess.run_many(feeds, sorted(group), t0) for t0, group in groups.items()}
+            return {(r.label, T): outs[r.at(T, sess.t0)][T] for r in readouts for T in Ts}
+        prefix = self._sim.run_many(feeds, sorted(set(Ts) | {s for s in starts.values() if s > 0}), 0)
+        names = list(sess.step_outputs) if self._finish is not None else list(prefix[max(Ts)])
+        out: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        for key, s in starts.items():
+            T = key[1]
+            if s == 0:
+                values = [prefix[T][k] for k in names]
+            else:
+                values = [((T * prefix[T][k].astype(np.float64) - s * prefix[s][k].astype(np.float64)) / (T - s))
+                          .astype(np.float32) for k in names]
+            out[key] = self._finish(values) if self._finish is not None else dict(zip(names, values))
+        return out
+
+
 def run_readouts(session: Any, feeds: dict[str, np.ndarray], Ts: Sequence[int],
                  readouts: Sequence[Readout]) -> dict[tuple[str, int], dict[str, np.ndarray]]:
-    """SNN outputs for every (readout label, T), from as few simulations as possible.
-
-    Without an analog tail the readout is the plain window average of the step outputs, so
-    one simulation read out from step 0 at every T and every window start gives any window:
-    mean[s, T) = (T·mean[0, T) - s·mean[0, s)) / (T - s). With a tail (which is nonlinear),
-    ``SpikingSession.run_many`` takes one t0 for all T, so each distinct t0 is one simulation.
-    """
-    from ann2snn.runtime.session import window_start
-
-    starts = {(r.label, T): window_start(T, r.at(T, session.t0), session.min_window) for r in readouts for T in Ts}
-    if not session.meta.get("tail"):
-        prefix = session.run_many(feeds, sorted(set(Ts) | {s for s in starts.values() if s > 0}), 0)
-        if all(np.issubdtype(np.asarray(v).dtype, np.floating) for v in prefix[max(Ts)].values()):
-            out: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-            for (label, T), s in starts.items():
-                if s == 0:
-                    out[(label, T)] = prefix[T]
-                    continue
-                out[(label, T)] = {k: ((T * prefix[T][k].astype(np.float64) - s * prefix[s][k].astype(np.float64))
-                                       / (T - s)).astype(prefix[T][k].dtype) for k in prefix[T]}
-            return out
-    groups: dict[int, set[int]] = {}
-    for r in readouts:
-        for T in Ts:
-            groups.setdefault(r.at(T, session.t0), set()).add(T)
-    outs = {t0: session.run_many(feeds, sorted(group), t0) for t0, group in groups.items()}
-    return {(r.label, T): outs[r.at(T, session.t0)][T] for r in readouts for T in Ts}
+    """SNN outputs for every (readout label, T) of one batch (see ``WindowReader``)."""
+    return WindowReader(session).run(feeds, Ts, readouts)
 
 
 # -- evaluation --------------------------------------------------------------------------
@@ -463,6 +501,7 @@ def evaluate_task(
     readouts = list(dict.fromkeys(readouts))
     check_memory(snn_proto, min(batch_size, n), max_memory)
     run_ann = _ann_runner(ann_model, threads)
+    reader = WindowReader(session, threads)
     ann_scorer: _Scorer | None = None
     scorers: dict[tuple[str, int], _Scorer] = {}
     preds: dict[Any, list[np.ndarray]] = {}
@@ -487,7 +526,7 @@ def evaluate_task(
         ref = ann_scorer.add(y_ann, out_name, start, b, targets)
         if keep_predictions:
             preds.setdefault("ann", []).append(ref)
-        snn_out = run_readouts(session, feeds, Ts, readouts)
+        snn_out = reader.run(feeds, Ts, readouts)
         for key, res in snn_out.items():
             p = scorers[key].add(res[out_name], out_name, start, b, targets,
                                  ref if task == "segmentation" else None)
