@@ -11,8 +11,9 @@ Outputs (in ``--out-dir``, default: the folder of this script):
   (k/255) and ``label`` int64.
 * ``data/fashion_calib.npz``: ``input`` only, ``--calib-size`` training images drawn with a
   fixed seed (disjoint from the test set).
-* The torch weights are not committed; ``--save-torch DIR`` also writes
-  ``fashion_<arch>.pt`` state dicts (used by the SpikingJelly comparison).
+* ``fashion_<arch>.pt``: the trained torch state dicts (0.3-0.45 MB, committed; written to
+  ``--save-torch DIR``, default ``--out-dir``). tests/test_exporters_torch.py exports them
+  again with both torch exporters; benchmarks/spikingjelly_compare.py converts them.
 
 Run: ``/tmp/torchenv/bin/python models/build_fashion.py [--arch vgg|resnet|both]``
 """
@@ -181,7 +182,8 @@ def main() -> None:
     p.add_argument("--calib-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-data", action="store_true", help="do not (re)write the data files")
-    p.add_argument("--save-torch", type=Path, default=None, help="also write <arch>.pt state dicts here")
+    p.add_argument("--save-torch", type=Path, default=None,
+                   help="folder for the fashion_<arch>.pt state dicts (default: --out-dir)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -201,9 +203,9 @@ def main() -> None:
         net = ARCHS[arch]()
         print(f"training {arch} ({sum(p.numel() for p in net.parameters())} parameters)", flush=True)
         train(net, x_train, y_train, args.epochs, args.seed)
-        if args.save_torch:
-            args.save_torch.mkdir(parents=True, exist_ok=True)
-            torch.save(net.state_dict(), args.save_torch / f"fashion_{arch}.pt")
+        torch_dir = args.save_torch or args.out_dir
+        torch_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), torch_dir / f"fashion_{arch}.pt")
         model = Normalised(net, FASHION_MEAN, FASHION_STD).eval()
         path = args.out_dir / f"fashion_{arch}.onnx"
         export_onnx(model, path)
