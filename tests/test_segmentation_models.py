@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
+import ann2snn
 import numpy as np
+import onnx
 import pytest
-from conftest import MODELS
+from ann2snn.passes.fold_constants import fold_constants
+from ann2snn.runtime import SpikingSession
+from conftest import MODELS, apply, build, ops, run_ort
 
 
 def _scenes_module():
@@ -80,3 +85,80 @@ def test_committed_scene_sets(name: str, n: int) -> None:
         d = {k: z[k] for k in z.files}
     assert set(d) == {"input", "mask", "boxes", "box_labels", "box_image"}
     _check_consistent(d, n, 64)
+
+
+# --- Resize with sizes computed from Shape ops (F.interpolate(x, size=y.shape[-2:]), dynamic batch) ----------
+
+ASPP_POOL_TEXT = """
+g (float[N,1,8,8] x, float[4,1,3,3] W1, float[4] b1, float[4,4,1,1] W2, float[4] b2, float[3,8,1,1] W3,
+   float[3] b3) => (float[N,3,8,8] y) {
+  c1 = Conv <pads=[1,1,1,1]> (x, W1, b1)
+  r1 = Relu (c1)
+  p = GlobalAveragePool (r1)
+  c2 = Conv (p, W2, b2)
+  r2 = Relu (c2)
+  sh = Shape (r2)
+  nc = Slice (sh, s0, s2)
+  shx = Shape (r1)
+  hw = Slice (shx, s2, s4)
+  sizes = Concat <axis=0> (nc, hw)
+  up = Resize <mode="linear", coordinate_transformation_mode="half_pixel"> (r2, "", "", sizes)
+  cat = Concat <axis=1> (r1, up)
+  y = Conv (cat, W3, b3)
+}
+"""
+
+
+def _aspp_pool_model():
+    rng = np.random.default_rng(0)
+    weights = {"W1": rng.normal(0, 0.7, (4, 1, 3, 3)), "b1": rng.normal(0, 0.1, 4),
+               "W2": rng.normal(0, 0.7, (4, 4, 1, 1)), "b2": rng.normal(0.2, 0.1, 4),
+               "W3": rng.normal(0, 0.7, (3, 8, 1, 1)), "b3": rng.normal(0, 0.1, 3)}
+    ints = {n: np.array([v], np.int64) for n, v in (("s0", 0), ("s2", 2), ("s4", 4))}
+    return build(ASPP_POOL_TEXT, weights, ints=ints)
+
+
+def test_resize_with_computed_sizes_gets_constant_scales() -> None:
+    """The DeepLab image-pooling branch: the Resize no longer reads a Shape of a spiking tensor."""
+    model = _aspp_pool_model()
+    _, folded = apply(model, fold_constants)
+    assert "Shape" not in ops(folded)
+    resize = next(n for n in folded.graph.node if n.op_type == "Resize")
+    assert len(resize.input) == 3 and resize.input[2]
+    x = np.random.default_rng(1).uniform(0, 1, (3, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(folded, {"x": x})[0], run_ort(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_aspp_pool_branch_stays_spiking() -> None:
+    model = _aspp_pool_model()
+    x = np.random.default_rng(2).uniform(0, 1, (64, 1, 8, 8)).astype(np.float32)
+    snn = ann2snn.compile(model, x, iters=10, batch=32)
+    meta = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])
+    assert len(meta["neurons"]) == 2 and meta["tail"] is None
+    ann = run_ort(model, {"x": x[:8]})[0]
+    out = SpikingSession(snn).run_many(x[:8], [16, 256], t0=0)
+    err = {T: float(np.abs(out[T]["y"] - ann).mean()) for T in out}
+    assert err[256] < 0.5 * err[16], err
+
+
+# --- the committed segmentation networks ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["seg_fcn.onnx", "seg_deeplab.onnx"])
+def test_segmentation_model_converts(name: str) -> None:
+    """Compiles without hand edits, every ReLU becomes a neuron layer, and the SNN approaches the ANN in T."""
+    path = MODELS / name
+    if not path.exists():
+        pytest.skip(f"{path} is not built (models/build_segmentation.py)")
+    relus = sum(n.op_type == "Relu" for n in onnx.load(str(path)).graph.node)
+    snn = ann2snn.compile(path, MODELS / "data" / "scenes_calib.npz", iters=5, batch=16)
+    meta = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])
+    assert len(meta["neurons"]) == relus
+    assert meta["tail"] is None  # the bilinear upsampling stays in the spiking part: it is linear
+    with np.load(MODELS / "data" / "scenes_test.npz") as z:
+        x = z["input"][:4]
+    ann = run_ort(onnx.load(str(path)), {"input": x})[0]
+    assert ann.shape == (4, 11, 64, 64)
+    out = SpikingSession(snn, threads=1).run_many(x, [16, 128])
+    err = {T: float(np.abs(out[T]["logits"] - ann).mean()) for T in out}
+    assert err[128] < 0.5 * err[16], err
