@@ -57,11 +57,12 @@ def parse_readout(spec: str) -> Readout:
 
 
 def run_model(name: str, Ts: list[int], readouts: list[Readout], limit: int, batch: int,
-              threads: int) -> dict[str, Any]:
-    """Compile one model and evaluate it at every T and readout."""
+              threads: int, save_dir: Path | None = None) -> dict[str, Any]:
+    """Compile one model (written to ``save_dir`` if given) and evaluate it at every T and readout."""
     ann, task, _ = MODELS[name]
     start = time.perf_counter()
-    snn = ann2snn.compile(ROOT / ann, ROOT / CALIB, threads=threads)
+    out = save_dir / f"{name}.snn.onnx" if save_dir else None
+    snn = ann2snn.compile(ROOT / ann, ROOT / CALIB, out, threads=threads)
     compile_s = time.perf_counter() - start
     session = SpikingSession(snn, threads=threads)
     start = time.perf_counter()
@@ -164,6 +165,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
+    ap.add_argument("--save-snn", type=Path, default=None, help="write the compiled models here (for dense_pictures.py)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="do not run: combine earlier --json files")
     args = ap.parse_args()
     command = "python benchmarks/dense.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -181,7 +183,7 @@ def main() -> None:
             if not (ROOT / MODELS[name][0]).exists():
                 print(f"[{name}] {MODELS[name][0]} is not built: skipped", file=sys.stderr)
                 continue
-            results[name] = run_model(name, Ts, readouts, args.limit, args.batch, args.threads)
+            results[name] = run_model(name, Ts, readouts, args.limit, args.batch, args.threads, args.save_snn)
         commands = [command]
     text = "\n".join(f"command: `{c}`" for c in commands) + "\n\n" + "\n\n".join(
         markdown(n, r) for n, r in results.items())

@@ -68,14 +68,16 @@ def draw_boxes(ax: Any, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
 
 
 def picture(name: str, scenes: list[int], Ts: list[int], readout: Readout, score_thr: float, path: Path,
-            threads: int) -> None:
-    """Compile ``name``, predict the chosen scenes with the ANN and the SNN, and save the grid."""
+            threads: int, snn_dir: Path | None = None) -> None:
+    """Compile ``name`` (or load ``snn_dir/<name>.snn.onnx``), predict the chosen scenes with the
+    ANN and the SNN, and save the grid."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ann, task, _ = MODELS[name]
-    snn = ann2snn.compile(ROOT / ann, ROOT / CALIB, threads=threads)
+    saved = snn_dir / f"{name}.snn.onnx" if snn_dir else None
+    snn = saved if saved and saved.exists() else ann2snn.compile(ROOT / ann, ROOT / CALIB, threads=threads)
     session = SpikingSession(snn, threads=threads)
     input_name = session.input_specs[0].name
     with np.load(ROOT / TEST) as z:
@@ -144,6 +146,8 @@ def main() -> None:
     ap.add_argument("--score-thr", type=float, default=0.3, help="detections drawn from this score up")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--snn-dir", type=Path, default=None,
+                    help="load <name>.snn.onnx from here (dense.py --save-snn) instead of compiling")
     args = ap.parse_args()
     scenes = [int(s) for s in args.scenes.split(",")]
     Ts = sorted(int(t) for t in args.T.split(","))
@@ -154,7 +158,7 @@ def main() -> None:
             print(f"[{name}] {MODELS[name][0]} is not built: skipped", file=sys.stderr)
             continue
         path = args.out_dir / f"pictures_{name}.png"
-        picture(name, scenes, Ts, readout, args.score_thr, path, args.threads)
+        picture(name, scenes, Ts, readout, args.score_thr, path, args.threads, args.snn_dir)
         print(f"wrote {path}")
 
 
