@@ -324,6 +324,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, worker: TorchWo
             if runs["sj_ann"]:
                 cfg["sj_vs_torch_ann"] = float(np.median(np.asarray(runs["sj"]) / np.asarray(runs["sj_ann"])))
             cfg["ann_ms"] = float(np.median(ann_t) / T * 1e3)
+            cfg["auto_form"] = "/".join(sorted({f for (b, _), f in auto.auto_choices.items() if b == B})) or "step"
             if args.memory:
                 a = measure_memory("ann", path, test, B, T, "auto")
                 s = measure_memory("snn", snn_path, test, B, T, "auto")
@@ -338,7 +339,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, worker: TorchWo
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| model | B | T | ANN ms/fwd | step: SNN/(T·ANN) | auto: SNN/(T·ANN) | auto steps/s | "
+    lines = ["| model | B | T | ANN ms/fwd | step: SNN/(T·ANN) | auto: SNN/(T·ANN) (form) | auto steps/s | "
              "SJ: SNN/(T·ANN) | SJ/(T·torch ANN) | peak MB ANN / SNN (ratio; net) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -352,7 +353,7 @@ def table(results: list[dict[str, Any]]) -> str:
             sj = f"{c['sj_ratio']:.2f}" if "sj_ratio" in c else ("n/a" if "spikingjelly" in r else "-")
             sjt = f"{c['sj_vs_torch_ann']:.2f}" if "sj_vs_torch_ann" in c else "-"
             lines.append(f"| {r['model']} | {c['batch']} | {c['T']} | {c['ann_ms']:.2f} | {c['step_ratio']:.2f} | "
-                         f"{c['auto_ratio']:.2f} | {c['auto_steps_per_s']:.0f} | {sj} | {sjt} | {m} |")
+                         f"{c['auto_ratio']:.2f} ({c.get('auto_form', '?')}) | {c['auto_steps_per_s']:.0f} | {sj} | {sjt} | {m} |")
     lines += ["", "| model | layered form | calibration ms/iter | LTB iter / ANN fwd | whole compile / (K·ANN fwd) | "
               "layered vs step (max rel. diff, argmax agreement, acc step / auto) |", "|---|---|---|---|---|---|"]
     for r in results:

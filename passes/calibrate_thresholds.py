@@ -80,12 +80,18 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
         act.outputs.clear()
         shape = site.theta_shape(cfg.granularity)
         theta = gs.Variable(f"ltb/theta_{i}", dtype=np.float32, shape=list(shape))
-        excess = b.op("Relu", [b.op("Sub", [z, theta])])
+        capped = site.cap is not None and cfg.keep_clip_cap
+        relu = b.op("Relu", [z])  # z's only consumer: onnxruntime fuses it into the Conv / Gemm
+        if not capped or site.cap >= 0:
+            # θ >= 0 here (it starts at 0 and only grows, or is capped at c >= 0), so
+            # ReLU(z) - min(ReLU(z), θ) is ReLU(z - θ), bit for bit, and reuses ReLU(z)
+            excess = b.op("Sub", [relu, b.op("Min", [relu, theta])])
+        else:
+            excess = b.op("Relu", [b.op("Sub", [z, theta])])
         step = b.op("Mul", [b.reduce_mean(excess, _reduce_axes(site, cfg.granularity == "channel")), b.const(2.0 * cfg.eta)])
         new_theta = b.op("Add", [theta, step])
-        if site.cap is not None and cfg.keep_clip_cap:
+        if capped:
             new_theta = b.op("Min", [new_theta, b.const(site.cap)])
-        relu = b.op("Relu", [z])
         stat = b.reduce_mean(relu, [0])  # per neuron: mean over the batch
         b.op("Min", [relu, new_theta], out=out)
         theta_inputs.append(theta)
@@ -176,7 +182,7 @@ def estimate_t0(state: PassState) -> int:
         if not live.any():
             continue
         total += float(np.min(theta[live] * (1.0 - state.config.v0) / site.mean_act[live]))
-    return int(round(total))
+    return round(total)
 
 
 def calibrate_thresholds(state: PassState) -> PassState:

@@ -136,6 +136,7 @@ class StepPlan:
             self.prefix = self._session(self.prefix_nodes, self.data_inputs, self.prefix_outputs, "ann2snn_prefix")
             self.reduced = self._session(self.rest_nodes, self.reduced_inputs, [o.name for o in graph.output],
                                          "ann2snn_step_reduced")
+        self.inplace = self._inplace_states()
         self.cuts: dict[str, Cut] | None = None
         self.refusal: str | None = None
         try:
@@ -144,6 +145,28 @@ class StepPlan:
             self.refusal = str(exc)
             log.info("layered execution not available: %s", exc)
         self._chunk_sessions: dict[int, ort.InferenceSession] = {}
+
+    def _inplace_states(self) -> set[str]:
+        """States whose next value may be written over the current one: the state is read by
+        one node only, and that node reads it before anything writes the next value (an
+        IFNeuron's integrate step; the elementwise Add of a running sum)."""
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.rest_nodes:
+            for i in dict.fromkeys(node.input):
+                consumers.setdefault(i, []).append(node)
+        outputs = {o.name for o in self.proto.graph.output}
+        safe = set()
+        for s_in in self.state_order:
+            users = consumers.get(s_in, [])
+            if len(users) != 1 or s_in in outputs:
+                continue
+            node, s_out = users[0], self.state_out_of[s_in]
+            neuron = node.domain == DOMAIN and node.op_type == IF_OP and list(node.input).count(s_in) == 1 \
+                and node.input[1] == s_in and node.output[1] == s_out
+            running_sum = node.domain in ("", "ai.onnx") and node.op_type == "Add" and node.output[0] == s_out
+            if neuron or running_sum:
+                safe.add(s_in)
+        return safe
 
     def _session(self, nodes: list[onnx.NodeProto], inputs: list[str], outputs: list[str], name: str) -> ort.InferenceSession:
         model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, name)
@@ -316,7 +339,7 @@ class StepPlan:
             raise _Refuse(f"{node.name}: {op} along the batch axis")
         if op == "Flatten" and int(attrs.get("axis", 1)) == 0:
             raise _Refuse(f"{node.name}: Flatten with axis 0")
-        if op == "Transpose" and attrs.get("perm") is not None and list(attrs["perm"])[0] != 0:
+        if op == "Transpose" and attrs.get("perm") is not None and next(iter(attrs["perm"])) != 0:
             raise _Refuse(f"{node.name}: Transpose moves the batch axis")
         if op in ("Reshape", "Squeeze", "Unsqueeze", "Slice", "Pad", "Resize", "Upsample", "Gemm", "MatMul"):
             inits = {i.name: i for i in self.proto.graph.initializer}
@@ -378,45 +401,65 @@ def run_layered(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, 
         done += n
 
 
+def _owned(a: np.ndarray) -> np.ndarray:
+    """``a`` itself if it is a writable C-contiguous float32 array, else a copy that is."""
+    if a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable and a.flags.owndata:
+        return a
+    return np.array(a, dtype=np.float32, order="C")
+
+
 def run_steps(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray], T: int,
               bind: bool = True) -> Iterator[list[np.ndarray]]:
     """Yield the step outputs of steps 0..T-1 of the reduced step model (prefix run once).
 
-    With ``bind``, the states live in two preallocated sets of buffers that the session reads
-    and writes in turn (IOBinding), so no state is allocated or copied between steps.
-    ``states`` is updated to the state after the last step.
+    With ``bind``, the states stay in preallocated buffers bound to the session (IOBinding):
+    the states in :attr:`StepPlan.inplace` are read and rewritten in one buffer; the others
+    (read after their next value is written, e.g. a running max) alternate between two. No
+    state is allocated or copied between steps. ``states`` (state input -> array) refers to
+    the buffers holding the latest state after every step.
     """
     assert plan.prefix is not None and plan.reduced is not None
     const = dict(zip(plan.prefix_outputs, plan.prefix.run(plan.prefix_outputs, feeds)))
     const.update({k: v for k, v in feeds.items() if k in plan.reduced_inputs})
     k = len(plan.step_outputs)
-    outs_names = plan.step_outputs + [plan.state_out_of[s] for s in plan.state_order]
     if T <= 1 or not bind:
+        outs_names = plan.step_outputs + [plan.state_out_of[s] for s in plan.state_order]
         for _ in range(T):
             results = plan.reduced.run(outs_names, {**const, **states})
             states.update(zip(plan.state_order, results[k:]))
             yield results[:k]
         return
-    results = plan.reduced.run(outs_names, {**const, **states})
-    yield results[:k]
-    # buffers: the numpy arrays own the memory; the OrtValues only view it, so keep both
-    bufs = [[np.ascontiguousarray(r) for r in results[k:]], [np.empty_like(r) for r in results[k:]]]
-    out_bufs = [np.empty_like(r) for r in results[:k]]
+    # the numpy arrays own the memory; the OrtValues only view it, so keep both alive
     keep = {n: np.ascontiguousarray(v) for n, v in const.items()}
-    bindings = []
-    for src, dst in ((0, 1), (1, 0)):
+    here = {s: _owned(states[s]) for s in plan.state_order}
+    there = {s: here[s] if s in plan.inplace else np.empty_like(here[s]) for s in plan.state_order}
+    states.update(here)
+    view = ort.OrtValue.ortvalue_from_numpy
+
+    def binding(src: dict[str, np.ndarray], dst: dict[str, np.ndarray], outs: list[np.ndarray] | None) -> ort.IOBinding:
         b = plan.reduced.io_binding()
         for n, v in keep.items():
-            b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(v))
-        for s, v in zip(plan.state_order, bufs[src]):
-            b.bind_ortvalue_input(s, ort.OrtValue.ortvalue_from_numpy(v))
-        for n, v in zip(outs_names, out_bufs + bufs[dst]):
-            b.bind_ortvalue_output(n, ort.OrtValue.ortvalue_from_numpy(v))
-        bindings.append(b)
-    cur = 0
+            b.bind_ortvalue_input(n, view(v))
+        for j, n in enumerate(plan.step_outputs):  # bound first: the first k outputs
+            if outs is None:
+                b.bind_output(n, "cpu")
+            else:
+                b.bind_ortvalue_output(n, view(outs[j]))
+        for s_in in plan.state_order:
+            b.bind_ortvalue_input(s_in, view(src[s_in]))
+            b.bind_ortvalue_output(plan.state_out_of[s_in], view(dst[s_in]))
+        return b
+
+    first = binding(here, there, None)
+    plan.reduced.run_with_iobinding(first)
+    results = [o.numpy() for o in first.get_outputs()[:k]]
+    del first
+    states.update(there)
+    yield results
+    out_bufs = [np.empty_like(r) for r in results]
+    bindings = [binding(there, here, out_bufs), binding(here, there, out_bufs)]
+    sides = [here, there]
     for i in range(T - 1):
-        plan.reduced.run_with_iobinding(bindings[cur])
-        cur ^= 1
-        if i == T - 2:  # before the last yield: the caller may close the generator there
-            states.update(zip(plan.state_order, bufs[cur]))
+        plan.reduced.run_with_iobinding(bindings[i % 2])
+        states.update(sides[i % 2])
         yield out_bufs

@@ -166,3 +166,32 @@ def test_layered_refuses_ops_that_mix_samples() -> None:
     mixing, states = _step_graph_with(helper.make_node("Transpose", ["s"], ["s2"], perm=[1, 0], name="t"))
     plan = StepPlan(mixing, states, ["y"], ort.SessionOptions())
     assert plan.refusal is not None and "batch axis" in plan.refusal
+
+
+def test_states_updated_in_place_are_exactly_the_safe_ones(resnet_snn) -> None:
+    """IF membranes and running sums are rewritten in their own buffer; a running max is read
+    after its next value is written (the increment), so it keeps two buffers."""
+    session = SpikingSession(resnet_snn, mode="step")
+    plan = session._plan
+    kinds = {s["input"]: ("if" if s["init"] != "zeros" else "pool") for s in session.meta["states"]}
+    maxes = {s for s in kinds if s.endswith("/max")}
+    assert maxes and not maxes & plan.inplace
+    assert {s for s, k in kinds.items() if k == "if"} <= plan.inplace
+    assert {s for s in kinds if s.endswith("/acc")} <= plan.inplace
+    x = {"x": np.random.default_rng(3).uniform(0, 1, (3, 1, 8, 8)).astype(np.float32)}
+    _assert_close(_reference(resnet_snn, x, [2, 9]), session.run_many(x, [2, 9]))
+    ref = SpikingSession(resnet_snn, mode="step", probes=[session.spike_tensors[0]])
+    ref.run(x, 9)
+    for name, value in ref._states.items():  # the buffers left in the session hold the final states
+        np.testing.assert_allclose(session._states[name], value, rtol=0, atol=1e-5)
+
+
+def test_auto_times_both_forms_once_per_batch_and_keeps_the_results(digits_snn) -> None:
+    with np.load(MODELS / "data" / "digits_test.npz") as z:
+        x = {"input": z["input"][:2]}
+    session = SpikingSession(digits_snn, mode="auto")
+    first = session.run_many(x, [5, 20])
+    assert list(session.auto_choices) == [(2, 16)] and session.auto_choices[(2, 16)] in ("layered", "step")
+    _assert_close(_reference(digits_snn, x, [5, 20]), first)
+    _assert_close(first, session.run_many(x, [5, 20]))  # the decision is reused, not re-timed
+    assert list(session.auto_choices) == [(2, 16)]
