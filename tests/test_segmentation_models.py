@@ -146,12 +146,16 @@ def test_aspp_pool_branch_stays_spiking() -> None:
 
 @pytest.mark.parametrize("name", ["seg_fcn.onnx", "seg_deeplab.onnx"])
 def test_segmentation_model_converts(name: str) -> None:
-    """Compiles without hand edits, every ReLU becomes a neuron layer, and the SNN approaches the ANN in T."""
+    """Compiles without hand edits, every ReLU becomes a neuron layer, and the SNN approaches the ANN in T.
+
+    Max-norm thresholds from 2 batches keep the test fast; LTB with few iterations sets low
+    thresholds whose clipping error would hide the convergence in T.
+    """
     path = MODELS / name
     if not path.exists():
         pytest.skip(f"{path} is not built (models/build_segmentation.py)")
     relus = sum(n.op_type == "Relu" for n in onnx.load(str(path)).graph.node)
-    snn = ann2snn.compile(path, MODELS / "data" / "scenes_calib.npz", iters=5, batch=16)
+    snn = ann2snn.compile(path, MODELS / "data" / "scenes_calib.npz", method="max", iters=2, batch=32)
     meta = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])
     assert len(meta["neurons"]) == relus
     assert meta["tail"] is None  # the bilinear upsampling stays in the spiking part: it is linear
@@ -161,4 +165,6 @@ def test_segmentation_model_converts(name: str) -> None:
     assert ann.shape == (4, 11, 64, 64)
     out = SpikingSession(snn, threads=1).run_many(x, [16, 128])
     err = {T: float(np.abs(out[T]["logits"] - ann).mean()) for T in out}
-    assert err[128] < 0.5 * err[16], err
+    assert err[128] < 0.3 * err[16], err
+    agree = float((out[128]["logits"].argmax(1) == ann.argmax(1)).mean())
+    assert agree > 0.97, agree
