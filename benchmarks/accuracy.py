@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ann2snn
 import numpy as np
 import onnxruntime as ort
-
-import ann2snn
 from ann2snn.runtime import SpikingSession
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,15 +54,15 @@ def ann_logits(path: Path, x: np.ndarray, batch: int) -> np.ndarray:
 
 
 def simulate(session: SpikingSession, x: np.ndarray, Ts: list[int], large: int, batch: int,
-             t0: int | None) -> dict[int, np.ndarray]:
-    """SNN outputs: T <= 64 on all of ``x``, larger T on its first ``large`` rows."""
-    small = [T for T in Ts if T <= SMALL_T_MAX]
-    big = [T for T in Ts if T > SMALL_T_MAX]
+             t0: int | None, split: int = SMALL_T_MAX) -> dict[int, np.ndarray]:
+    """SNN outputs: T <= ``split`` on all of ``x``, larger T on its first ``large`` rows."""
+    small = [T for T in Ts if T <= split]
+    big = [T for T in Ts if T > split]
     out_name = session.output_names[0]
     outs: dict[int, list[np.ndarray]] = {T: [] for T in Ts}
     i = 0
     while i < len(x):
-        n = min(batch, large - i) if big and i < large else batch
+        n = min(batch, large - i) if big and i < large else min(batch, len(x) - i)
         res = session.run_many(x[i:i + n], (small + big) if big and i < large else small, t0)
         for T, r in res.items():
             outs[T].append(r[out_name])
@@ -72,7 +71,7 @@ def simulate(session: SpikingSession, x: np.ndarray, Ts: list[int], large: int, 
 
 
 def run_model(name: str, Ts: list[int], limit: int, large: int, batch: int, methods: list[str],
-              t0: int | None) -> dict[str, Any]:
+              t0: int | None, threads: int = 2, split: int = SMALL_T_MAX) -> dict[str, Any]:
     """Compile the model with each method, simulate, and collect accuracies."""
     ann, calib, test, common = MODELS[name]
     with np.load(ROOT / test) as z:
@@ -81,7 +80,7 @@ def run_model(name: str, Ts: list[int], limit: int, large: int, batch: int, meth
     ref = ann_logits(ROOT / ann, x, batch)
     ann_pred = ref.argmax(1)
     result: dict[str, Any] = {
-        "ann": ann, "calib": calib, "test": test, "samples": len(x), "large_T_samples": large,
+        "ann": ann, "calib": calib, "test": test, "samples": len(x), "large_T_samples": large, "split_T": split,
         "ann_accuracy": float((ann_pred == labels).mean()),
         "ann_accuracy_large_subset": float((ann_pred[:large] == labels[:large]).mean()),
         "methods": {},
@@ -89,11 +88,11 @@ def run_model(name: str, Ts: list[int], limit: int, large: int, batch: int, meth
     for method in methods:
         options = {**common, **METHODS[method]}
         start = time.perf_counter()
-        snn = ann2snn.compile(ROOT / ann, ROOT / calib, **options)
+        snn = ann2snn.compile(ROOT / ann, ROOT / calib, threads=threads, **options)
         compile_s = time.perf_counter() - start
-        session = SpikingSession(snn)
+        session = SpikingSession(snn, threads=threads)
         start = time.perf_counter()
-        outs = simulate(session, x, Ts, large, batch, t0)
+        outs = simulate(session, x, Ts, large, batch, t0, split)
         sim_s = time.perf_counter() - start
         rows = {}
         for T, y in outs.items():
@@ -113,8 +112,9 @@ def markdown(name: str, res: dict[str, Any], Ts: list[int]) -> str:
     Ts = [T for T in Ts if all(T in m["T"] for m in res["methods"].values())]
     is_agree = name == "mobilenet_v2"
     what = "top-1 agreement with the ANN" if is_agree else "accuracy"
-    head = (f"**{name}** ({res['ann']}): SNN {what} in %, T <= {SMALL_T_MAX} over {res['samples']} samples, "
-            f"T > {SMALL_T_MAX} over the first {res['large_T_samples']}. ANN accuracy "
+    split = res.get("split_T", SMALL_T_MAX)
+    head = (f"**{name}** ({res['ann']}): SNN {what} in %, T <= {split} over {res['samples']} samples, "
+            f"T > {split} over the first {res['large_T_samples']}. ANN accuracy "
             f"{res['ann_accuracy'] * 100:.2f}% (first {res['large_T_samples']}: {res['ann_accuracy_large_subset'] * 100:.2f}%)"
             + (" (labels are the ANN's answers)" if is_agree else "") + ".")
     lines = [head, "", "| method | t0 | " + " | ".join(f"T={T}" for T in Ts) + " | compile s |",
@@ -164,6 +164,9 @@ def main() -> None:
     ap.add_argument("--large-limit", type=int, default=1000, help="first N test samples for T > 64 (0: same as --limit)")
     ap.add_argument("--batch", type=int, default=500, help="simulation batch size")
     ap.add_argument("--t0", type=int, default=None, help="readout delay (default: the compiled estimate)")
+    ap.add_argument("--split-T", type=int, default=SMALL_T_MAX,
+                    help="T up to this over --limit samples, larger T over --large-limit")
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (calibration and simulation)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
@@ -187,7 +190,8 @@ def main() -> None:
                     results[name] = res
     else:
         for name in args.models.split(","):
-            results[name] = run_model(name, Ts, args.limit, args.large_limit, args.batch, args.methods.split(","), args.t0)
+            results[name] = run_model(name, Ts, args.limit, args.large_limit, args.batch, args.methods.split(","), args.t0,
+                                      args.threads, args.split_T)
     parts = [markdown(n, r, Ts) + "".join("\n\n" + markdown(n, p, Ts) for p in r.get("parts", []))
              for n, r in results.items()]
     text = "\n".join(f"command: `{c}`" for c in commands or [command]) + "\n\n" + "\n\n".join(parts)

@@ -1,10 +1,19 @@
-"""The LTB knobs on one reference model: iterations K, batch size B, v(0) and the readout delay t0.
+"""The LTB knobs on one reference model: iterations K, batch size B, v(0) and the readout window t0.
 
-Each setting changes one knob from the defaults (K=200, B=64, v0=0.5, t0 = compiled estimate),
-compiles once and simulates once; every T and every t0 are read out of that one simulation.
-Uses the first ``--limit`` test samples. Run:
+Each setting changes the compile options (default: K=200, B=64, v0=0.5, channel-wise LTB),
+compiles once and simulates the first ``--limit`` test samples once, up to the largest T.
+The sum of the output over the steps [0, t) is kept for every t, so every T and every
+readout rule (where the averaging window starts) are read out of that one simulation:
 
-    .venv/bin/python benchmarks/knob_study.py [--model fashion_vgg] [--limit 1000]
+* ``auto``: the compiled estimate t0 (METHOD.md), or the last 4 steps when T < t0 + 4
+  (what ``SpikingSession.run`` does);
+* ``0``: no delay; ``T/16``, ``T/8``, ``T/4``, ``T/2``: a fixed fraction of T;
+* ``auto_max_T/8``, ``auto_max_T/4``: the ``auto`` start, but never later than T/8 or T/4.
+
+Run (``--settings`` is a ``;``-separated list of ``key=value,...`` option sets, empty = defaults):
+
+    .venv/bin/python benchmarks/knob_study.py --model fashion_vgg --limit 1000 -T 128 \\
+        --settings ";iters=10;iters=50;iters=1000;batch=16;batch=256;v0=0.0;v0=0.25"
 """
 from __future__ import annotations
 
@@ -13,69 +22,122 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import ann2snn
+import numpy as np
 from ann2snn.runtime import SpikingSession
+from ann2snn.runtime.session import window_start
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from accuracy import MODELS, ann_logits  # noqa: E402
+from accuracy import MODELS, ann_logits
 
-SETTINGS: list[dict[str, Any]] = [
-    {}, {"iters": 10}, {"iters": 50}, {"iters": 800}, {"batch": 16}, {"batch": 256},
-    {"v0": 0.0}, {"v0": 0.3}, {"v0": 0.7},
-]
+DEFAULTS = {"iters": 200, "batch": 64, "v0": 0.5}
+TS = (4, 8, 16, 32, 64, 128, 256)
+RULES: dict[str, Callable[[int, int, int], int]] = {  # (T, compiled t0, min window) -> first step of the window
+    "auto": lambda T, t0, w: window_start(T, t0, w),
+    "0": lambda T, t0, w: 0,
+    "T/16": lambda T, t0, w: T // 16,
+    "T/8": lambda T, t0, w: T // 8,
+    "T/4": lambda T, t0, w: T // 4,
+    "T/2": lambda T, t0, w: T // 2,
+    "auto_max_T/8": lambda T, t0, w: min(window_start(T, t0, w), T // 8),
+    "auto_max_T/4": lambda T, t0, w: min(window_start(T, t0, w), T // 4),
+}
+
+
+def parse_settings(spec: str) -> list[dict[str, Any]]:
+    """``"iters=10;batch=16,iters=50;"`` -> [{"iters": 10}, {"batch": 16, "iters": 50}, {}]."""
+    out = []
+    for part in spec.split(";"):
+        setting: dict[str, Any] = {}
+        for kv in filter(None, (p.strip() for p in part.split(","))):
+            key, value = kv.split("=")
+            setting[key] = float(value) if "." in value else (int(value) if value.lstrip("-").isdigit() else value)
+        out.append(setting)
+    return out
+
+
+def cumulative_outputs(session: SpikingSession, x: np.ndarray, T: int, batch: int) -> np.ndarray:
+    """``[N, T + 1, C]``: the sum of the (single) output over the steps [0, t) for t = 0..T."""
+    name = session.output_names[0]
+    parts = []
+    for i in range(0, len(x), batch):
+        res = session.run_many(x[i:i + batch], list(range(1, T + 1)), t0=0)  # mean over [0, t)
+        cum = [np.zeros_like(res[1][name], dtype=np.float64)]
+        cum += [res[t][name].astype(np.float64) * t for t in range(1, T + 1)]
+        parts.append(np.stack(cum, 1))
+    return np.concatenate(parts)
+
+
+def accuracy_table(cums: np.ndarray, labels: np.ndarray, Ts: list[int], t0: int, min_window: int,
+                   rules: list[str]) -> dict[str, dict[int, float]]:
+    """Accuracy of each readout rule at each T from the cumulative outputs."""
+    table: dict[str, dict[int, float]] = {}
+    for rule in rules:
+        row = {}
+        for T in Ts:
+            s = RULES[rule](T, t0, min_window)
+            row[T] = float(((cums[:, T] - cums[:, s]).argmax(1) == labels).mean())
+        table[rule] = row
+    return table
 
 
 def main() -> None:
-    """Run every setting and print one markdown table."""
+    """Run every setting and print one markdown table (and JSON with ``--json``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="fashion_vgg")
-    ap.add_argument("--limit", type=int, default=1000)
-    ap.add_argument("-T", default="4,8,16,32,64,128")
-    ap.add_argument("--t0", default="auto,0", help="readout delays: 'auto', an integer, or 'T/4' (a quarter of T)")
-    ap.add_argument("--batch", type=int, default=500, help="simulation batch")
+    ap.add_argument("--limit", type=int, default=1000, help="first N test samples")
+    ap.add_argument("-T", type=int, default=128, help="largest T; the table shows 4, 8, ... up to it")
+    ap.add_argument("--settings", default=";iters=10;iters=50;iters=1000;batch=16;batch=256;v0=0.0;v0=0.25")
+    ap.add_argument("--rules", default=",".join(RULES), help="readout rules to tabulate")
+    ap.add_argument("--sim-batch", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--save-cums", type=Path, default=None,
+                    help="also write each setting's cumulative outputs and the labels here (.npz, for other readout rules)")
     args = ap.parse_args()
     ann, calib, test, common = MODELS[args.model]
     with np.load(ROOT / test) as z:
-        x, y = z["input"][: args.limit], z["label"][: args.limit]
-    ann_acc = float((ann_logits(ROOT / ann, x, args.batch).argmax(1) == y).mean())
-    Ts = sorted(int(t) for t in args.T.split(","))
-    print(f"command: `python benchmarks/knob_study.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`")
-    print(f"model: {ann}, first {len(x)} test samples, ANN accuracy {ann_acc * 100:.2f}%\n")
-    print("| setting | t0 | " + " | ".join(f"T={T}" for T in Ts) + " | compile s |")
-    print("|---|---|" + "---|" * len(Ts) + "---|", flush=True)
+        x, y = z["input"][: args.limit or None], z["label"][: args.limit or None]
+    ann_acc = float((ann_logits(ROOT / ann, x, args.sim_batch).argmax(1) == y).mean())
+    Ts = [T for T in TS if T <= args.T]
+    rules = args.rules.split(",")
+    command = f"python benchmarks/knob_study.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}"
+    print(f"command: `{command}`\n")
+    print(f"model: {ann}, first {len(x)} test samples, ANN accuracy {ann_acc * 100:.2f}%. "
+          f"Defaults: LTB channel-wise, K={DEFAULTS['iters']}, B={DEFAULTS['batch']}, v0={DEFAULTS['v0']}.\n")
+    print("| setting | readout start | " + " | ".join(f"T={T}" for T in Ts) + " |")
+    print("|---|---|" + "---|" * len(Ts), flush=True)
     rows = []
-    for setting in SETTINGS:
+    for setting in parse_settings(args.settings):
         options = {**common, **setting}
         start = time.perf_counter()
-        session = SpikingSession(ann2snn.compile(ROOT / ann, ROOT / calib, **options))
-        secs = time.perf_counter() - start
-        for t0_spec in args.t0.split(","):
-            accs = []
-            # one simulation per t0 family: T/4 depends on T, so read each T separately from run_many
-            outs: dict[int, list[np.ndarray]] = {T: [] for T in Ts}
-            for i in range(0, len(x), args.batch):
-                if t0_spec == "T/4":
-                    for T in Ts:
-                        outs[T].append(session.run(x[i:i + args.batch], T, T // 4)["logits"])
-                else:
-                    t0 = None if t0_spec == "auto" else int(t0_spec)
-                    for T, r in session.run_many(x[i:i + args.batch], Ts, t0).items():
-                        outs[T].append(r["logits"])
-            accs = [float((np.concatenate(outs[T]).argmax(1) == y).mean()) for T in Ts]
-            label = ", ".join(f"{k}={v}" for k, v in setting.items()) or "defaults (K=200, B=64, v0=0.5)"
-            t0_txt = f"{session.t0} (auto)" if t0_spec == "auto" else t0_spec
-            print(f"| {label} | {t0_txt} | " + " | ".join(f"{a * 100:.2f}" for a in accs) + f" | {secs:.1f} |", flush=True)
-            rows.append({"setting": setting, "t0": t0_txt, "accuracy": dict(zip(Ts, accs)), "compile_s": secs})
+        session = SpikingSession(ann2snn.compile(ROOT / ann, ROOT / calib, threads=args.threads, **options),
+                                 threads=args.threads)
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        cums = cumulative_outputs(session, x, Ts[-1], args.sim_batch)
+        sim_s = time.perf_counter() - start
+        label = ", ".join(f"{k}={v}" for k, v in setting.items()) or "defaults"
+        if args.save_cums:
+            args.save_cums.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(args.save_cums / f"{args.model}_{label.replace(', ', '_')}.npz",
+                                cums=cums.astype(np.float32), label=y, t0=session.t0)
+        table = accuracy_table(cums, y, Ts, session.t0, session.min_window, rules)
+        for rule, accs in table.items():
+            shown = f"auto (t0={session.t0})" if rule == "auto" else rule
+            print(f"| {label} | {shown} | " + " | ".join(f"{accs[T] * 100:.2f}" for T in Ts) + " |", flush=True)
+        print(f"[{label}] compile {compile_s:.1f} s, simulate {sim_s:.1f} s", file=sys.stderr, flush=True)
+        rows.append({"setting": setting, "t0": session.t0, "compile_s": compile_s, "simulate_s": sim_s,
+                     "accuracy": table})
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "samples": len(x), "ann_accuracy": ann_acc,
-                                         "rows": rows}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"command": command, "model": args.model, "samples": len(x),
+                                         "ann_accuracy": ann_acc, "defaults": DEFAULTS, "T": Ts, "rows": rows},
+                                        indent=1) + "\n")
 
 
 if __name__ == "__main__":

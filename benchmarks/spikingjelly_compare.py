@@ -35,20 +35,27 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
-from build_fashion import ARCHS, FASHION_MEAN, FASHION_STD, Normalised, export_onnx  # noqa: E402
+from build_fashion import ARCHS, FASHION_MEAN, FASHION_STD, Normalised, export_onnx
 
 SMALL_T_MAX = 64
 
 
 def calib_batches(n_batches: int, batch: int, seed: int) -> list[np.ndarray]:
-    """K batches drawn (reshuffling per epoch) from the committed calibration subset."""
+    """K batches from the committed calibration subset, drawn exactly as ``ann2snn.compile``
+    draws them from an .npz (a seeded permutation per epoch, the remainder of an epoch
+    dropped, indices sorted within a batch), so that both converters see the same batches
+    and the ann2snn model equals the one ``benchmarks/accuracy.py`` builds."""
     with np.load(ROOT / "models/data/fashion_calib.npz") as z:
         x = z["input"]
+    batch = min(batch, len(x))
     rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while len(order) < n_batches * batch:
-        order.extend(rng.permutation(len(x)).tolist())
-    return [x[order[i * batch:(i + 1) * batch]] for i in range(n_batches)]
+    order, pos, out = rng.permutation(len(x)), 0, []
+    for _ in range(n_batches):
+        if pos + batch > len(x):
+            order, pos = rng.permutation(len(x)), 0
+        out.append(x[np.sort(order[pos:pos + batch])])
+        pos += batch
+    return out
 
 
 def normalise(x: np.ndarray) -> torch.Tensor:
@@ -66,37 +73,42 @@ def sj_convert(net: torch.nn.Module, batches: list[np.ndarray]) -> tuple[torch.n
     return snn, time.perf_counter() - start
 
 
+def windows(cums: np.ndarray, reads: dict[str, dict[int, int]]) -> dict[str, dict[int, np.ndarray]]:
+    """Predictions from cumulative outputs ``cums[:, t]`` = sum over steps [0, t): for each
+    readout label and T, argmax of the sum over the steps [start, T)."""
+    return {label: {T: (cums[:, T] - cums[:, s]).argmax(1) for T, s in starts.items() if T < cums.shape[1]}
+            for label, starts in reads.items()}
+
+
 def sj_simulate(snn: torch.nn.Module, x: np.ndarray, Ts: list[int], large: int, batch: int,
-                delays: dict[int, int]) -> dict[int, np.ndarray]:
-    """Run the SpikingJelly SNN; the output for T is the mean over steps [delays[T], T)."""
+                reads: dict[str, dict[int, int]]) -> dict[str, dict[int, np.ndarray]]:
+    """Run the SpikingJelly SNN once per batch and read it out over every window of ``reads``."""
     from spikingjelly.activation_based import functional
 
-    outs: dict[int, list[np.ndarray]] = {T: [] for T in Ts}
+    preds: dict[str, dict[int, list[np.ndarray]]] = {label: {T: [] for T in Ts} for label in reads}
     i = 0
     with torch.no_grad():
         while i < len(x):
-            n = min(batch, large - i) if i < large else batch
-            these = Ts if i < large else [T for T in Ts if T <= SMALL_T_MAX]
+            n = min(batch, large - i, len(x) - i) if i < large else min(batch, len(x) - i)
+            steps = max(Ts) if i < large else max(T for T in Ts if T <= SMALL_T_MAX)
             xb = normalise(x[i:i + n])
             functional.reset_net(snn)
-            cums = []
-            total = torch.zeros(())
-            for _ in range(max(these)):
-                total = total + snn(xb).double()
-                cums.append(total)
-            for T in these:
-                d = delays[T]
-                base = cums[d - 1] if d > 0 else 0.0
-                outs[T].append(((cums[T - 1] - base) / (T - d)).float().numpy())
+            cums = [torch.zeros((n, 10), dtype=torch.float64)]
+            for _ in range(steps):
+                cums.append(cums[-1] + snn(xb).double())
+            for label, by_T in windows(torch.stack(cums, 1).numpy(), reads).items():
+                for T, p in by_T.items():
+                    preds[label][T].append(p)
             i += n
-    return {T: np.concatenate(v) for T, v in outs.items() if v}
+    return {label: {T: np.concatenate(v) for T, v in by_T.items() if v} for label, by_T in preds.items()}
 
 
-def ann2snn_simulate(snn: Any, x: np.ndarray, Ts: list[int], large: int, batch: int) -> dict[int, np.ndarray]:
+def ann2snn_simulate(snn: Any, x: np.ndarray, Ts: list[int], large: int, batch: int,
+                     threads: int) -> dict[int, np.ndarray]:
     """Run the compiled model with ann2snn's runtime (its own readout delay)."""
     from ann2snn.runtime import SpikingSession
 
-    session = SpikingSession(snn)
+    session = SpikingSession(snn, threads=threads)
     outs: dict[int, list[np.ndarray]] = {T: [] for T in Ts}
     i = 0
     while i < len(x):
@@ -108,9 +120,24 @@ def ann2snn_simulate(snn: Any, x: np.ndarray, Ts: list[int], large: int, batch: 
     return {T: np.concatenate(v) for T, v in outs.items() if v}
 
 
+def same_weights(a: Any, b: Any) -> bool:
+    """True if two compiled models carry identical initializers (thresholds, folded weights)."""
+    from onnx import numpy_helper
+
+    ia = {i.name: numpy_helper.to_array(i) for i in a.graph.initializer}
+    ib = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
+    return ia.keys() == ib.keys() and all(ia[k].shape == ib[k].shape and np.allclose(ia[k], ib[k], rtol=1e-5, atol=1e-6)
+                                          for k in ia)
+
+
 def compare(arch: str, weights: Path, Ts: list[int], limit: int, large: int, iters: int, batch: int,
-            sim_batch: int) -> dict[str, Any]:
-    """Convert one network both ways and measure accuracy at each T."""
+            sim_batch: int, threads: int, reuse: Path | None) -> dict[str, Any]:
+    """Convert one network both ways and measure accuracy at each T.
+
+    With ``reuse`` (an ``accuracy.py --json`` file of the same model, test images and LTB
+    options), the ann2snn rows are taken from it instead of simulating again, provided the
+    model compiled here from the torch weights equals the one compiled from the committed
+    ONNX file (it does when the weights are those of the committed model)."""
     import ann2snn
     from spikingjelly.activation_based import ann2snn as sj
 
@@ -126,28 +153,43 @@ def compare(arch: str, weights: Path, Ts: list[int], limit: int, large: int, ite
 
     rows: dict[str, dict[int, float]] = {}
     times: dict[str, float] = {}
+    options = {"method": "ltb", "granularity": "channel", "iters": iters, "batch": batch}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         onnx_path = Path(tmp) / f"{arch}.onnx"
         export_onnx(model, onnx_path)
-        compiled = ann2snn.compile(onnx_path, batches, method="ltb", granularity="channel", iters=iters, batch=batch)
+        compiled = ann2snn.compile(onnx_path, batches, threads=threads, **options)
         times["ann2snn (export + compile)"] = time.perf_counter() - start
-    start = time.perf_counter()
-    outs = ann2snn_simulate(compiled, x, Ts, large, sim_batch)
-    print(f"[{arch}] ann2snn simulated in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    rows["ann2snn LTB channel (auto t0)"] = {T: float((o.argmax(1) == y[:len(o)]).mean()) for T, o in outs.items()}
+    label = "ann2snn LTB channel (auto t0)"
+    reused = None
+    if reuse is not None:
+        saved = json.loads(reuse.read_text())["results"][f"fashion_{arch}"]
+        m = saved["methods"]["ltb-channel"]
+        committed = ann2snn.compile(ROOT / f"models/fashion_{arch}.onnx", ROOT / "models/data/fashion_calib.npz",
+                                    threads=threads, **options)
+        ok = (all(m["options"].get(k) == v for k, v in options.items())
+              and saved["samples"] == len(x) and saved["large_T_samples"] == large and same_weights(compiled, committed))
+        print(f"[{arch}] reuse of {reuse.name}: {'yes' if ok else 'no (model or options differ)'}", file=sys.stderr, flush=True)
+        if ok:
+            reused = str(reuse.name)
+            rows[label] = {T: m["T"][str(T)]["accuracy"] for T in Ts}
+    if reused is None:
+        start = time.perf_counter()
+        outs = ann2snn_simulate(compiled, x, Ts, large, sim_batch, threads)
+        print(f"[{arch}] ann2snn simulated in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        rows[label] = {T: float((o.argmax(1) == y[:len(o)]).mean()) for T, o in outs.items()}
 
     sj_model, times["SpikingJelly LTB"] = sj_convert(net, batches)
     delays = {T: sj.estimate_delay_start(sj_model, [normalise(batches[0])], "cpu", T) for T in Ts}
+    reads = {"SpikingJelly LTB (estimate_delay_start)": delays, "SpikingJelly LTB (no delay)": {T: 0 for T in Ts}}
     start = time.perf_counter()
-    for label, d in (("SpikingJelly LTB (estimate_delay_start)", delays), ("SpikingJelly LTB (no delay)", {T: 0 for T in Ts})):
-        outs = sj_simulate(sj_model, x, Ts, large, sim_batch, d)
-        rows[label] = {T: float((o.argmax(1) == y[:len(o)]).mean()) for T, o in outs.items()}
-    print(f"[{arch}] SpikingJelly simulated (twice) in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    for lab, preds in sj_simulate(sj_model, x, Ts, large, sim_batch, reads).items():
+        rows[lab] = {T: float((p == y[:len(p)]).mean()) for T, p in preds.items()}
+    print(f"[{arch}] SpikingJelly simulated in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return {"samples": len(x), "large_T_samples": large, "ann_accuracy": float((ann_pred == y).mean()),
             "ann_accuracy_large_subset": float((ann_pred[:large] == y[:large]).mean()),
             "calibration": {"batches": iters, "batch": batch}, "sj_delay_start": delays,
-            "conversion_s": times, "accuracy": rows}
+            "ann2snn_rows_from": reused, "conversion_s": times, "accuracy": rows}
 
 
 def main() -> None:
@@ -161,7 +203,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200, help="calibration batches K (both converters)")
     ap.add_argument("--batch", type=int, default=64, help="calibration batch size (both converters)")
     ap.add_argument("--sim-batch", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="take the ann2snn rows from this accuracy.py --json file (checked to be the same model)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -169,12 +213,14 @@ def main() -> None:
     Ts = sorted(int(t) for t in args.T.split(","))
     command = "python benchmarks/spikingjelly_compare.py " + " ".join(
         "DIR" if a == str(args.weights) else shlex.quote(a) for a in sys.argv[1:])
-    versions = subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
+    versions = subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"], check=False, capture_output=True, text=True).stdout
     pins = [ln for ln in versions.splitlines() if ln.split("==")[0].lower() in {"torch", "spikingjelly", "onnxruntime"}]
     results = {}
     lines = [f"command: `{command}`", f"versions: {', '.join(pins)}", ""]
     for arch in args.archs.split(","):
-        r = compare(arch, args.weights, Ts, args.limit, args.large_limit, args.iters, args.batch, args.sim_batch)
+        reuse = args.reuse.parent / args.reuse.name.replace("ARCH", arch) if args.reuse else None
+        r = compare(arch, args.weights, Ts, args.limit, args.large_limit, args.iters, args.batch, args.sim_batch,
+                    args.threads, reuse)
         results[arch] = r
         lines += [f"**fashion_{arch}**: accuracy in %, T <= {SMALL_T_MAX} over the first {r['samples']} test images, "
                   f"T > {SMALL_T_MAX} over the first {r['large_T_samples']}; ANN {r['ann_accuracy'] * 100:.2f}% "
@@ -182,6 +228,8 @@ def main() -> None:
                   f"Calibration: the same {args.iters} batches of {args.batch}. SpikingJelly delay_start by T: "
                   + ", ".join(f"{T}: {d}" for T, d in r["sj_delay_start"].items()), "",
                   "| converter | " + " | ".join(f"T={T}" for T in Ts) + " |", "|---|" + "---|" * len(Ts)]
+        if r["ann2snn_rows_from"]:
+            lines += [f"(ann2snn row: from {r['ann2snn_rows_from']}, the same compiled model and test images)", ""]
         for label, accs in r["accuracy"].items():
             lines.append(f"| {label} | " + " | ".join(f"{accs[T] * 100:.2f}" for T in Ts) + " |")
         lines += ["", "conversion wall-clock: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["conversion_s"].items()), ""]
