@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("-T", default="16,32,64,256")
     ap.add_argument("--t0-frac", type=float, default=None, help="readout t0 = floor(F*T) (default: the model's t0)")
     ap.add_argument("--t0", type=int, default=None, help="fixed readout t0 (default: the model's)")
-    ap.add_argument("--score-thr", type=float, default=0.3, help="detections drawn from this score up")
+    ap.add_argument("--score-thr", type=float, default=0.45, help="detections drawn from this score up")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--snn-dir", type=Path, default=None,
