@@ -20,7 +20,9 @@ Both: ``input`` float32 ``[N, 1, 64, 64]`` in [0, 1], ``logits`` float32 ``[N, 1
 BatchNorm left for the compiler to fold. The script prints the ANN mIoU of the exported
 ONNX files on ``data/scenes_test.npz`` (onnxruntime).
 
-Run: ``/tmp/torchenv/bin/python models/build_segmentation.py [--arch fcn|deeplab|both]``
+Run: ``/tmp/torchenv/bin/python models/build_segmentation.py [--arch fcn|deeplab|both]``;
+``--snn-check 100`` instead compiles the existing files (default options) and prints their SNN
+mIoU by T on the first 100 test scenes.
 """
 from __future__ import annotations
 
@@ -189,6 +191,23 @@ def export_onnx(model: nn.Module, path: Path) -> None:
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
+def snn_check(path: Path, calib: Path, x: np.ndarray, mask: np.ndarray, Ts: list[int]) -> None:
+    """Compile ``path`` with the default options and print ANN and SNN mIoU by T (default readout)."""
+    import ann2snn
+    from ann2snn.runtime import SpikingSession
+
+    start = time.perf_counter()
+    session = SpikingSession(ann2snn.compile(path, calib), threads=1)
+    print(f"{path.name}: compiled in {time.perf_counter() - start:.0f} s, readout t0 = {session.t0}", flush=True)
+    print(f"  ANN mIoU on {len(x)} test scenes: {onnx_miou(path, x, mask):.4f}", flush=True)
+    cms = {T: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for T in Ts}
+    for i in range(0, len(x), 25):
+        out = session.run_many(x[i : i + 25], Ts)
+        for T in Ts:
+            cms[T] += confusion(out[T]["logits"].argmax(1), mask[i : i + 25])
+    print("  SNN mIoU: " + ", ".join(f"T={T} {miou(cms[T]):.4f}" for T in Ts), flush=True)
+
+
 def main() -> None:
     """Generate training scenes, train the requested networks, export, report test mIoU."""
     here = Path(__file__).resolve().parent
@@ -200,10 +219,21 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--snn-check", type=int, default=0, metavar="N",
+                   help="do not train: compile the existing models and print SNN mIoU by T on N test scenes")
+    p.add_argument("--T", default="16,32,64,128,256", help="timesteps for --snn-check")
     args = p.parse_args()
+    archs = ["fcn", "deeplab"] if args.arch == "both" else [args.arch]
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
 
+    if args.snn_check:
+        with np.load(here / "data" / "scenes_test.npz") as z:
+            x_test, m_test = z["input"][: args.snn_check], z["mask"][: args.snn_check]
+        for arch in archs:
+            snn_check(args.out_dir / f"seg_{arch}.onnx", here / "data" / "scenes_calib.npz", x_test, m_test,
+                      [int(t) for t in args.T.split(",")])
+        return
     start = time.perf_counter()
     d = make_scenes(args.train_scenes, seed=args.seed, split="train")
     x, y = d["input"], d["mask"].astype(np.uint8)
@@ -211,7 +241,7 @@ def main() -> None:
     with np.load(here / "data" / "scenes_test.npz") as z:
         x_test, m_test = z["input"], z["mask"]
 
-    for arch in (["fcn", "deeplab"] if args.arch == "both" else [args.arch]):
+    for arch in archs:
         torch.manual_seed(args.seed)
         net = ARCHS[arch]()
         n_params = sum(p.numel() for p in net.parameters())
