@@ -249,7 +249,8 @@ def calibration_ratio(path: Path, calib: Path, K: int, B: int, repeats: int) -> 
 
 
 def equivalence(snn_step: Any, snn_auto: Any, x: np.ndarray, y: np.ndarray | None, T: int) -> dict[str, float]:
-    """Layered vs step readouts at T on the given samples (batch 1 each, the layered case)."""
+    """Layered (``snn_auto``: a mode="layered" session) vs step readouts at T on the given
+    samples (batch 1 each, the layered case)."""
     a = np.concatenate([snn_step.run({"input": x[i:i + 1]}, T)[snn_step.output_names[0]] for i in range(len(x))])
     b = np.concatenate([snn_auto.run({"input": x[i:i + 1]}, T)[snn_auto.output_names[0]] for i in range(len(x))])
     out = {"max_rel_diff": float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)),
@@ -285,8 +286,9 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, worker: TorchWo
     step = SpikingSession(snn_path, mode="step", threads=args.threads or None)
     auto = SpikingSession(snn_path, mode="auto", threads=args.threads or None)
     result["layered"] = auto._plan.refusal or "available"
-    if args.equiv_samples and (name not in HEAVY or args.equiv_heavy):
-        result["equivalence"] = equivalence(step, auto, xe, ys, args.equiv_T)
+    if args.equiv_samples and (name not in HEAVY or args.equiv_heavy) and auto._plan.cuts is not None:
+        layered = SpikingSession(snn_path, mode="layered", threads=args.threads or None)
+        result["equivalence"] = equivalence(step, layered, xe, ys, args.equiv_T)
     sj_ok = False
     if worker is not None:
         answer = worker.ask(op="load", model=name, calib=str(calib))
@@ -324,7 +326,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, worker: TorchWo
             if runs["sj_ann"]:
                 cfg["sj_vs_torch_ann"] = float(np.median(np.asarray(runs["sj"]) / np.asarray(runs["sj_ann"])))
             cfg["ann_ms"] = float(np.median(ann_t) / T * 1e3)
-            cfg["auto_form"] = "/".join(sorted({f for (b, _), f in auto.auto_choices.items() if b == B})) or "step"
+            cfg["auto_form"] = auto.auto_choices.get((B, auto._layered_chunk(B, T) or 0), "step")
             if args.memory:
                 a = measure_memory("ann", path, test, B, T, "auto")
                 s = measure_memory("snn", snn_path, test, B, T, "auto")
@@ -355,7 +357,7 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['model']} | {c['batch']} | {c['T']} | {c['ann_ms']:.2f} | {c['step_ratio']:.2f} | "
                          f"{c['auto_ratio']:.2f} ({c.get('auto_form', '?')}) | {c['auto_steps_per_s']:.0f} | {sj} | {sjt} | {m} |")
     lines += ["", "| model | layered form | calibration ms/iter | LTB iter / ANN fwd | whole compile / (K·ANN fwd) | "
-              "layered vs step (max rel. diff, argmax agreement, acc step / auto) |", "|---|---|---|---|---|---|"]
+              "layered vs step (max rel. diff, argmax agreement, acc step / layered) |", "|---|---|---|---|---|---|"]
     for r in results:
         cal = r.get("calibration")
         eq = r.get("equivalence")
