@@ -20,14 +20,10 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
 
     Runs the compiler's passes up to the partition (no calibration data needed).
     """
-    from ann2snn.passes.find_activations import find_activations
-    from ann2snn.passes.fold_batchnorm import fold_batchnorm
-    from ann2snn.passes.fold_constants import fold_constants
     from ann2snn.passes.import_model import import_model
-    from ann2snn.passes.make_batch_dynamic import make_batch_dynamic
     from ann2snn.passes.partition_graph import partition_graph
-    from ann2snn.passes.remove_identity import remove_identity
-    from ann2snn.passes.swap_maxpool import swap_maxpool
+
+    from .pipeline import PIPELINE
 
     cfg = config or CompileConfig()
     proto = load_model(model)
@@ -37,8 +33,11 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
     names = [n.name for n in state.graph.nodes]
     original = [(names[i], d, op) for i, (_, d, op) in enumerate(original)]
     problems: list[str] = []
-    for p in (remove_identity, fold_constants, make_batch_dynamic, fold_batchnorm, find_activations, swap_maxpool):
-        p(state)
+    # the compiler's own passes from after check_support (unsupported ops are listed here
+    # instead of raised) up to the partition
+    order = [p.name for p in PIPELINE]
+    for p in PIPELINE[order.index("check_support") + 1:order.index("partition_graph")]:
+        p.run(state)
     try:
         partition_graph(state)
     except UnsupportedModelError as exc:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from ann2snn.passes.calibrate_thresholds import calibrate_thresholds
+from ann2snn.passes.canonicalize_ops import canonicalize_ops
 from ann2snn.passes.check_support import check_support
 from ann2snn.passes.emit_spiking import emit_spiking
 from ann2snn.passes.find_activations import find_activations
@@ -54,7 +55,8 @@ PIPELINE: list[Pass] = [
     # -- normalise: any exporter's output -> one canonical graph ----------------------
     _p(check_support, provides="supported"),
     _p(remove_identity, requires="supported", provides="no-identity"),
-    _p(fold_constants, requires="no-identity", provides="constants-folded"),
+    _p(canonicalize_ops, requires="no-identity", provides="canonical-ops"),
+    _p(fold_constants, requires="canonical-ops", provides="constants-folded"),
     _p(make_batch_dynamic, requires="constants-folded", provides="dynamic-batch"),
     _p(fold_batchnorm, requires="dynamic-batch", provides="no-batchnorm"),
     # -- the spiking structure ---------------------------------------------------------

@@ -94,6 +94,15 @@ def _cut_tensors(state: PassState) -> set[str]:
     return set(state.config.spiking_until)
 
 
+def _after_sites(node: gs.Node, analog_sites: set[str], short: bool = False) -> str:
+    """' (after activation 'Relu_4')' when ``node`` reads an activation that stayed analog."""
+    sites = [t.inputs[0].name for t in node.inputs if t.inputs and t.inputs[0].name in analog_sites]
+    if not sites:
+        return ""
+    names = ", ".join(f"'{n}'" for n in sites)
+    return f", after activation {names}" if short else f" (it reads activation {names}, which therefore stays analog)"
+
+
 def partition_graph(state: PassState) -> PassState:
     """Decide which sites become neurons, which nodes form the tail, and the boundary tensors."""
     graph = state.graph
@@ -108,11 +117,13 @@ def partition_graph(state: PassState) -> PassState:
             break
         neurons = keep
     analog_sites = {s.node for s in state.sites if s.node not in neurons}
-    # nodes that end the spiking part: tail nodes fed directly by the spiking part
+    # nodes that end the spiking part: tail nodes fed by the spiking part, directly or through
+    # an activation that stayed analog because of them
+    feeders = spiking | analog_sites
     breaking = [n for n in graph.nodes if n.name in tail and n.name not in analog_sites
-                and any(t.inputs and t.inputs[0].name in spiking for t in n.inputs)]
-    lost = [s for s in state.sites if s.node in tail and s.node in analog_sites
-            and _reaches_weight(graph, nodes[s.node], tail)]
+                and any(t.inputs and t.inputs[0].name in feeders for t in n.inputs)]
+    # activations with weights after them that did not become neurons
+    lost = [s for s in state.sites if s.node in analog_sites and _reaches_weight(graph, nodes[s.node], set(nodes))]
     if lost and not cut:
         slopes = [n for n in breaking if n.op in NEGATIVE_SLOPE]
         if slopes:
@@ -122,18 +133,28 @@ def partition_graph(state: PassState) -> PassState:
                 f"replace it with ReLU and fine-tune, or pass --spiking-until '{n.inputs[0].name}' to run it and "
                 "everything after it in the analog tail") for n in slopes])
         problems = [NodeProblem(n.name, f"{n.domain or 'ai.onnx'}::{n.op}",
-                                "is not spike-compatible inside the spiking region",
+                                "is not spike-compatible inside the spiking region" + _after_sites(n, analog_sites),
                                 "pass --spiking-until <tensor> to end the spiking part before it, or replace the op")
                     for n in breaking]
+        if not breaking:  # no single op to blame (e.g. a weight computed from the data): name the activations
+            problems = [NodeProblem(s.node, f"ai.onnx::{nodes[s.node].op}",
+                                    "does not become a neuron: no spiking signal reaches it or its consumers are "
+                                    "not spike-compatible", "run `ann2snn inspect model.onnx` to see why") for s in lost]
         if state.config.strict:
             raise UnsupportedModelError(problems, header=f"{len(problems)} node(s) would end the spiking part early "
                                                          f"and leave {len(lost)} activation(s) analog")
         total = sum(node_macs(n) for n in graph.nodes)
         analog = sum(node_macs(nodes[n]) for n in tail)
-        log.warning("the spiking part ends at %s; %d activation(s) after it stay analog, with %d of the network's %d MACs "
-                    "(%.1f%%) (use --strict to make this an error)",
-                    ", ".join(f"'{n.name}' ({n.op})" for n in breaking), len(lost), analog, total,
-                    100.0 * analog / max(total, 1))
+        names = ", ".join(f"'{s.node}'" for s in lost[:5]) + (" ..." if len(lost) > 5 else "")
+        where = ("the spiking part ends at " + ", ".join(f"'{n.name}' ({n.op}{_after_sites(n, analog_sites, True)})"
+                                                        for n in breaking) if breaking
+                 else f"activation(s) {names} do not become neurons (their input does not spike)")
+        log.warning("%s; %d activation(s) stay analog, %d of them with weighted layers after them; %d of the "
+                    "network's %d MACs (%.1f%%) run in the analog tail (use --strict to make this an error)",
+                    where, len(analog_sites), len(lost), analog, total, 100.0 * analog / max(total, 1))
+    if state.sites and not neurons:
+        log.warning("none of the %d activation(s) became a neuron: the compiled model is not spiking; run `ann2snn "
+                    "inspect model.onnx` to see why", len(state.sites))
     state.sites = [s for s in state.sites if s.node in neurons]
     state.spiking = [n.name for n in graph.nodes if n.name in spiking and n.name not in neurons]
     state.tail = [n.name for n in graph.nodes if n.name in tail or n.name in analog_sites]
