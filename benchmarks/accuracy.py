@@ -126,7 +126,8 @@ def markdown(name: str, res: dict[str, Any], Ts: list[int]) -> str:
 
 
 def plot(results: dict[str, Any], Ts: list[int], path: Path) -> bool:
-    """Accuracy against T, one panel per model; False if matplotlib is missing."""
+    """SNN accuracy minus the ANN's on the same test images, against T, one panel per model
+    (runs over different subsets stay comparable); False if matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -135,20 +136,25 @@ def plot(results: dict[str, Any], Ts: list[int], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
-        methods = {k: v for part in [res, *res.get("parts", [])] for k, v in part["methods"].items()}
-        for method, m in methods.items():
-            ts = [T for T in Ts if T in m["T"]]
-            ax.plot(ts, [m["T"][T]["accuracy"] * 100 for T in ts], marker="o", ms=3, label=method)
-        ax.axhline(res["ann_accuracy"] * 100, color="k", ls="--", lw=1, label="ANN")
+        lows = []
+        for part in [res, *res.get("parts", [])]:
+            split = part.get("split_T", SMALL_T_MAX)
+            for method, m in part["methods"].items():
+                ts = [T for T in Ts if T in m["T"]]
+                ann = [part["ann_accuracy"] if T <= split else part["ann_accuracy_large_subset"] for T in ts]
+                gap = [(m["T"][T]["accuracy"] - a) * 100 for T, a in zip(ts, ann)]
+                n = f"{part['samples']}/{part['large_T_samples']}"
+                ax.plot(ts, gap, marker="o", ms=3, label=f"{method} ({n} imgs)")
+                lows += [g for T, g in zip(ts, gap) if T >= 16]
+        ax.axhline(0.0, color="k", ls="--", lw=1, label="ANN")
         ax.set_xscale("log", base=2)
         ax.set_xticks(Ts, [str(T) for T in Ts])
         ax.set_title(name)
         ax.set_xlabel("T (timesteps)")
-        ax.set_ylabel("agreement with ANN (%)" if name == "mobilenet_v2" else "accuracy (%)")
-        lo = min(min(m["T"][T]["accuracy"] for T in Ts if T >= 16 and T in m["T"]) for m in methods.values()) * 100
-        ax.set_ylim(max(0.0, lo - 5), 100.5)
+        ax.set_ylabel("agreement with ANN (%)" if name == "mobilenet_v2" else "SNN - ANN accuracy (points)")
+        ax.set_ylim(max(-100.0, min(lows, default=-5) - 1), max(1.0, max(lows, default=0) + 0.5))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True

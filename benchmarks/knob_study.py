@@ -7,6 +7,7 @@ readout rule (where the averaging window starts) are read out of that one simula
 
 * ``auto``: the compiled estimate t0 (METHOD.md), or the last 4 steps when T < t0 + 4
   (what ``SpikingSession.run`` does);
+* ``auto_w2``, ``auto_w1``: the same with a minimum window of 2 or 1 steps instead of 4;
 * ``0``: no delay; ``T/16``, ``T/8``, ``T/4``, ``T/2``: a fixed fraction of T;
 * ``auto_max_T/8``, ``auto_max_T/4``: the ``auto`` start, but never later than T/8 or T/4.
 
@@ -39,6 +40,8 @@ DEFAULTS = {"iters": 200, "batch": 64, "v0": 0.5}
 TS = (4, 8, 16, 32, 64, 128, 256)
 RULES: dict[str, Callable[[int, int, int], int]] = {  # (T, compiled t0, min window) -> first step of the window
     "auto": lambda T, t0, w: window_start(T, t0, w),
+    "auto_w2": lambda T, t0, w: window_start(T, t0, 2),
+    "auto_w1": lambda T, t0, w: window_start(T, t0, 1),
     "0": lambda T, t0, w: 0,
     "T/16": lambda T, t0, w: T // 16,
     "T/8": lambda T, t0, w: T // 8,
@@ -86,6 +89,25 @@ def accuracy_table(cums: np.ndarray, labels: np.ndarray, Ts: list[int], t0: int,
     return table
 
 
+def tabulate_saved(folder: Path, model: str, T_max: int, rules: list[str]) -> None:
+    """Print the table of every saved setting of ``model`` (``--save-cums`` files) for ``rules``."""
+    files = sorted(folder.glob(f"{model}_*.npz"), key=lambda f: (f.stem != f"{model}_defaults", f.stem))
+    print(f"command: `python benchmarks/knob_study.py --model {model} --from-cums DIR -T {T_max} --rules {','.join(rules)}`\n")
+    header = False
+    for f in files:
+        with np.load(f) as z:
+            cums, y, t0 = z["cums"].astype(np.float64), z["label"], int(z["t0"])
+        Ts = [T for T in TS if T <= min(T_max, cums.shape[1] - 1)]
+        if not header:
+            print(f"model: {model}, {len(y)} test samples\n")
+            print("| setting | readout start | " + " | ".join(f"T={T}" for T in Ts) + " |")
+            print("|---|---|" + "---|" * len(Ts))
+            header = True
+        for rule, accs in accuracy_table(cums, y, Ts, t0, 4, rules).items():
+            shown = f"{rule} (t0={t0})" if rule.startswith("auto") else rule
+            print(f"| {f.stem[len(model) + 1:]} | {shown} | " + " | ".join(f"{accs[T] * 100:.2f}" for T in Ts) + " |")
+
+
 def main() -> None:
     """Run every setting and print one markdown table (and JSON with ``--json``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -94,12 +116,17 @@ def main() -> None:
     ap.add_argument("-T", type=int, default=128, help="largest T; the table shows 4, 8, ... up to it")
     ap.add_argument("--settings", default=";iters=10;iters=50;iters=1000;batch=16;batch=256;v0=0.0;v0=0.25")
     ap.add_argument("--rules", default=",".join(RULES), help="readout rules to tabulate")
+    ap.add_argument("--from-cums", type=Path, default=None,
+                    help="no simulation: tabulate the --save-cums files of --model in this folder")
     ap.add_argument("--sim-batch", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--save-cums", type=Path, default=None,
                     help="also write each setting's cumulative outputs and the labels here (.npz, for other readout rules)")
     args = ap.parse_args()
+    if args.from_cums:
+        tabulate_saved(args.from_cums, args.model, args.T, args.rules.split(","))
+        return
     ann, calib, test, common = MODELS[args.model]
     with np.load(ROOT / test) as z:
         x, y = z["input"][: args.limit or None], z["label"][: args.limit or None]
