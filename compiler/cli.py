@@ -157,13 +157,17 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
 @click.option("--maxpool", type=click.Choice(MAXPOOL_MODES), default=CompileConfig.maxpool, show_default=True,
               help="As for compile.")
 @click.option("--spiking-until", multiple=True, metavar="TENSOR", help="As for compile.")
+@click.option("--keep-clip-cap/--drop-clip-cap", default=CompileConfig.keep_clip_cap, show_default=True,
+              help="As for compile (shown in the ReLU6 / Clip rows).")
 @click.pass_context
 @_handle_errors
-def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spiking_until: tuple[str, ...]) -> None:
+def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spiking_until: tuple[str, ...],
+                keep_clip_cap: bool) -> None:
     """Show, per node of MODEL, whether it spikes, becomes a neuron, is folded, or runs in the analog tail."""
     from .inspection import format_inspection, inspect_model
 
-    info = inspect_model(model, CompileConfig(maxpool=maxpool, spiking_until=tuple(spiking_until)))
+    info = inspect_model(model, CompileConfig(maxpool=maxpool, spiking_until=tuple(spiking_until),
+                                              keep_clip_cap=keep_clip_cap))
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 

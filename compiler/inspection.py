@@ -60,6 +60,9 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
             for d in s.shape:
                 units *= d
             kind, why = "neuron", f"IF neurons, {units} units, integrates '{s.pre}'"
+            if s.cap is not None:
+                why += (f"; clip cap {s.cap:g} kept (thresholds <= {s.cap:g})" if cfg.keep_clip_cap
+                        else f"; clip cap {s.cap:g} dropped (--drop-clip-cap)")
         elif name in pools:
             kind, why = "pooling", "max pool of the running sum of its input (cumulative)"
         elif name in spiking:

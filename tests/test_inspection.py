@@ -47,3 +47,19 @@ def test_cli_inspect_text_and_json(tmp_path) -> None:
     assert r.exit_code == 0 and "unsupported" in r.stdout and "custom operator domain" in r.stdout
     r = CliRunner().invoke(main, ["inspect", str(MODELS / "mnist_cnn.onnx"), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["neuron_layers"] == 3
+
+
+def test_relu6_rows_say_whether_the_cap_is_kept(tmp_path) -> None:
+    model = build("""
+g (float[N,4] x, float[6,4] W1, float[2,6] W2, float lo, float hi) => (float[N,2] y) {
+  h = Gemm <transB=1> (x, W1)
+  r = Clip (h, lo, hi)
+  y = Gemm <transB=1> (r, W2)
+}""", {"W1": np.ones((6, 4)), "W2": np.ones((2, 6)), "lo": np.zeros(()), "hi": np.full((), 6.0)})
+    path = tmp_path / "relu6.onnx"
+    onnx.save(model, path)
+    kept = CliRunner().invoke(main, ["inspect", str(path)])
+    dropped = CliRunner().invoke(main, ["inspect", str(path), "--drop-clip-cap"])
+    assert kept.exit_code == dropped.exit_code == 0, kept.output + dropped.output
+    assert "clip cap 6 kept (thresholds <= 6)" in kept.output
+    assert "clip cap 6 dropped (--drop-clip-cap)" in dropped.output
