@@ -200,12 +200,17 @@ def snn_check(path: Path, calib: Path, x: np.ndarray, mask: np.ndarray, Ts: list
     session = SpikingSession(ann2snn.compile(path, calib), threads=1)
     print(f"{path.name}: compiled in {time.perf_counter() - start:.0f} s, readout t0 = {session.t0}", flush=True)
     print(f"  ANN mIoU on {len(x)} test scenes: {onnx_miou(path, x, mask):.4f}", flush=True)
+    ann = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     cms = {T: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for T in Ts}
+    err = dict.fromkeys(Ts, 0.0)
     for i in range(0, len(x), 25):
+        ref = ann.run(["logits"], {"input": x[i : i + 25]})[0]
         out = session.run_many(x[i : i + 25], Ts)
         for T in Ts:
             cms[T] += confusion(out[T]["logits"].argmax(1), mask[i : i + 25])
+            err[T] += float(np.abs(out[T]["logits"] - ref).sum()) / ref[0].size / len(x)
     print("  SNN mIoU: " + ", ".join(f"T={T} {miou(cms[T]):.4f}" for T in Ts), flush=True)
+    print("  mean |SNN - ANN| logit: " + ", ".join(f"T={T} {err[T]:.4f}" for T in Ts), flush=True)
 
 
 def main() -> None:
