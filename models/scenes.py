@@ -18,9 +18,9 @@ A scene (``size`` x ``size``, default 64) is built as follows:
 1. Background: Gaussian noise (sigma 0.01-0.04 per scene) added at the end.
 2. Clutter: 0-3 fragments (a random 6-14 px crop of a random garment, resized to 4-12 px,
    dimmed to 30-80 %) pasted at random places. They are background in the mask and have no box.
-3. Objects: 1 to ``max_objects``, each a whole garment resized to a random scale (short side
-   ``size/4`` to ``5*size/8``, i.e. 16-40 px at 64; each side jittered independently by
-   up to 15 %), dimmed to 70-100 %, at a random position fully inside the canvas. Later
+3. Objects: 1 to ``max_objects``, each a whole garment (its 28x28 image) resized to a random
+   base size of ``size/4`` to ``5*size/8`` (16-40 px at 64), each side jittered
+   independently by up to 15 %, dimmed to 70-100 %, at a random position fully inside the canvas. Later
    objects are pasted on top of earlier ones. A placement that would leave an earlier object
    with less than half of its area visible is redrawn (up to 20 tries, then the object is
    dropped), so every object stays mostly visible; overlaps are common.
