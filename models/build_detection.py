@@ -20,7 +20,7 @@ Export: torch's legacy exporter writes the network with its raw head outputs per
 the post-processing is then appended with ``onnx.helper`` (no custom torch symbolic):
 flatten and concatenate the levels, ``score = sqrt(sigmoid(cls) * sigmoid(ctr))``,
 decoding of the distances around each location into ``x1, y1, x2, y2`` (clipped to the
-image), ``NonMaxSuppression`` per class (at most 20 boxes per class and image, IoU 0.5,
+image), ``NonMaxSuppression`` per class (at most 10 boxes per class and image, IoU 0.5,
 score > 0.05), and the gathers that assemble the one output ``detections``: float32
 ``[K, 7]`` rows ``[image_index, class_id, score, x1, y1, x2, y2]`` in input pixels, the
 images of a batch concatenated. Input ``input``: float32 ``[N, 1, 64, 64]`` in [0, 1],
@@ -53,7 +53,7 @@ STRIDES = (4, 8)
 #: objects whose largest location-to-edge distance is below this go to P2, the rest to P3
 LEVEL_SPLIT = 16.0
 CENTER_RADIUS = 1.5
-MAX_PER_CLASS = 20
+MAX_PER_CLASS = 10
 IOU_THRESHOLD = 0.5
 SCORE_THRESHOLD = 0.05
 PRIOR = 0.01

@@ -19,7 +19,7 @@ MODEL = MODELS / "det_fcos.onnx"
 DATA = MODELS / "data"
 BOUNDARY = ["pp/cls_all", "pp/reg_all", "pp/ctr_all"]  # flattened head outputs: [N,10,P], [N,4,P], [N,1,P]
 STRIDES, IMAGE = (4, 8), 64
-MAX_PER_CLASS, IOU, SCORE = 20, 0.5, 0.05
+MAX_PER_CLASS, IOU, SCORE = 10, 0.5, 0.05
 
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason="models/det_fcos.onnx not built")
 
