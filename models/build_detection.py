@@ -485,7 +485,7 @@ def main() -> None:
     here = Path(__file__).resolve().parent
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=here / "det_fcos.onnx")
-    p.add_argument("--scenes", type=int, default=40000, help="training scenes seen (half of them mirrored)")
+    p.add_argument("--scenes", type=int, default=80000, help="training scenes seen (half of them mirrored)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--chunk", type=int, default=2048, help="scenes generated at a time")
     p.add_argument("--lr", type=float, default=2e-3)
