@@ -54,7 +54,18 @@ def test_ctrl_c_during_compile_exits_cleanly(tmp_path: Path) -> None:
     out = tmp_path / "m.snn.onnx"
     cmd = [sys.executable, "-m", "ann2snn", "-v", "compile", str(MODELS / "mnist_cnn.onnx"), "-o", str(out),
            "--calib", str(MODELS / "data" / "mnist_calib.npz"), "--iters", "100000", "--no-progress"]
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # a shell's background job starts with SIGINT ignored, and children inherit that: restore it
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _interrupt_and_check(child, tmp_path, out)
+    finally:
+        if child.poll() is None:  # never leave a 100,000-iteration compile running
+            child.kill()
+            child.wait()
+
+
+def _interrupt_and_check(child: subprocess.Popen, tmp_path: Path, out: Path) -> None:
     seen = []
     for line in child.stderr:  # debug log: interrupt once calibration has started
         seen.append(line)
