@@ -295,7 +295,7 @@ class WindowReader:
             return
         if not session.meta.get("tail"):
             self._sim = session
-        elif hasattr(session, "_finish"):
+        elif hasattr(session, "finish"):
             proto = onnx.ModelProto()
             proto.CopyFrom(session.model)
             meta = dict(session.meta, tail=None, outputs=list(session.step_outputs))
@@ -303,7 +303,7 @@ class WindowReader:
                 if prop.key == "ann2snn":
                     prop.value = json.dumps(meta)
             self._sim = SpikingSession(proto, threads=threads, mode=session.mode, chunk=session.chunk)
-            self._finish = session._finish  # the session's own tail, run once per readout
+            self._finish = session.finish  # the session's own tail, run once per readout
 
     def run(self, feeds: dict[str, np.ndarray], Ts: Sequence[int],
             readouts: Sequence[Readout]) -> dict[tuple[str, int], dict[str, np.ndarray]]:

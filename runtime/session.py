@@ -232,9 +232,11 @@ class SpikingSession:
             values = self._last
         else:
             values = [(s / self._counted).astype(np.float32) if f else s for s, f in zip(self._sums, self._float)]
-        return self._finish(values)
+        return self.finish(values)
 
-    def _finish(self, values: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    def finish(self, values: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's outputs from read-out step outputs (``values`` in ``step_outputs`` order,
+        e.g. window means computed by the caller): runs the analog tail once, if there is one."""
         by_name = dict(zip(self.step_outputs, values))
         if self._tail is not None:
             tail_in = {i.name: by_name[i.name] for i in self._tail.get_inputs()}
@@ -284,7 +286,7 @@ class SpikingSession:
                 s, base = starts[T], at_start[starts[T]]
                 values = [((r - base[j] if base is not None else r) / (T - s)).astype(np.float32) if f else o
                           for j, (r, o, f) in enumerate(zip(running, outs, self._float))]
-                results[T] = self._finish(values)
+                results[T] = self.finish(values)
         steps.close()
         return results
 
