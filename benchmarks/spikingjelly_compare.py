@@ -15,7 +15,7 @@ Both see the same K calibration batches (drawn once with a seeded generator from
 ``models/data/fashion_calib.npz``, a training-set subset) and the same test images. Conversion
 wall-clock times are measured. Needs torch and spikingjelly (benchmark extras). Run:
 
-    /tmp/torchenv/bin/python benchmarks/spikingjelly_compare.py --weights DIR [--limit N]
+    /tmp/torchenv/bin/python benchmarks/spikingjelly_compare.py [--weights DIR] [--limit N]
 """
 from __future__ import annotations
 
@@ -195,7 +195,8 @@ def compare(arch: str, weights: Path, Ts: list[int], limit: int, large: int, ite
 def main() -> None:
     """Parse options, compare on each network, print the tables."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", type=Path, required=True, help="folder with fashion_<arch>.pt (build_fashion.py --save-torch)")
+    ap.add_argument("--weights", type=Path, default=Path(__file__).resolve().parents[1] / "models",
+                    help="folder with fashion_<arch>.pt (default: models/, where build_fashion.py writes them)")
     ap.add_argument("--archs", default="vgg,resnet")
     ap.add_argument("-T", default="4,8,16,32,64,128,256")
     ap.add_argument("--limit", type=int, default=2000, help="first N test images for T <= 64 (0: all)")

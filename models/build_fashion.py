@@ -161,7 +161,7 @@ def train(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) 
 
 
 def export_onnx(model: nn.Module, path: Path) -> None:
-    """Legacy exporter, opset 17, dynamic batch; BatchNorm left for the compiler to fold."""
+    """Legacy exporter, opset 17, dynamic batch (in eval mode it folds BatchNorm into the convolutions itself)."""
     torch.onnx.export(
         model, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False, opset_version=OPSET,
         input_names=["input"], output_names=["logits"],
