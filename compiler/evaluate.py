@@ -23,6 +23,21 @@ def predictions(y: np.ndarray) -> np.ndarray:
     return y.reshape(len(y), -1).argmax(axis=1) if np.issubdtype(y.dtype, np.floating) else y.reshape(-1)
 
 
+def open_pair(ann: str | os.PathLike[str] | onnx.ModelProto, snn: Any,
+              threads: int | None = None) -> tuple[Any, onnx.ModelProto, onnx.ModelProto, list]:
+    """Load an ANN and its SNN (a path, a ModelProto or a SpikingSession) for evaluation:
+    the SNN's session and model, the ANN model and its input specs."""
+    from ann2snn.runtime import SpikingSession
+
+    if isinstance(snn, SpikingSession):
+        session, snn_proto = snn, snn.model
+    else:
+        snn_proto = load_model(snn)
+        session = SpikingSession(snn_proto, threads=threads)
+    ann_model = load_model(ann)
+    return session, snn_proto, ann_model, input_specs(ann_model)
+
+
 def evaluate(
     ann: str | os.PathLike[str] | onnx.ModelProto,
     snn: Any,
@@ -42,15 +57,7 @@ def evaluate(
     ``label_key`` only agreement and error are reported. The simulation's memory estimate
     is checked against ``max_memory`` bytes (default: 75% of physical memory) first.
     """
-    from ann2snn.runtime import SpikingSession
-
-    if isinstance(snn, SpikingSession):
-        session, snn_proto = snn, snn.model
-    else:
-        snn_proto = load_model(snn)
-        session = SpikingSession(snn_proto, threads=threads)
-    ann_model = load_model(ann)
-    specs = input_specs(ann_model)
+    session, snn_proto, ann_model, specs = open_pair(ann, snn, threads)
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, got {batch_size} (--batch-size)")
     n, labels, chunks = _chunks(data, specs, session, label_key, batch_size)

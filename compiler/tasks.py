@@ -36,7 +36,7 @@ import onnx
 
 from .data import as_array_dict, check_arrays, input_specs
 from .errors import ConfigError, DataError
-from .modelio import load_model
+from .evaluate import open_pair
 from .ortsession import make_session, run_checked
 from .progress import progress
 from .resources import check_memory
@@ -465,20 +465,13 @@ def evaluate_task(
     ANN once and the SNN once per distinct t0 (``run_readouts``). With ``keep_predictions``
     the result also holds the predictions under ``"predictions"`` (not JSON-serialisable).
     """
-    from ann2snn.runtime import SpikingSession
     from ann2snn.runtime.session import window_start
 
     if task not in ("segmentation", "detection"):
         raise ConfigError(f"task must be segmentation or detection here, got {task!r} (--task)")
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, got {batch_size} (--batch-size)")
-    if isinstance(snn, SpikingSession):
-        session, snn_proto = snn, snn.model
-    else:
-        snn_proto = load_model(snn)
-        session = SpikingSession(snn_proto, threads=threads)
-    ann_model = load_model(ann)
-    specs = input_specs(ann_model)
+    session, snn_proto, ann_model, specs = open_pair(ann, snn, threads)
     if isinstance(data, (str, os.PathLike)) and not str(data).endswith(".npz"):
         raise DataError(f"--task {task} reads a .npz file, got '{data}'; "
                         f"{SEG_FORMAT if task == 'segmentation' else DET_FORMAT}")
