@@ -20,7 +20,6 @@ Run: ``/tmp/torchenv/bin/python models/build_fashion.py [--arch vgg|resnet|both]
 from __future__ import annotations
 
 import argparse
-import gzip
 import time
 from pathlib import Path
 
@@ -28,21 +27,12 @@ import numpy as np
 import onnx
 import torch
 from _common import accuracy, onnx_logits
+from scenes import FASHION_DIR, read_idx  # numpy-only; the scene generator reads the same files
 from torch import nn
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MEAN = 0.2860
 FASHION_STD = 0.3530
 OPSET = 17
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read a gzipped IDX file (uint8 images or labels)."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def load_fashion(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

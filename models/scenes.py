@@ -60,8 +60,8 @@ _SPLITS = {"train": ("train", 0, 60000), "calib": ("t10k", 0, 5000), "test": ("t
 _SPLIT_CODE = {"train": 0, "calib": 1, "test": 2}
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """A gzipped IDX file as a uint8 array."""
+def read_idx(path: Path) -> np.ndarray:
+    """A gzipped IDX file (uint8 images or labels) as a uint8 array."""
     with gzip.open(path, "rb") as f:
         raw = f.read()
     ndim = raw[3]
@@ -98,8 +98,8 @@ def _pool(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
     prefix, lo, hi = _SPLITS[split]
-    images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz")[lo:hi].astype(np.float32) / 255.0
-    labels = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")[lo:hi].astype(np.int64)
+    images = read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz")[lo:hi].astype(np.float32) / 255.0
+    labels = read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")[lo:hi].astype(np.int64)
     silhouettes = _fill_holes(images > ON_THRESHOLD).astype(np.float32)
     return images, silhouettes, labels
 
