@@ -123,7 +123,8 @@ def partition_graph(state: PassState) -> PassState:
     breaking = [n for n in graph.nodes if n.name in tail and n.name not in analog_sites
                 and any(t.inputs and t.inputs[0].name in feeders for t in n.inputs)]
     # activations with weights after them that did not become neurons
-    lost = [s for s in state.sites if s.node in analog_sites and _reaches_weight(graph, nodes[s.node], set(nodes))]
+    everywhere = set(nodes)
+    lost = [s for s in state.sites if s.node in analog_sites and _reaches_weight(graph, nodes[s.node], everywhere)]
     if lost and not cut:
         slopes = [n for n in breaking if n.op in NEGATIVE_SLOPE]
         if slopes:
