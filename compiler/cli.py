@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from .clierrors import handle_errors as _handle_errors
-from .config import GRANULARITIES, MAXPOOL_MODES, METHODS, CompileConfig
+from .config import GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, CompileConfig
 from .errors import ConfigError
 from .tasks import TASKS
 
@@ -113,6 +113,9 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--seed", type=int, default=CompileConfig.seed, show_default=True, help="Seed of the calibration sampler.")
 @click.option("--maxpool", type=click.Choice(MAXPOOL_MODES), default=CompileConfig.maxpool, show_default=True,
               help="Pre-neuron MaxPool on a time-varying current: pool its running sum, or each step's value.")
+@click.option("--neuron", type=click.Choice(NEURONS), default=CompileConfig.neuron, show_default=True,
+              help="Neuron model: integrate-and-fire with 0/1 spikes (if), or with signed spikes that take back early "
+                   "spikes (signed: converges much faster on deep networks).")
 @click.option("--strict", is_flag=True, help="A non-spike-compatible op inside the spiking part is an error.")
 @click.option("--spiking-until", multiple=True, metavar="TENSOR",
               help="End the spiking part at TENSOR: its consumers and everything after them run in the analog tail "

@@ -13,6 +13,7 @@ from .errors import ConfigError
 METHODS = ("ltb", "max", "percentile")
 GRANULARITIES = ("channel", "layer")
 MAXPOOL_MODES = ("cumulative", "instant")
+NEURONS = ("if", "signed")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class CompileConfig:
         pools the running sum of the current and feeds the neuron its increment, so the
         neuron's total input is exactly T·maxpool(mean current); ``instant`` pools each
         step's current (the paper's rule, biased upwards when the current fluctuates).
+    neuron: the neuron model. ``if``: integrate-and-fire with reset by subtraction, 0/1 spikes
+        (the paper's). ``signed``: the same, plus a negative spike that takes back an earlier
+        spike when the membrane falls below 0, so that every neuron's spike count tracks its
+        rounded cumulative input at every step; much faster convergence on deep networks
+        (MobileNetV2), one more state per neuron and a few more elementwise ops per step.
     strict: a non-spike-compatible op inside the spiking part is an error instead of
         ending the spiking part there with a warning.
     spiking_until: tensors whose consumers, and everything after them, run in the analog
@@ -57,6 +63,7 @@ class CompileConfig:
     keep_clip_cap: bool = True
     seed: int = 0
     maxpool: str = "cumulative"
+    neuron: str = "if"
     strict: bool = False
     spiking_until: tuple[str, ...] = ()
     threads: int = 0
@@ -82,6 +89,8 @@ class CompileConfig:
                                (self.spiking_until,) if isinstance(self.spiking_until, str) else tuple(self.spiking_until))
         if self.maxpool not in MAXPOOL_MODES:
             raise ConfigError(f"maxpool '{self.maxpool}' is unknown; use one of {', '.join(MAXPOOL_MODES)} (--maxpool)")
+        if self.neuron not in NEURONS:
+            raise ConfigError(f"neuron '{self.neuron}' is unknown; use one of {', '.join(NEURONS)} (--neuron)")
         if self.iters <= 0:
             raise ConfigError(f"iters must be a positive number of calibration batches, got {self.iters} (--iters)")
         if self.batch <= 0:

@@ -70,7 +70,7 @@ from .ortsession import make_session
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "ann2snn"
-IF_OP = "IFNeuron"
+NEURON_OPS = ("IFNeuron", "SignedIFNeuron")
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RESHAPING = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast")
 ELEMENTWISE = ("Add", "Sub")
@@ -345,7 +345,7 @@ class _Router:
             if all(b >= 0 for b in pads):
                 sl = tuple(slice(b, b + n) for b, n in zip(begin, shape))
                 return self._mapped(c, lambda m: m[sl])
-        if op not in (IF_OP, "MaxPool"):
+        if op not in (*NEURON_OPS, "MaxPool"):
             log.warning("spikes reach %s '%s', whose fan-out is not modelled: counting one SOP per element", op, c.name)
         return ones  # the element reaches a neuron's membrane, or an op that is not an accumulator-free router
 
@@ -433,7 +433,7 @@ def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights:
     inits = set(consts)
     analog = {vi.name for vi in proto.graph.input if vi.name not in state_inputs and vi.name not in inits}
     for n in proto.graph.node:
-        if n.op_type != IF_OP and any(x in analog for x in n.input):
+        if n.op_type not in NEURON_OPS and any(x in analog for x in n.input):
             analog.update(o for o in n.output if o)
     targets = {t for per in fanout.values() for t in per}
     layers = []
@@ -506,8 +506,9 @@ class SpikeCounter:
     ``start()`` before each batch.
     """
 
-    def __init__(self, shapes: dict[str, Sequence[int]], Ts: Sequence[int]) -> None:
+    def __init__(self, shapes: dict[str, Sequence[int]], Ts: Sequence[int], signed: bool = False) -> None:
         self.Ts = sorted(set(Ts))
+        self.signed = signed  # spikes may be -1: count |spikes|
         self._Tset = set(self.Ts)
         self.names = list(shapes)
         self.totals = {T: {s: np.zeros(tuple(sh), np.float64) for s, sh in shapes.items()} for T in self.Ts}
@@ -522,7 +523,8 @@ class SpikeCounter:
         if t == 0:
             self.samples += next(iter(values.values())).shape[0] if values else 0
         for s in self.names:
-            v = np.add.reduce(values[s], axis=0)  # float32 sums of 0/1 are exact below 2**24 samples
+            # float32 sums of 0/1 are exact below 2**24 samples; a signed neuron's -1 is a spike too
+            v = np.add.reduce(np.abs(values[s]) if self.signed else values[s], axis=0)
             if s in cur:
                 cur[s] += v
             else:
@@ -623,7 +625,9 @@ def report(
     cost = analyse(proto, nonzero_weights=nonzero_weights, mac_count=mac_count)
     holder: list[SpikeCounter] = []
     session = _counting_session(proto, holder)
-    holder.append(SpikeCounter({n["spikes"]: n["shape"] for n in cost.neurons}, Ts))
+    signed = any(n.get("op") == "SignedIFNeuron" for n in json.loads(
+        {p.key: p.value for p in proto.metadata_props}[METADATA_KEY])["neurons"])
+    holder.append(SpikeCounter({n["spikes"]: n["shape"] for n in cost.neurons}, Ts, signed=signed))
     if ann is not None:
         from .evaluate import evaluate
         acc = evaluate(ann, session, data, Ts, label_key=label_key, batch_size=batch_size, t0=t0,

@@ -204,5 +204,7 @@ def calibrate_thresholds(state: PassState) -> PassState:
         _calibrate_ltb(state, source)
     else:
         _calibrate_stats(state, source)
-    state.metadata["t0"] = estimate_t0(state)
+    # a signed neuron's spike count tracks its rounded cumulative input from the first step,
+    # so there is no transient to skip: read out from t = 0
+    state.metadata["t0"] = 0 if cfg.neuron == "signed" else estimate_t0(state)
     return state

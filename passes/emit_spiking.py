@@ -1,7 +1,9 @@
 """Emit the stateful spiking step graph.
 
 Every neuron site becomes ``ann2snn::IFNeuron(z, v, θ) -> (spikes, v_next)`` with its
-membrane potential as a graph input / output pair. Spikes are 0/1; the value θ a spike
+membrane potential as a graph input / output pair (``--neuron signed``:
+``ann2snn::SignedIFNeuron(z, v, count, θ) -> (spikes, v_next, count_next)``, with the net
+spike count as a second state). Spikes are 0/1; the value θ a spike
 stands for is folded into the weights of the layers that consume it (per input channel),
 through Flatten / Reshape / average pooling when needed, and applied by an explicit Mul
 where no weight can absorb it (residual adds, the analog tail, graph outputs). The analog
@@ -22,7 +24,8 @@ from onnx import helper
 from ann2snn import __version__
 from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
-from ann2snn.runtime.ops import DEAD_THRESHOLD, DOMAIN, IF_OP, if_neuron_function
+from ann2snn.runtime.ops import (DEAD_THRESHOLD, DOMAIN, NEURON_OPS, SIGNED_OP, if_neuron_function,
+                                 signed_if_neuron_function)
 
 from ._graph import apply_node, const_value, export, owned_constant, restore_output_types, static_shape, unique_name
 
@@ -245,7 +248,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         v_in = gs.Variable(f"{site.node}/v", dtype=np.float32, shape=state_shape)
         v_out = gs.Variable(f"{site.node}/v_next", dtype=np.float32, shape=state_shape)
         theta = gs.Constant(f"{site.node}/threshold", thresholds)
-        act.op, act.domain, act.attrs = IF_OP, DOMAIN, {}
+        act.op, act.domain, act.attrs = NEURON_OPS[cfg.neuron], DOMAIN, {}
         act.name = f"{site.node}/IF"
         act.inputs = [z, v_in, theta]
         act.outputs = [spikes, v_out]
@@ -253,11 +256,21 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         v_outs.append(v_out)
         states.append({"input": v_in.name, "output": v_out.name, "shape": list(site.shape),
                        "init": {"threshold": theta.name, "fraction": cfg.v0}})
+        extra = {}
+        if act.op == SIGNED_OP:  # the net spike count, a second state starting at 0
+            c_in = gs.Variable(f"{site.node}/count", dtype=np.float32, shape=state_shape)
+            c_out = gs.Variable(f"{site.node}/count_next", dtype=np.float32, shape=state_shape)
+            act.inputs = [z, v_in, c_in, theta]
+            act.outputs = [spikes, v_out, c_out]
+            graph.inputs.append(c_in)
+            v_outs.append(c_out)
+            states.append({"input": c_in.name, "output": c_out.name, "shape": list(site.shape), "init": "zeros"})
+            extra = {"count_in": c_in.name, "count_out": c_out.name}
         with np.errstate(over="ignore", invalid="ignore"):  # checked for finiteness below
             folder.fold(spikes, values)
         live = site.theta[site.theta > 0]
         neurons.append({
-            "node": act.name, "state_in": v_in.name, "state_out": v_out.name, "threshold": theta.name,
+            "node": act.name, "op": act.op, "state_in": v_in.name, "state_out": v_out.name, "threshold": theta.name, **extra,
             "spikes": spikes.name, "shape": list(site.shape), "channel_axis": site.channel_axis,
             "v0": cfg.v0, "units": int(np.prod(site.shape)), "dead_channels": int((site.theta <= 0).sum()),
             "theta_min": float(live.min()) if live.size else 0.0, "theta_max": float(live.max()) if live.size else 0.0,
@@ -273,7 +286,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
             t.dtype = np.float32
     graph.cleanup().toposort()
     model = export(graph, state.opset, state.ir_version)
-    model.functions.append(if_neuron_function(state.opset))
+    model.functions.append(signed_if_neuron_function(state.opset) if cfg.neuron == "signed"
+                           else if_neuron_function(state.opset))
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if tail:
         model.functions.append(_tail_function(full, tail, tail_inputs, tail_outputs, state.opset, state.other_opsets))

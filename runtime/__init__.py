@@ -1,7 +1,8 @@
-"""The spiking runtime: the IF-neuron op and the stepper that runs compiled models."""
+"""The spiking runtime: the neuron ops and the stepper that runs compiled models."""
 from __future__ import annotations
 
-from .ops import if_neuron_function, if_neuron_reference
+from .ops import if_neuron_function, if_neuron_reference, signed_if_neuron_function, signed_if_neuron_reference
 from .session import SpikingSession, window_start
 
-__all__ = ["SpikingSession", "if_neuron_function", "if_neuron_reference", "window_start"]
+__all__ = ["SpikingSession", "if_neuron_function", "if_neuron_reference", "signed_if_neuron_function",
+           "signed_if_neuron_reference", "window_start"]

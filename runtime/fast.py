@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .ops import DOMAIN, IF_OP
+from .ops import DOMAIN, IF_OP, SIGNED_OP
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,11 @@ class StepPlan:
             node, s_out = users[0], self.state_out_of[s_in]
             neuron = node.domain == DOMAIN and node.op_type == IF_OP and list(node.input).count(s_in) == 1 \
                 and node.input[1] == s_in and node.output[1] == s_out
+            # SignedIFNeuron: v is read once by its integrate step; count is read by the compare and by
+            # the elementwise Add that writes count_next, which depends on the compare's result
+            neuron = neuron or (node.domain == DOMAIN and node.op_type == SIGNED_OP
+                                and list(node.input).count(s_in) == 1
+                                and any(node.input[k] == s_in and node.output[k] == s_out for k in (1, 2)))
             running_sum = node.domain in ("", "ai.onnx") and node.op_type == "Add" and node.output[0] == s_out
             if neuron or running_sum:
                 safe.add(s_in)

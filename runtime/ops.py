@@ -1,9 +1,19 @@
-"""The integrate-and-fire neuron as an ONNX model-local function.
+"""The spiking neurons as ONNX model-local functions.
 
 ``ann2snn::IFNeuron(current, v, threshold) -> (spikes, v_next)``:
 ``v' = v + current``; ``spikes = (v' >= threshold)`` as 0/1 floats; ``v_next = v' - threshold * spikes``
-(reset by subtraction). Because it is a FunctionProto inside the model, stock
-onnxruntime inlines and runs it; no compiled extension is needed.
+(reset by subtraction).
+
+``ann2snn::SignedIFNeuron(current, v, count, threshold) -> (spikes, v_next, count_next)``: the
+same, plus a negative spike (-1) when ``v' < 0`` and the neuron's net spike count ``count`` is
+positive (it takes back a spike it fired too early), with ``v_next = v' + threshold`` and
+``count_next = count + spikes``. With v(0) = θ/2 and per-step currents below θ, the count after
+t steps is ``max(0, round(Σ current / θ))`` at every t, not only in the time average: an early
+surplus of input is corrected instead of being carried to the end (the "signed neuron"
+remedy for the unevenness error of converted SNNs).
+
+Because they are FunctionProtos inside the model, stock onnxruntime inlines and runs them; no
+compiled extension is needed.
 """
 from __future__ import annotations
 
@@ -13,6 +23,9 @@ from onnx import TensorProto, helper
 
 DOMAIN = "ann2snn"
 IF_OP = "IFNeuron"
+SIGNED_OP = "SignedIFNeuron"
+#: every neuron op of the domain, by the ``neuron`` compile option that selects it
+NEURON_OPS = {"if": IF_OP, "signed": SIGNED_OP}
 #: the threshold given to channels that never activated during calibration: they never fire
 DEAD_THRESHOLD = 1e30
 
@@ -33,8 +46,40 @@ def if_neuron_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+def signed_if_neuron_function(opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of SignedIFNeuron for a model whose ai.onnx opset is ``opset`` (>= 13)."""
+    nodes = [
+        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])),
+        helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
+        helper.make_node("GreaterOrEqual", ["v_charged", "threshold"], ["fire"], name="compare"),
+        helper.make_node("Less", ["v_charged", "zero"], ["below"], name="below_zero"),
+        helper.make_node("Greater", ["count", "zero"], ["owed"], name="has_fired"),
+        helper.make_node("And", ["below", "owed"], ["take_back"], name="take_back"),
+        helper.make_node("Cast", ["fire"], ["up"], to=TensorProto.FLOAT, name="to_up"),
+        helper.make_node("Cast", ["take_back"], ["down"], to=TensorProto.FLOAT, name="to_down"),
+        helper.make_node("Sub", ["up", "down"], ["spikes"], name="signed_spikes"),
+        helper.make_node("Mul", ["spikes", "threshold"], ["discharge"], name="discharge"),
+        helper.make_node("Sub", ["v_charged", "discharge"], ["v_next"], name="reset_by_subtraction"),
+        helper.make_node("Add", ["count", "spikes"], ["count_next"], name="count"),
+    ]
+    return helper.make_function(
+        DOMAIN, SIGNED_OP, ["current", "v", "count", "threshold"], ["spikes", "v_next", "count_next"], nodes,
+        [helper.make_opsetid("", opset)],
+        doc_string="Integrate-and-fire neuron with reset by subtraction and signed spikes (+1, or -1 when the "
+                   "membrane falls below 0 while the net spike count is positive).",
+    )
+
+
 def if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """numpy reference of one IFNeuron step: (spikes, v_next)."""
     charged = (v + current).astype(np.float32)
     spikes = (charged >= threshold).astype(np.float32)
     return spikes, (charged - spikes * threshold).astype(np.float32)
+
+
+def signed_if_neuron_reference(current: np.ndarray, v: np.ndarray, count: np.ndarray, threshold: np.ndarray
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy reference of one SignedIFNeuron step: (spikes, v_next, count_next)."""
+    charged = (v + current).astype(np.float32)
+    spikes = (charged >= threshold).astype(np.float32) - ((charged < 0) & (count > 0)).astype(np.float32)
+    return spikes, (charged - spikes * threshold).astype(np.float32), (count + spikes).astype(np.float32)

@@ -1,0 +1,164 @@
+"""The signed IF neuron (``neuron="signed"``): op vs reference, its tracking property, and the
+compiler, runtime, report and NIR paths that meet it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+import ann2snn
+from ann2snn.errors import ConfigError
+from ann2snn.runtime import SpikingSession
+from ann2snn.runtime.ops import DOMAIN, SIGNED_OP, signed_if_neuron_function, signed_if_neuron_reference
+from conftest import MODELS, run_ort
+
+DIGITS = MODELS / "digits_cnn.onnx"
+DIGITS_CALIB = MODELS / "data" / "digits_calib.npz"
+DIGITS_TEST = MODELS / "data" / "digits_test.npz"
+
+
+def signed_model(shape: list[int], opset: int = 17) -> onnx.ModelProto:
+    node = helper.make_node(SIGNED_OP, ["i", "v", "c", "th"], ["s", "v2", "c2"], domain=DOMAIN, name="sif")
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph([node], "sif", [vi("i"), vi("v"), vi("c"), vi("th")], [vi("s"), vi("v2"), vi("c2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
+                              functions=[signed_if_neuron_function(opset)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_signed_op_matches_reference_on_random_inputs() -> None:
+    rng = np.random.default_rng(0)
+    shape = [4, 6]
+    model = signed_model(shape)
+    seen = set()
+    for _ in range(20):
+        i, v = rng.normal(0, 1, shape).astype(np.float32), rng.normal(0, 1, shape).astype(np.float32)
+        c = rng.integers(0, 3, shape).astype(np.float32)
+        th = rng.uniform(0.1, 2, shape).astype(np.float32)
+        s, v2, c2 = run_ort(model, {"i": i, "v": v, "c": c, "th": th})
+        rs, rv, rc = signed_if_neuron_reference(i, v, c, th)
+        np.testing.assert_array_equal(s, rs)
+        np.testing.assert_allclose(v2, rv, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(c2, rc)
+        seen |= set(np.unique(s).tolist())
+    assert seen == {-1.0, 0.0, 1.0}
+
+
+def test_signed_op_takes_back_a_spike_only_after_one_was_fired() -> None:
+    model = signed_model([2])
+    one = np.ones(2, np.float32)
+    # both membranes drop below 0; only the neuron with a positive count answers with -1
+    s, v2, c2 = run_ort(model, {"i": np.array([-0.8, -0.8], np.float32), "v": np.array([0.5, 0.5], np.float32),
+                                "c": np.array([1.0, 0.0], np.float32), "th": one})
+    np.testing.assert_array_equal(s, [-1.0, 0.0])
+    np.testing.assert_allclose(v2, [0.7, -0.3], atol=1e-6)
+    np.testing.assert_array_equal(c2, [0.0, 0.0])
+
+
+@settings(max_examples=80, deadline=None)
+@given(xs=st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=60), theta=st.floats(0.25, 2.0))
+def test_signed_count_tracks_the_rounded_cumulative_input(xs: list[float], theta: float) -> None:
+    """With v(0) = θ/2 and |current| <= θ, after every step the net count is max(0, round(Σx/θ)):
+    the property plain IF neurons only have for constant inputs."""
+    th = np.float32(theta)
+    v, c = np.float32(theta / 2), np.float32(0)
+    total = 0.0
+    for x in xs:
+        cur = np.float32(x * theta)
+        total += float(cur)
+        _, v, c = signed_if_neuron_reference(cur, v, c, th)
+        ideal = total / float(th) + 0.5
+        # float rounding may flip a count that sits exactly on a rounding boundary
+        if abs(ideal - round(ideal)) > 1e-4:
+            assert c == max(0, int(np.floor(ideal)))
+
+
+def test_signed_neuron_recovers_from_an_early_surplus() -> None:
+    """A current that is +θ for 8 steps, then -θ/2 for 16: the ANN's mean is 0. Plain IF keeps its
+    8 spikes; the signed neuron takes them back."""
+    th = np.float32(1.0)
+    plain_v, v, c = np.float32(0.5), np.float32(0.5), np.float32(0)
+    plain = 0.0
+    from ann2snn.runtime.ops import if_neuron_reference
+    for x in [1.0] * 8 + [-0.5] * 16:
+        s, plain_v = if_neuron_reference(np.float32(x), plain_v, th)
+        plain += float(s)
+        _, v, c = signed_if_neuron_reference(np.float32(x), v, c, th)
+    assert plain == 8 and c == 0
+
+
+@pytest.fixture(scope="module")
+def signed_snn() -> onnx.ModelProto:
+    return ann2snn.compile(DIGITS, DIGITS_CALIB, neuron="signed", iters=20)
+
+
+def test_compile_emits_signed_neurons_with_a_count_state(signed_snn: onnx.ModelProto) -> None:
+    meta = json.loads({p.key: p.value for p in signed_snn.metadata_props}["ann2snn"])
+    ops = {n.op_type for n in signed_snn.graph.node if n.domain == DOMAIN}
+    assert ops == {SIGNED_OP}
+    assert meta["config"]["neuron"] == "signed" and meta["readout"]["t0"] == 0
+    states = {s["input"]: s for s in meta["states"]}
+    for n in meta["neurons"]:
+        assert n["op"] == SIGNED_OP and states[n["count_in"]]["init"] == "zeros"
+        assert states[n["count_in"]]["output"] == n["count_out"] and states[n["state_in"]]["init"] != "zeros"
+    assert {f.name for f in signed_snn.functions} >= {SIGNED_OP}
+
+
+def test_signed_snn_converges_and_fires_negative_spikes(signed_snn: onnx.ModelProto) -> None:
+    with np.load(DIGITS_TEST) as z:
+        x = z["input"][:48]
+    import onnxruntime as ort
+    ann = ort.InferenceSession(str(DIGITS), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    sess = SpikingSession(signed_snn, probes=[n["spikes"] for n in SpikingSession(signed_snn).meta["neurons"]])
+    negative = 0
+    sess.reset(len(x))
+    outs = []
+    for _ in range(64):
+        outs.append(next(iter(sess.step({"input": x}).values())))
+        negative += sum(int((v < 0).sum()) for v in sess.probe_values.values())
+    outs = np.stack(outs)
+    err = [float(np.abs(outs[:T].mean(0) - ann).mean()) for T in (4, 16, 64)]
+    assert negative > 0
+    assert err[0] > err[1] > err[2]
+    assert (outs[:64].mean(0).argmax(1) == ann.argmax(1)).mean() >= 0.95
+
+
+def test_signed_step_forms_agree(signed_snn: onnx.ModelProto) -> None:
+    """In-place states, states through numpy and auto mode give the same outputs."""
+    with np.load(DIGITS_TEST) as z:
+        x = z["input"][:32]
+    a, b, c = SpikingSession(signed_snn, mode="step"), SpikingSession(signed_snn, mode="step"), SpikingSession(signed_snn)
+    b.bind = False
+    ra, rb, rc = (s.run_many({"input": x}, [8, 32]) for s in (a, b, c))
+    for T in (8, 32):
+        for k in ra[T]:
+            np.testing.assert_array_equal(ra[T][k], rb[T][k])
+            np.testing.assert_array_equal(ra[T][k], rc[T][k])
+
+
+def test_unknown_neuron_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="--neuron"):
+        ann2snn.compile(DIGITS, DIGITS_CALIB, neuron="lif")
+
+
+def test_report_counts_negative_spikes_as_operations(signed_snn: onnx.ModelProto, tmp_path) -> None:
+    from ann2snn.report import SpikeCounter
+    counter = SpikeCounter({"s": [3]}, [2], signed=True)
+    counter.start()
+    counter.on_step(0, {"s": np.array([[1.0, -1.0, 0.0]], np.float32)})
+    counter.on_step(1, {"s": np.array([[-1.0, 0.0, 0.0]], np.float32)})
+    np.testing.assert_array_equal(counter.totals[2]["s"], [2.0, 1.0, 0.0])
+
+
+def test_nir_export_names_the_signed_neuron_and_the_fix(signed_snn: onnx.ModelProto, tmp_path) -> None:
+    pytest.importorskip("nir")
+    from ann2snn.errors import UnsupportedModelError
+    from ann2snn.export_nir import export_nir
+    with pytest.raises(UnsupportedModelError, match="--neuron if"):
+        export_nir(signed_snn, tmp_path / "m.nir")
