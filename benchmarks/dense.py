@@ -1,7 +1,8 @@
 """Segmentation (mIoU) and detection (mAP) of the scene models, ANN vs SNN against T and the
 readout window, next to the paper's SNN/ANN ratios.
 
-For each model: compile with the default options (LTB channel-wise, the default K and batch;
+For each model: compile with the default options (LTB channel-wise, the default K and batch,
+``--neuron`` IF or signed;
 the compile time is recorded), then evaluate the ANN once and the SNN at every T and readout
 window with ``ann2snn.tasks.evaluate_task`` on the first ``--limit`` scenes of
 ``models/data/scenes_test.npz``. Readouts: ``model`` (the compiled t0 estimate), fractions of T
@@ -57,19 +58,19 @@ def parse_readout(spec: str) -> Readout:
 
 
 def run_model(name: str, Ts: list[int], readouts: list[Readout], limit: int, batch: int,
-              threads: int, save_dir: Path | None = None) -> dict[str, Any]:
+              threads: int, save_dir: Path | None = None, neuron: str = "if") -> dict[str, Any]:
     """Compile one model (written to ``save_dir`` if given) and evaluate it at every T and readout."""
     ann, task, _ = MODELS[name]
     start = time.perf_counter()
     out = save_dir / f"{name}.snn.onnx" if save_dir else None
-    snn = ann2snn.compile(ROOT / ann, ROOT / CALIB, out, threads=threads)
+    snn = ann2snn.compile(ROOT / ann, ROOT / CALIB, out, threads=threads, neuron=neuron)
     compile_s = time.perf_counter() - start
     session = SpikingSession(snn, threads=threads)
     start = time.perf_counter()
     res = evaluate_task(ROOT / ann, session, ROOT / TEST, Ts, task, readouts=readouts, batch_size=batch,
                         limit=limit or None, threads=threads)
     eval_s = time.perf_counter() - start
-    res.update({"ann_path": ann, "compile_s": compile_s, "evaluate_s": eval_s, "model_t0": session.t0,
+    res.update({"ann_path": ann, "compile_s": compile_s, "evaluate_s": eval_s, "model_t0": session.t0, "neuron": neuron,
                 "neuron_layers": len(session.meta["neurons"]),
                 "neurons": sum(n["units"] for n in session.meta["neurons"])})
     key = res["metric"]
@@ -96,7 +97,8 @@ def markdown(name: str, res: dict[str, Any]) -> str:
     else:
         metrics = [("map50", "mAP@0.5"), ("map", "mAP@[.5:.95]")]
         ann_text = f"mAP@0.5 {ann['map50'] * 100:.2f}%, mAP@[.5:.95] {ann['map'] * 100:.2f}%"
-    lines = [(f"**{name}** ({res['ann_path']}, {task}): {res['samples']} test scenes; compiled with the defaults in "
+    lines = [(f"**{name}** ({res['ann_path']}, {task}): {res['samples']} test scenes; compiled with the defaults"
+              f"{', --neuron signed' if res.get('neuron') == 'signed' else ''} in "
              f"{res['compile_s']:.1f} s ({res['neuron_layers']} neuron layers, {res['neurons']:,} neurons, "
              f"model t0 = {res['model_t0']}); evaluation {res['evaluate_s']:.0f} s. ANN: {ann_text}."), ""]
     for key, label in metrics:
@@ -162,6 +164,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="first N test scenes (0: all 500)")
     ap.add_argument("--batch", type=int, default=25, help="simulation batch size")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
+    ap.add_argument("--neuron", default="if", choices=["if", "signed"], help="neuron model (compile --neuron)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
@@ -183,7 +186,8 @@ def main() -> None:
             if not (ROOT / MODELS[name][0]).exists():
                 print(f"[{name}] {MODELS[name][0]} is not built: skipped", file=sys.stderr)
                 continue
-            results[name] = run_model(name, Ts, readouts, args.limit, args.batch, args.threads, args.save_snn)
+            results[name] = run_model(name, Ts, readouts, args.limit, args.batch, args.threads, args.save_snn,
+                                      args.neuron)
         commands = [command]
     text = "\n".join(f"command: `{c}`" for c in commands) + "\n\n" + "\n\n".join(
         markdown(n, r) for n, r in results.items())

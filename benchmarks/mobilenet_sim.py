@@ -9,7 +9,8 @@ ONNX file, two onnxruntime models:
 * **clipped ANN**: every activation site ``Clip(0, c)`` / ``Relu`` becomes
   ``min(ReLU(z), θ)`` with θ a graph input: the SNN's T → ∞ limit for given thresholds;
 * **step model**: every site becomes an IF neuron (``v' = v + z``, spike at ``v' ≥ θ``,
-  reset by subtraction, spike value θ, as ``ann2snn::IFNeuron``) with its membrane and,
+  reset by subtraction, spike value θ, as ``ann2snn::IFNeuron``; optionally signed, as
+  ``ann2snn::SignedIFNeuron``) with its membrane and,
   optionally, a spike accumulator and accumulators of chosen analog tensors as state
   inputs/outputs; run with IOBinding, one call per step.
 
@@ -203,15 +204,23 @@ class Sim:
                 on_snapshot(k, {n: v.reshape(-1).copy() for n, v in th.items()})
         return {n: v.reshape(-1) for n, v in th.items()}
 
-    def _build_step(self, count: bool, linear: bool) -> ort.InferenceSession:
+    def _build_step(self, count: bool, linear: bool, signed: bool = False) -> ort.InferenceSession:
         def make(site: Site, n: onnx.NodeProto) -> list[onnx.NodeProto]:
             k = site.node
             # a spike of a live neuron carries its threshold; dead ones (θ = 1e30) never fire,
             # so Where(fire, θ, 0) is both the discharge and the spike value (4 ops, not 6)
             out = [helper.make_node("Add", [f"v/{k}", site.pre], [f"{k}/charged"]),
-                   helper.make_node("GreaterOrEqual", [f"{k}/charged", f"fire/{k}"], [f"{k}/ge"]),
-                   helper.make_node("Where", [f"{k}/ge", f"fire/{k}", f"zero/{k}"], [site.post]),
-                   helper.make_node("Sub", [f"{k}/charged", site.post], [f"vn/{k}"])]
+                   helper.make_node("GreaterOrEqual", [f"{k}/charged", f"fire/{k}"], [f"{k}/ge"])]
+            if signed:  # ann2snn::SignedIFNeuron: -θ when v < 0 and the running sum c of spikes is > 0
+                out += [helper.make_node("Less", [f"{k}/charged", f"zero/{k}"], [f"{k}/lt"]),
+                        helper.make_node("Greater", [f"c/{k}", f"zero/{k}"], [f"{k}/has"]),
+                        helper.make_node("And", [f"{k}/lt", f"{k}/has"], [f"{k}/neg"]),
+                        helper.make_node("Neg", [f"fire/{k}"], [f"{k}/nfire"]),
+                        helper.make_node("Where", [f"{k}/neg", f"{k}/nfire", f"zero/{k}"], [f"{k}/nv"]),
+                        helper.make_node("Where", [f"{k}/ge", f"fire/{k}", f"{k}/nv"], [site.post])]
+            else:
+                out.append(helper.make_node("Where", [f"{k}/ge", f"fire/{k}", f"zero/{k}"], [site.post]))
+            out.append(helper.make_node("Sub", [f"{k}/charged", site.post], [f"vn/{k}"]))
             if count:
                 out.append(helper.make_node("Add", [f"c/{k}", site.post], [f"cn/{k}"]))
             return out
@@ -268,13 +277,15 @@ class Sim:
         return np.ascontiguousarray(th.reshape((1, -1, 1, 1) if len(s.shape) == 3 else (1, -1)))
 
     def snn(self, x: np.ndarray, thetas: dict[str, np.ndarray], T: int, v0: float | dict[str, np.ndarray] = 0.5,
-            count: bool = False, linear: bool = False) -> dict[str, np.ndarray]:
+            count: bool = False, linear: bool = False, signed: bool = False) -> dict[str, np.ndarray]:
         """Simulate T steps. Returns ``steps`` [T, B, classes] (the output at every step) and,
         with ``count``, ``rate/<site>`` (spikes·θ averaged over T), with ``linear``,
-        ``mean/<tensor>`` (the analog tensor averaged over T)."""
-        key = (count, linear)
+        ``mean/<tensor>`` (the analog tensor averaged over T). ``signed``: signed IF neurons
+        (they need the spike sums, so ``count`` is implied)."""
+        count = count or signed
+        key = (count, linear, signed)
         if key not in self._step:
-            self._step[key] = self._build_step(count, linear)
+            self._step[key] = self._build_step(count, linear, signed)
         sess = self._step[key]
         B = len(x)
         io = sess.io_binding()

@@ -212,9 +212,9 @@ def stage_snn(args: argparse.Namespace) -> None:
         scale = args.scale
         th = {k: v * scale for k, v in thetas.items()}
         key = (f"{name}{'' if scale == 1 else f'*{scale:g}'}/v0={args.v0:g}/eval={len(x)}"
-               + (f"/stride={args.stride}" if args.stride > 1 else ""))
+               + (f"/stride={args.stride}" if args.stride > 1 else "") + ("/signed" if args.signed else ""))
         start = time.perf_counter()
-        out = sim.snn(x, th, args.tmax, v0=args.v0, count=args.layers, linear=args.layers)
+        out = sim.snn(x, th, args.tmax, v0=args.v0, count=args.layers, linear=args.layers, signed=args.signed)
         secs = time.perf_counter() - start
         np.save(CACHE / f"steps_{key.replace('/', '_')}.npy", out["steps"])
         row: dict[str, Any] = {"eval": len(x), "stride": args.stride, "tmax": args.tmax, "sim_s": round(secs, 1), "t0_est": t0_est,
@@ -379,6 +379,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--tmax", type=int, default=256)
     ap.add_argument("--layers", action="store_true", help="snn: per-layer firing-rate errors")
+    ap.add_argument("--signed", action="store_true", help="snn: signed IF neurons (ann2snn --neuron signed)")
     ap.add_argument("--calib", type=int, default=128, help="ltbtraj: calibration crops")
     ap.add_argument("--batch", type=int, default=32, help="ltbtraj: batch size")
     ap.add_argument("--snapshots", default="10,20,50,100,200", help="ltbtraj: K values kept")

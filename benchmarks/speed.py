@@ -268,7 +268,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, worker: TorchWo
     from ann2snn.runtime import SpikingSession
 
     args = argparse.Namespace(**{**vars(args), **HEAVY.get(name, {})})
-    result_opts = {k: getattr(args, k) for k in ("compile_iters", "compile_batch", "calib_iters", "calib_batch")}
+    result_opts = {k: getattr(args, k) for k in ("compile_iters", "compile_batch", "calib_iters", "calib_batch", "neuron")}
     calib_name, test_name = REFERENCE[name]
     calib, test = MODELS / "data" / f"{calib_name}.npz", MODELS / "data" / f"{test_name}.npz"
     with np.load(test) as z:
@@ -278,7 +278,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, worker: TorchWo
     result: dict[str, Any] = {"model": name, "configs": [], "options": result_opts}
     tmp = Path(tempfile.mkdtemp(prefix="ann2snn_speed_"))
     snn_path = tmp / f"{name}.snn.onnx"
-    compiled = ann2snn.compile(path, calib, iters=args.compile_iters, batch=args.compile_batch)
+    compiled = ann2snn.compile(path, calib, iters=args.compile_iters, batch=args.compile_batch, neuron=args.neuron)
     onnx.save(compiled, snn_path)
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
@@ -389,6 +389,7 @@ def main() -> None:
     ap.add_argument("--sj-max-rows", type=int, default=4096, help="largest T·B SpikingJelly simulates (mobilenet: ×128)")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument("--compile-iters", type=int, default=200)
+    ap.add_argument("--neuron", default="if", choices=["if", "signed"], help="neuron model of the simulated SNN")
     ap.add_argument("--compile-batch", type=int, default=64)
     ap.add_argument("--calib-iters", type=int, default=50, help="K for the calibration ratio (0: skip)")
     ap.add_argument("--calib-batch", type=int, default=64)

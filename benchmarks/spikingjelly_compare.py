@@ -9,7 +9,12 @@ The Fashion-MNIST networks of ``models/build_fashion.py`` (torch state dicts wri
   ``HalfThresholdIFNode`` (v(0) = θ/2), pre-spike max pooling; read out by summing the output
   over the steps from ``estimate_delay_start`` (SpikingJelly's delayed readout) or from 0.
 * ann2snn: the same model exported to ONNX (legacy exporter), ``ann2snn.compile`` with LTB
-  channel-wise on the same list of calibration batches, read out with its own t0 estimate.
+  channel-wise on the same list of calibration batches, read out with its own t0 estimate;
+  with ``--neurons if,signed`` once per neuron model.
+
+For every ann2snn row, SpikingJelly row and T, the per-image predictions are compared in
+pairs: the images only ann2snn classifies right, those only SpikingJelly does, and the exact
+two-sided McNemar p-value of the difference (``--json`` keeps them; the table lists them).
 
 Both see the same K calibration batches (drawn once with a seeded generator from
 ``models/data/fashion_calib.npz``, a training-set subset) and the same test images. Conversion
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import subprocess
 import sys
@@ -103,6 +109,17 @@ def sj_simulate(snn: torch.nn.Module, x: np.ndarray, Ts: list[int], large: int, 
     return {label: {T: np.concatenate(v) for T, v in by_T.items() if v} for label, by_T in preds.items()}
 
 
+def mcnemar(ours: np.ndarray, theirs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Paired comparison on the same images: how many only ``ours`` / only ``theirs`` classify
+    right, and the exact two-sided McNemar (binomial) p-value of that split."""
+    n = min(len(ours), len(theirs))
+    a, b = ours[:n] == labels[:n], theirs[:n] == labels[:n]
+    only_ours, only_theirs = int((a & ~b).sum()), int((~a & b).sum())
+    k, m = min(only_ours, only_theirs), only_ours + only_theirs
+    p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
+    return {"images": n, "only_ann2snn": only_ours, "only_spikingjelly": only_theirs, "p": p}
+
+
 def ann2snn_simulate(snn: Any, x: np.ndarray, Ts: list[int], large: int, batch: int,
                      threads: int) -> dict[int, np.ndarray]:
     """Run the compiled model with ann2snn's runtime (its own readout delay)."""
@@ -131,7 +148,7 @@ def same_weights(a: Any, b: Any) -> bool:
 
 
 def compare(arch: str, weights: Path, Ts: list[int], limit: int, large: int, iters: int, batch: int,
-            sim_batch: int, threads: int, reuse: Path | None) -> dict[str, Any]:
+            sim_batch: int, threads: int, reuse: Path | None, neurons: tuple[str, ...] = ("if",)) -> dict[str, Any]:
     """Convert one network both ways and measure accuracy at each T.
 
     With ``reuse`` (an ``accuracy.py --json`` file of the same model, test images and LTB
@@ -152,17 +169,22 @@ def compare(arch: str, weights: Path, Ts: list[int], limit: int, large: int, ite
         ann_pred = torch.cat([model(torch.from_numpy(x[i:i + 1000])) for i in range(0, len(x), 1000)]).argmax(1).numpy()
 
     rows: dict[str, dict[int, float]] = {}
+    preds: dict[str, dict[int, np.ndarray]] = {}  # per-image predictions, for the paired comparison
     times: dict[str, float] = {}
     options = {"method": "ltb", "granularity": "channel", "iters": iters, "batch": batch}
+    extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         onnx_path = Path(tmp) / f"{arch}.onnx"
         export_onnx(model, onnx_path)
         compiled = ann2snn.compile(onnx_path, batches, threads=threads, **options)
         times["ann2snn (export + compile)"] = time.perf_counter() - start
-    label = "ann2snn LTB channel (auto t0)"
+        for neuron in neurons:
+            if neuron != "if":
+                extra[neuron] = ann2snn.compile(onnx_path, batches, threads=threads, neuron=neuron, **options)
+    label = "ann2snn LTB channel (auto t0)" if "if" in neurons else None
     reused = None
-    if reuse is not None:
+    if reuse is not None and label is not None:
         saved = json.loads(reuse.read_text())["results"][f"fashion_{arch}"]
         m = saved["methods"]["ltb-channel"]
         committed = ann2snn.compile(ROOT / f"models/fashion_{arch}.onnx", ROOT / "models/data/fashion_calib.npz",
@@ -173,23 +195,30 @@ def compare(arch: str, weights: Path, Ts: list[int], limit: int, large: int, ite
         if ok:
             reused = str(reuse.name)
             rows[label] = {T: m["T"][str(T)]["accuracy"] for T in Ts}
-    if reused is None:
+    runs = ([(label, compiled)] if label is not None and reused is None else []) + [
+        (f"ann2snn LTB channel, {n} neurons (t0 = {json.loads({p.key: p.value for p in m.metadata_props}['ann2snn'])['readout']['t0']})", m)
+        for n, m in extra.items()]
+    for lab, snn in runs:
         start = time.perf_counter()
-        outs = ann2snn_simulate(compiled, x, Ts, large, sim_batch, threads)
-        print(f"[{arch}] ann2snn simulated in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        rows[label] = {T: float((o.argmax(1) == y[:len(o)]).mean()) for T, o in outs.items()}
+        outs = ann2snn_simulate(snn, x, Ts, large, sim_batch, threads)
+        print(f"[{arch}] {lab} simulated in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        rows[lab] = {T: float((o.argmax(1) == y[:len(o)]).mean()) for T, o in outs.items()}
+        preds[lab] = {T: o.argmax(1) for T, o in outs.items()}
 
     sj_model, times["SpikingJelly LTB"] = sj_convert(net, batches)
     delays = {T: sj.estimate_delay_start(sj_model, [normalise(batches[0])], "cpu", T) for T in Ts}
     reads = {"SpikingJelly LTB (estimate_delay_start)": delays, "SpikingJelly LTB (no delay)": {T: 0 for T in Ts}}
     start = time.perf_counter()
-    for lab, preds in sj_simulate(sj_model, x, Ts, large, sim_batch, reads).items():
-        rows[lab] = {T: float((p == y[:len(p)]).mean()) for T, p in preds.items()}
+    sj_preds = sj_simulate(sj_model, x, Ts, large, sim_batch, reads)
+    for lab, by_T in sj_preds.items():
+        rows[lab] = {T: float((p == y[:len(p)]).mean()) for T, p in by_T.items()}
     print(f"[{arch}] SpikingJelly simulated in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    paired = {f"{ours} vs {theirs}": {T: mcnemar(preds[ours][T], sj_preds[theirs][T], y) for T in Ts}
+              for ours in preds for theirs in sj_preds}
     return {"samples": len(x), "large_T_samples": large, "ann_accuracy": float((ann_pred == y).mean()),
             "ann_accuracy_large_subset": float((ann_pred[:large] == y[:large]).mean()),
             "calibration": {"batches": iters, "batch": batch}, "sj_delay_start": delays,
-            "ann2snn_rows_from": reused, "conversion_s": times, "accuracy": rows}
+            "ann2snn_rows_from": reused, "conversion_s": times, "accuracy": rows, "paired": paired}
 
 
 def main() -> None:
@@ -207,6 +236,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
     ap.add_argument("--reuse", type=Path, default=None,
                     help="take the ann2snn rows from this accuracy.py --json file (checked to be the same model)")
+    ap.add_argument("--neurons", default="if", help="ann2snn neuron models to convert with, comma-separated (if,signed)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -221,7 +251,7 @@ def main() -> None:
     for arch in args.archs.split(","):
         reuse = args.reuse.parent / args.reuse.name.replace("ARCH", arch) if args.reuse else None
         r = compare(arch, args.weights, Ts, args.limit, args.large_limit, args.iters, args.batch, args.sim_batch,
-                    args.threads, reuse)
+                    args.threads, reuse, tuple(args.neurons.split(",")))
         results[arch] = r
         lines += [f"**fashion_{arch}**: accuracy in %, T <= {SMALL_T_MAX} over the first {r['samples']} test images, "
                   f"T > {SMALL_T_MAX} over the first {r['large_T_samples']}; ANN {r['ann_accuracy'] * 100:.2f}% "
@@ -233,6 +263,12 @@ def main() -> None:
             lines += [f"(ann2snn row: from {r['ann2snn_rows_from']}, the same compiled model and test images)", ""]
         for label, accs in r["accuracy"].items():
             lines.append(f"| {label} | " + " | ".join(f"{accs[T] * 100:.2f}" for T in Ts) + " |")
+        if r["paired"]:
+            lines += ["", "Paired on the same images (only ann2snn right / only SpikingJelly right, McNemar p):", "",
+                      "| pair | " + " | ".join(f"T={T}" for T in Ts) + " |", "|---|" + "---|" * len(Ts)]
+            for pair, by_T in r["paired"].items():
+                lines.append(f"| {pair} | " + " | ".join(
+                    f"{c['only_ann2snn']}/{c['only_spikingjelly']}, p={c['p']:.2g}" for c in by_T.values()) + " |")
         lines += ["", "conversion wall-clock: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["conversion_s"].items()), ""]
         print("\n".join(lines), flush=True)
         lines = []
