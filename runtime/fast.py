@@ -11,8 +11,8 @@ The stateful step graph stays the artifact; this module only reads it.
   other per-step node acts on each sample alone (checked against a table; otherwise the
   form is refused and the step form is used). So a *chunk model* runs Tc timesteps in one
   call: each stateless node once on a batch of Tc·B (one larger Conv / Gemm instead of Tc
-  small ones), each stateful node unrolled Tc times through its state. IFNeuron keeps its
-  own function (the same float32 arithmetic). Time goes in chunks, so memory does not grow
+  small ones), each stateful node unrolled Tc times through its state(s). IFNeuron and
+  SignedIFNeuron keep their own functions (the same float32 arithmetic). Time goes in chunks, so memory does not grow
   with T; an unrolled chunk is one onnxruntime call with top-level ops only (a Loop / Scan
   body runs slower).
 """
@@ -46,12 +46,14 @@ _PER_SAMPLE = {
 class Cut:
     """A stateful node: ``drive`` is computed by the graph, ``produced`` is fed back to it."""
 
-    kind: str  # "if" | "accumulate" | "increment"
+    kind: str  # "if" | "signed" | "accumulate" | "increment"
     drive: str
     produced: str
     state_in: str
     state_out: str
     node: str
+    count_in: str = ""  # "signed": the spike-count state, the node's second one
+    count_out: str = ""
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -200,6 +202,14 @@ class StepPlan:
                 if node.input[2] in self.varying:
                     raise _Refuse(f"threshold of {node.name} varies in time")
                 cuts[node.name] = Cut("if", node.input[0], node.output[0], node.input[1], node.output[1], node.name)
+            elif node.domain == DOMAIN and node.op_type == SIGNED_OP and len(touching) == 2 \
+                    and node.input[1] in self.state_in and node.input[2] in self.state_in \
+                    and node.output[1] == self.state_out_of[node.input[1]] \
+                    and node.output[2] == self.state_out_of[node.input[2]]:
+                if node.input[3] in self.varying:
+                    raise _Refuse(f"threshold of {node.name} varies in time")
+                cuts[node.name] = Cut("signed", node.input[0], node.output[0], node.input[1], node.output[1], node.name,
+                                      node.input[2], node.output[2])
             elif node.op_type == "Add" and len(touching) == 1 and node.output[0] == self.state_out_of[touching[0]]:
                 other = node.input[1] if node.input[0] == touching[0] else node.input[0]
                 cuts[node.name] = Cut("accumulate", other, node.output[0], touching[0], node.output[0], node.name)
@@ -213,7 +223,7 @@ class StepPlan:
     def _check_layered(self) -> dict[str, Cut]:
         """The cuts, after checking that every other per-step node acts on each sample alone."""
         cuts = self._cuts()
-        if {c.state_in for c in cuts.values()} != self.state_in:
+        if {c.state_in for c in cuts.values()} | {c.count_in for c in cuts.values() if c.count_in} != self.state_in:
             raise _Refuse("some states are not handled by a recognised stateful node")
         for node in self.rest_nodes:
             if node.name in cuts or id(node) in self._static_ids:
@@ -297,7 +307,7 @@ class StepPlan:
                 ])
                 continue
             xs = [cut.drive] * steps if constant else per_step(cut.drive, shape)
-            prev, produced = cut.state_in, []
+            prev, prev_count, produced = cut.state_in, cut.count_in, []
             for t, x in enumerate(xs):
                 last = t == steps - 1
                 nxt = f"{cut.state_out}@out" if last else f"{cut.state_out}@{t}"
@@ -306,6 +316,13 @@ class StepPlan:
                     nodes.append(helper.make_node(IF_OP, [x, prev, node.input[2]], [spk, nxt], domain=DOMAIN,
                                                   name=f"{node.name}@{t}"))
                     produced.append(spk)
+                elif cut.kind == "signed":
+                    spk = f"{cut.produced}@{t}"
+                    nxt_count = f"{cut.count_out}@out" if last else f"{cut.count_out}@{t}"
+                    nodes.append(helper.make_node(SIGNED_OP, [x, prev, prev_count, node.input[3]], [spk, nxt, nxt_count],
+                                                  domain=DOMAIN, name=f"{node.name}@{t}"))
+                    produced.append(spk)
+                    prev_count = nxt_count
                 else:  # accumulate: the running sum is both the state and what the pool sees
                     nodes.append(helper.make_node("Add", [prev, x], [nxt]))
                     produced.append(nxt)

@@ -164,3 +164,19 @@ def test_compile_report(files) -> None:
     assert report["partition"]["neuron_layers"] == 2 and len(report["thresholds"]) == 2
     assert {"onnx", "onnxruntime", "ann2snn"} <= set(report["versions"])
     assert report["timings_s"]["total"] >= report["timings_s"]["calibrate_thresholds"] > 0
+
+
+def test_compile_signed_neurons_then_run_eval_report(files) -> None:
+    out = files["dir"] / "cnn.signed.snn.onnx"
+    r = invoke("compile", files["model"], "-o", out, "--calib", files["calib"], "--iters", "20", "--neuron", "signed")
+    assert r.exit_code == 0, r.output
+    assert "readout t0 = 0" in r.stdout
+    snn = onnx.load(out)
+    assert {n.op_type for n in snn.graph.node if n.domain == "ann2snn"} == {"SignedIFNeuron"}
+    r = invoke("eval", files["model"], out, "--data", files["test"], "-T", "4,16", "--json", files["dir"] / "e.json")
+    assert r.exit_code == 0, r.output
+    r = invoke("report", out, "--data", files["test"], "-T", "8", "--json", files["dir"] / "r.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((files["dir"] / "r.json").read_text())["snn"][0]["sops_per_input"] > 0
+    r = invoke("compile", files["model"], "-o", files["dir"] / "x.onnx", "--calib", files["calib"], "--neuron", "lif")
+    assert r.exit_code == 2 and "signed" in r.output

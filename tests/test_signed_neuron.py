@@ -129,17 +129,23 @@ def test_signed_snn_converges_and_fires_negative_spikes(signed_snn: onnx.ModelPr
     assert (outs[:64].mean(0).argmax(1) == ann.argmax(1)).mean() >= 0.95
 
 
-def test_signed_step_forms_agree(signed_snn: onnx.ModelProto) -> None:
-    """In-place states, states through numpy and auto mode give the same outputs."""
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_signed_step_forms_agree(signed_snn: onnx.ModelProto, chunk: int | None) -> None:
+    """In-place states, states through numpy, the layered (multi-step) form and auto mode give
+    the same outputs and the same final states."""
     with np.load(DIGITS_TEST) as z:
         x = z["input"][:32]
-    a, b, c = SpikingSession(signed_snn, mode="step"), SpikingSession(signed_snn, mode="step"), SpikingSession(signed_snn)
-    b.bind = False
-    ra, rb, rc = (s.run_many({"input": x}, [8, 32]) for s in (a, b, c))
-    for T in (8, 32):
-        for k in ra[T]:
-            np.testing.assert_array_equal(ra[T][k], rb[T][k])
-            np.testing.assert_array_equal(ra[T][k], rc[T][k])
+    forms = [SpikingSession(signed_snn, mode="step"), SpikingSession(signed_snn, mode="step"),
+             SpikingSession(signed_snn, mode="layered", chunk=chunk), SpikingSession(signed_snn)]
+    forms[1].bind = False
+    assert forms[2]._plan.cuts is not None and any(c.kind == "signed" for c in forms[2]._plan.cuts.values())
+    results = [s.run_many({"input": x}, [8, 32]) for s in forms]
+    for r in results[1:]:
+        for T in (8, 32):
+            for k in results[0][T]:
+                np.testing.assert_allclose(r[T][k], results[0][T][k], rtol=0, atol=1e-5)
+    for name, value in forms[0]._states.items():
+        np.testing.assert_allclose(forms[2]._states[name], value, rtol=0, atol=1e-5)
 
 
 def test_unknown_neuron_is_a_config_error() -> None:
