@@ -46,6 +46,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "ltb-channel+signed": {"method": "ltb", "granularity": "channel", "neuron": "signed"},
     "max+signed": {"method": "max", "neuron": "signed"},
     "percentile+signed": {"method": "percentile", "percentile": 99.99, "neuron": "signed"},
+    "percentile+signed+burst2": {"method": "percentile", "percentile": 99.99, "neuron": "signed", "burst": 2},
+    "ltb-channel+signed+burst2": {"method": "ltb", "granularity": "channel", "neuron": "signed", "burst": 2},
 }
 #: the methods run when --methods is not given (the paper's four calibrations)
 DEFAULT_METHODS = ("ltb-channel", "ltb-layer", "max", "percentile")

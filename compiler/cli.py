@@ -116,6 +116,8 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--neuron", type=click.Choice(NEURONS), default=CompileConfig.neuron, show_default=True,
               help="Neuron model: integrate-and-fire with 0/1 spikes (if), or with signed spikes that take back early "
                    "spikes (signed: converges much faster on deep networks).")
+@click.option("--burst", type=int, default=CompileConfig.burst, show_default=True,
+              help="With --neuron signed: the most spikes (or take-backs) a neuron may emit in one step.")
 @click.option("--strict", is_flag=True, help="A non-spike-compatible op inside the spiking part is an error.")
 @click.option("--spiking-until", multiple=True, metavar="TENSOR",
               help="End the spiking part at TENSOR: its consumers and everything after them run in the analog tail "

@@ -39,6 +39,9 @@ class CompileConfig:
         spike when the membrane falls below 0, so that every neuron's spike count tracks its
         rounded cumulative input at every step; much faster convergence on deep networks
         (MobileNetV2), one more state per neuron and a few more elementwise ops per step.
+    burst: with ``neuron='signed'``, the most spikes (or take-backs) a neuron may emit in one
+        step; 1 is the plain signed neuron, N > 1 emits integer-valued bursts so that a
+        step bringing more than θ does not leave the count behind.
     strict: a non-spike-compatible op inside the spiking part is an error instead of
         ending the spiking part there with a warning.
     spiking_until: tensors whose consumers, and everything after them, run in the analog
@@ -64,6 +67,7 @@ class CompileConfig:
     seed: int = 0
     maxpool: str = "cumulative"
     neuron: str = "if"
+    burst: int = 1
     strict: bool = False
     spiking_until: tuple[str, ...] = ()
     threads: int = 0
@@ -91,6 +95,11 @@ class CompileConfig:
             raise ConfigError(f"maxpool '{self.maxpool}' is unknown; use one of {', '.join(MAXPOOL_MODES)} (--maxpool)")
         if self.neuron not in NEURONS:
             raise ConfigError(f"neuron '{self.neuron}' is unknown; use one of {', '.join(NEURONS)} (--neuron)")
+        if isinstance(self.burst, bool) or int(self.burst) != self.burst or self.burst < 1:
+            raise ConfigError(f"burst is the most spikes per neuron and step, an integer >= 1, got {self.burst!r} "
+                              "(--burst)")
+        if self.burst > 1 and self.neuron != "signed":
+            raise ConfigError(f"burst {self.burst} needs signed neurons: add --neuron signed (or use --burst 1)")
         if self.iters <= 0:
             raise ConfigError(f"iters must be a positive number of calibration batches, got {self.iters} (--iters)")
         if self.batch <= 0:

@@ -242,7 +242,7 @@ class _Exporter:
             if any(x in broken for x in node.input):  # downstream of a reported node: not reported again
                 broken.update(node.output)
                 continue
-            if node.domain == "ann2snn" and node.op_type == "SignedIFNeuron":
+            if node.domain == "ann2snn" and node.op_type in ("SignedIFNeuron", "SignedBurstIFNeuron"):
                 self.problem(node, "is a signed-spike neuron, which NIR cannot express (its IF neuron fires 0/1 "
                              "spikes only)", "re-compile the model with '--neuron if' to export it to NIR")
                 broken.update(node.output)

@@ -70,7 +70,7 @@ from .ortsession import make_session
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "ann2snn"
-NEURON_OPS = ("IFNeuron", "SignedIFNeuron")
+NEURON_OPS = ("IFNeuron", "SignedIFNeuron", "SignedBurstIFNeuron")
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RESHAPING = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast")
 ELEMENTWISE = ("Add", "Sub")
@@ -523,7 +523,8 @@ class SpikeCounter:
         if t == 0:
             self.samples += next(iter(values.values())).shape[0] if values else 0
         for s in self.names:
-            # float32 sums of 0/1 are exact below 2**24 samples; a signed neuron's -1 is a spike too
+            # float32 sums of 0/1 are exact below 2**24 samples; a signed neuron's -1 is a spike too,
+            # and a burst of k spikes is k spikes
             v = np.add.reduce(np.abs(values[s]) if self.signed else values[s], axis=0)
             if s in cur:
                 cur[s] += v
@@ -625,7 +626,7 @@ def report(
     cost = analyse(proto, nonzero_weights=nonzero_weights, mac_count=mac_count)
     holder: list[SpikeCounter] = []
     session = _counting_session(proto, holder)
-    signed = any(n.get("op") == "SignedIFNeuron" for n in json.loads(
+    signed = any(n.get("op") in NEURON_OPS[1:] for n in json.loads(
         {p.key: p.value for p in proto.metadata_props}[METADATA_KEY])["neurons"])
     holder.append(SpikeCounter({n["spikes"]: n["shape"] for n in cost.neurons}, Ts, signed=signed))
     if ann is not None:

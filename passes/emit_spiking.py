@@ -24,8 +24,8 @@ from onnx import helper
 from ann2snn import __version__
 from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
-from ann2snn.runtime.ops import (DEAD_THRESHOLD, DOMAIN, NEURON_OPS, SIGNED_OP, if_neuron_function,
-                                 signed_if_neuron_function)
+from ann2snn.runtime.ops import (BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, NEURON_OPS, if_neuron_function,
+                                 signed_burst_if_neuron_function, signed_if_neuron_function)
 
 from ._graph import apply_node, const_value, export, owned_constant, restore_output_types, static_shape, unique_name
 
@@ -240,6 +240,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     if cfg.maxpool == "cumulative":
         for name in state.varying_pools:
             v_outs += _cumulative_maxpool(graph, nodes[name], batch, states)
+    burst_const = gs.Constant("ann2snn/max_spikes_per_step", np.array(cfg.burst, np.float32))
     for site in state.sites:
         act = nodes[site.node]
         z, spikes = tensors[site.pre], tensors[site.post]
@@ -248,7 +249,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         v_in = gs.Variable(f"{site.node}/v", dtype=np.float32, shape=state_shape)
         v_out = gs.Variable(f"{site.node}/v_next", dtype=np.float32, shape=state_shape)
         theta = gs.Constant(f"{site.node}/threshold", thresholds)
-        act.op, act.domain, act.attrs = NEURON_OPS[cfg.neuron], DOMAIN, {}
+        kind = "burst" if cfg.neuron == "signed" and cfg.burst > 1 else cfg.neuron
+        act.op, act.domain, act.attrs = NEURON_OPS[kind], DOMAIN, {}
         act.name = f"{site.node}/IF"
         act.inputs = [z, v_in, theta]
         act.outputs = [spikes, v_out]
@@ -257,10 +259,10 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         states.append({"input": v_in.name, "output": v_out.name, "shape": list(site.shape),
                        "init": {"threshold": theta.name, "fraction": cfg.v0}})
         extra = {}
-        if act.op == SIGNED_OP:  # the net spike count, a second state starting at 0
+        if act.op in COUNTING_OPS:  # the net spike count, a second state starting at 0
             c_in = gs.Variable(f"{site.node}/count", dtype=np.float32, shape=state_shape)
             c_out = gs.Variable(f"{site.node}/count_next", dtype=np.float32, shape=state_shape)
-            act.inputs = [z, v_in, c_in, theta]
+            act.inputs = [z, v_in, c_in, theta] + ([burst_const] if act.op == BURST_OP else [])
             act.outputs = [spikes, v_out, c_out]
             graph.inputs.append(c_in)
             v_outs.append(c_out)
@@ -286,7 +288,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
             t.dtype = np.float32
     graph.cleanup().toposort()
     model = export(graph, state.opset, state.ir_version)
-    model.functions.append(signed_if_neuron_function(state.opset) if cfg.neuron == "signed"
+    model.functions.append(signed_burst_if_neuron_function(state.opset) if cfg.neuron == "signed" and cfg.burst > 1
+                           else signed_if_neuron_function(state.opset) if cfg.neuron == "signed"
                            else if_neuron_function(state.opset))
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if tail:

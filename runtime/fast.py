@@ -11,8 +11,8 @@ The stateful step graph stays the artifact; this module only reads it.
   other per-step node acts on each sample alone (checked against a table; otherwise the
   form is refused and the step form is used). So a *chunk model* runs Tc timesteps in one
   call: each stateless node once on a batch of Tc·B (one larger Conv / Gemm instead of Tc
-  small ones), each stateful node unrolled Tc times through its state(s). IFNeuron and
-  SignedIFNeuron keep their own functions (the same float32 arithmetic). Time goes in chunks, so memory does not grow
+  small ones), each stateful node unrolled Tc times through its state(s). The neuron ops
+  keep their own functions (the same float32 arithmetic). Time goes in chunks, so memory does not grow
   with T; an unrolled chunk is one onnxruntime call with top-level ops only (a Loop / Scan
   body runs slower).
 """
@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .ops import DOMAIN, IF_OP, SIGNED_OP
+from .ops import COUNTING_OPS, DOMAIN, IF_OP
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,10 @@ class StepPlan:
             node, s_out = users[0], self.state_out_of[s_in]
             neuron = node.domain == DOMAIN and node.op_type == IF_OP and list(node.input).count(s_in) == 1 \
                 and node.input[1] == s_in and node.output[1] == s_out
-            # SignedIFNeuron: v is read once by its integrate step; count is read by the compare and by
-            # the elementwise Add that writes count_next, which depends on the compare's result
-            neuron = neuron or (node.domain == DOMAIN and node.op_type == SIGNED_OP
+            # SignedIFNeuron / SignedBurstIFNeuron: v is read once by the integrate step; count is read
+            # by the elementwise Add that writes count_next, which depends (through the spikes) on
+            # every other read of count
+            neuron = neuron or (node.domain == DOMAIN and node.op_type in COUNTING_OPS
                                 and list(node.input).count(s_in) == 1
                                 and any(node.input[k] == s_in and node.output[k] == s_out for k in (1, 2)))
             running_sum = node.domain in ("", "ai.onnx") and node.op_type == "Add" and node.output[0] == s_out
@@ -202,7 +203,7 @@ class StepPlan:
                 if node.input[2] in self.varying:
                     raise _Refuse(f"threshold of {node.name} varies in time")
                 cuts[node.name] = Cut("if", node.input[0], node.output[0], node.input[1], node.output[1], node.name)
-            elif node.domain == DOMAIN and node.op_type == SIGNED_OP and len(touching) == 2 \
+            elif node.domain == DOMAIN and node.op_type in COUNTING_OPS and len(touching) == 2 \
                     and node.input[1] in self.state_in and node.input[2] in self.state_in \
                     and node.output[1] == self.state_out_of[node.input[1]] \
                     and node.output[2] == self.state_out_of[node.input[2]]:
@@ -319,8 +320,8 @@ class StepPlan:
                 elif cut.kind == "signed":
                     spk = f"{cut.produced}@{t}"
                     nxt_count = f"{cut.count_out}@out" if last else f"{cut.count_out}@{t}"
-                    nodes.append(helper.make_node(SIGNED_OP, [x, prev, prev_count, node.input[3]], [spk, nxt, nxt_count],
-                                                  domain=DOMAIN, name=f"{node.name}@{t}"))
+                    nodes.append(helper.make_node(node.op_type, [x, prev, prev_count, *node.input[3:]],
+                                                  [spk, nxt, nxt_count], domain=DOMAIN, name=f"{node.name}@{t}"))
                     produced.append(spk)
                     prev_count = nxt_count
                 else:  # accumulate: the running sum is both the state and what the pool sees

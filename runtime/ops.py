@@ -12,6 +12,11 @@ t steps is ``max(0, round(Σ current / θ))`` at every t, not only in the time a
 surplus of input is corrected instead of being carried to the end (the "signed neuron"
 remedy for the unevenness error of converted SNNs).
 
+``ann2snn::SignedBurstIFNeuron(current, v, count, threshold, max_spikes) -> (spikes, v_next,
+count_next)`` (``--neuron signed --burst N``): the signed neuron allowed to move its count by up
+to ``max_spikes`` per step (a burst of N spikes, as an integer-valued spike): spikes =
+clip(floor(v' / θ), max(-count, -N), N). It does not fall behind when one step brings more than θ.
+
 Because they are FunctionProtos inside the model, stock onnxruntime inlines and runs them; no
 compiled extension is needed.
 """
@@ -24,8 +29,11 @@ from onnx import TensorProto, helper
 DOMAIN = "ann2snn"
 IF_OP = "IFNeuron"
 SIGNED_OP = "SignedIFNeuron"
-#: every neuron op of the domain, by the ``neuron`` compile option that selects it
-NEURON_OPS = {"if": IF_OP, "signed": SIGNED_OP}
+BURST_OP = "SignedBurstIFNeuron"
+#: every neuron op of the domain, by the ``neuron`` compile option that selects it (burst: signed, --burst > 1)
+NEURON_OPS = {"if": IF_OP, "signed": SIGNED_OP, "burst": BURST_OP}
+#: the ops whose second and third inputs are the membrane and the spike-count states
+COUNTING_OPS = (SIGNED_OP, BURST_OP)
 #: the threshold given to channels that never activated during calibration: they never fire
 DEAD_THRESHOLD = 1e30
 
@@ -70,6 +78,28 @@ def signed_if_neuron_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+def signed_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of SignedBurstIFNeuron for a model whose ai.onnx opset is ``opset`` (>= 13)."""
+    nodes = [
+        helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
+        helper.make_node("Div", ["v_charged", "threshold"], ["ratio"], name="in_thresholds"),
+        helper.make_node("Floor", ["ratio"], ["whole"], name="whole_thresholds"),
+        helper.make_node("Neg", ["count"], ["owed"], name="owed"),
+        helper.make_node("Max", ["whole", "owed"], ["not_below_count"], name="take_back_at_most_count"),
+        helper.make_node("Neg", ["max_spikes"], ["min_spikes"], name="min_spikes"),
+        helper.make_node("Max", ["not_below_count", "min_spikes"], ["above_min"], name="burst_floor"),
+        helper.make_node("Min", ["above_min", "max_spikes"], ["spikes"], name="burst_cap"),
+        helper.make_node("Mul", ["spikes", "threshold"], ["discharge"], name="discharge"),
+        helper.make_node("Sub", ["v_charged", "discharge"], ["v_next"], name="reset_by_subtraction"),
+        helper.make_node("Add", ["count", "spikes"], ["count_next"], name="count"),
+    ]
+    return helper.make_function(
+        DOMAIN, BURST_OP, ["current", "v", "count", "threshold", "max_spikes"], ["spikes", "v_next", "count_next"],
+        nodes, [helper.make_opsetid("", opset)],
+        doc_string="Signed integrate-and-fire neuron with bursts: up to max_spikes spikes (or take-backs) per step.",
+    )
+
+
 def if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """numpy reference of one IFNeuron step: (spikes, v_next)."""
     charged = (v + current).astype(np.float32)
@@ -82,4 +112,14 @@ def signed_if_neuron_reference(current: np.ndarray, v: np.ndarray, count: np.nda
     """numpy reference of one SignedIFNeuron step: (spikes, v_next, count_next)."""
     charged = (v + current).astype(np.float32)
     spikes = (charged >= threshold).astype(np.float32) - ((charged < 0) & (count > 0)).astype(np.float32)
+    return spikes, (charged - spikes * threshold).astype(np.float32), (count + spikes).astype(np.float32)
+
+
+def signed_burst_if_neuron_reference(current: np.ndarray, v: np.ndarray, count: np.ndarray, threshold: np.ndarray,
+                                     max_spikes: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy reference of one SignedBurstIFNeuron step: (spikes, v_next, count_next)."""
+    charged = (v + current).astype(np.float32)
+    whole = np.floor((charged / threshold).astype(np.float32))
+    m = np.float32(max_spikes)
+    spikes = np.minimum(np.maximum(np.maximum(whole, -count), -m), m).astype(np.float32)
     return spikes, (charged - spikes * threshold).astype(np.float32), (count + spikes).astype(np.float32)

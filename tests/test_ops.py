@@ -5,20 +5,13 @@ import numpy as np
 import onnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
 
-from ann2snn.runtime.ops import DOMAIN, IF_OP, if_neuron_function, if_neuron_reference
-from conftest import run_ort
+from ann2snn.runtime.ops import if_neuron_function, if_neuron_reference
+from conftest import neuron_op_model, run_ort
 
 
 def if_model(shape: list[int], opset: int = 17) -> onnx.ModelProto:
-    node = helper.make_node(IF_OP, ["i", "v", "th"], ["s", "v2"], domain=DOMAIN, name="if")
-    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
-    graph = helper.make_graph([node], "if", [vi("i"), vi("v"), vi("th")], [vi("s"), vi("v2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-                              functions=[if_neuron_function(opset)])
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return neuron_op_model(if_neuron_function(opset), {n: shape for n in ("i", "v", "th")}, ["s", "v2"], shape, opset)
 
 
 def test_if_op_matches_reference_on_random_inputs() -> None:
