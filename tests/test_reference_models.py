@@ -88,8 +88,8 @@ def test_mnist_target_T16() -> None:
 @pytest.mark.slow
 def test_mobilenet_v2_converts() -> None:
     """Depthwise convolutions, ReLU6 and residual adds: compiles to 35 neuron layers with the
-    ReLU6 caps kept, and the output error falls with T. (Agreement with the ANN is the open
-    MobileNetV2 problem: benchmarks/results/mobilenet_study.md.)"""
+    ReLU6 caps kept, and the output error falls with T. (With IF neurons agreement with the ANN
+    comes slowly: benchmarks/results/mobilenet_study.md; see the signed-burst test below.)"""
     path = MODELS / "mobilenet_v2.onnx"
     if not path.exists() or not (DATA / "photos_eval.npz").exists():
         pytest.skip("run models/build_mobilenet.py first")
@@ -103,3 +103,22 @@ def test_mobilenet_v2_converts() -> None:
     res = evaluate(path, SpikingSession(snn), {"input": x}, [16, 128], batch_size=4)
     errors = {r["T"]: r["relative_error"] for r in res["snn"]}
     assert errors[128] < errors[16], errors
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_signed_bursts_agree_with_the_ann() -> None:
+    """Issue 3's MobileNetV2 figure, in small: percentile thresholds with signed neurons and
+    bursts of 2 agree with the ANN's top-1 on >= 13 of 16 crops spread over the photos at
+    T = 128 (all 96 crops: 92.7%, README), and on more crops at T = 128 than at T = 32."""
+    path = MODELS / "mobilenet_v2.onnx"
+    if not path.exists() or not (DATA / "photos_eval.npz").exists():
+        pytest.skip("run models/build_mobilenet.py first")
+    with np.load(DATA / "photos_calib.npz") as z:
+        calib = z["input"][:64]  # percentile norm keeps every pre-activation: 64 crops
+    snn = ann2snn.compile(path, {"input": calib}, method="percentile", iters=4, batch=16, neuron="signed", burst=2)
+    assert [n.op_type for n in snn.graph.node].count("SignedBurstIFNeuron") == 35
+    with np.load(DATA / "photos_eval.npz") as z:
+        x = z["input"][::6][:16]
+    res = evaluate(path, SpikingSession(snn), {"input": x}, [32, 128], batch_size=16)
+    agree = {r["T"]: r["agreement"] for r in res["snn"]}
+    assert agree[128] >= 13 / 16 and agree[128] > agree[32], agree
