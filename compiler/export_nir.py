@@ -34,6 +34,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ann2snn.runtime.ops import COUNTING_OPS, DOMAIN, IF_OP
+
 from . import __version__
 from .clierrors import handle_errors
 from .errors import ConfigError, ModelLoadError, NodeProblem, PassError, UnsupportedModelError
@@ -232,7 +234,7 @@ class _Exporter:
         broken: set[str] = set()
         for node in g.node:
             handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-            if node.domain == "ann2snn" and node.op_type == "IFNeuron":
+            if node.domain == DOMAIN and node.op_type == IF_OP:
                 handler = _if_neuron
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 value = onnx.helper.get_attribute_value(node.attribute[0])
@@ -242,7 +244,7 @@ class _Exporter:
             if any(x in broken for x in node.input):  # downstream of a reported node: not reported again
                 broken.update(node.output)
                 continue
-            if node.domain == "ann2snn" and node.op_type in ("SignedIFNeuron", "SignedBurstIFNeuron"):
+            if node.domain == DOMAIN and node.op_type in COUNTING_OPS:
                 self.problem(node, "is a signed-spike neuron, which NIR cannot express (its IF neuron fires 0/1 "
                              "spikes only)", "re-compile the model with '--neuron if' to export it to NIR")
                 broken.update(node.output)

@@ -63,6 +63,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ann2snn.runtime.ops import COUNTING_OPS, IF_OP, NEURON_OPS
+
 from .errors import Ann2SnnError, ConfigError, DataError, ModelLoadError
 from .modelio import load_model, write_atomic
 from .ortsession import make_session
@@ -70,7 +72,6 @@ from .ortsession import make_session
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "ann2snn"
-NEURON_OPS = ("IFNeuron", "SignedIFNeuron", "SignedBurstIFNeuron")
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RESHAPING = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast")
 ELEMENTWISE = ("Add", "Sub")
@@ -425,7 +426,8 @@ def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights:
     router = _Router(g, nonzero_weights)
     neurons, fanout = [], {}
     for n in meta["neurons"]:
-        neurons.append({"name": n["node"], "spikes": n["spikes"], "units": int(n["units"]), "shape": list(n["shape"])})
+        neurons.append({"name": n["node"], "op": n.get("op", IF_OP), "spikes": n["spikes"], "units": int(n["units"]),
+                        "shape": list(n["shape"])})
         fanout[n["spikes"]] = {k: v.reshape(tuple(n["shape"])) for k, v in router.route(n["spikes"]).items()}
 
     # analog tensors: reachable from the real inputs without passing through a neuron
@@ -626,8 +628,7 @@ def report(
     cost = analyse(proto, nonzero_weights=nonzero_weights, mac_count=mac_count)
     holder: list[SpikeCounter] = []
     session = _counting_session(proto, holder)
-    signed = any(n.get("op") in NEURON_OPS[1:] for n in json.loads(
-        {p.key: p.value for p in proto.metadata_props}[METADATA_KEY])["neurons"])
+    signed = any(n["op"] in COUNTING_OPS for n in cost.neurons)
     holder.append(SpikeCounter({n["spikes"]: n["shape"] for n in cost.neurons}, Ts, signed=signed))
     if ann is not None:
         from .evaluate import evaluate

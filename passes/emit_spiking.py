@@ -24,8 +24,7 @@ from onnx import helper
 from ann2snn import __version__
 from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
-from ann2snn.runtime.ops import (BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, NEURON_OPS, if_neuron_function,
-                                 signed_burst_if_neuron_function, signed_if_neuron_function)
+from ann2snn.runtime.ops import BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, neuron_function, neuron_op
 
 from ._graph import apply_node, const_value, export, owned_constant, restore_output_types, static_shape, unique_name
 
@@ -240,6 +239,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     if cfg.maxpool == "cumulative":
         for name in state.varying_pools:
             v_outs += _cumulative_maxpool(graph, nodes[name], batch, states)
+    op = neuron_op(cfg.neuron, cfg.burst)
     burst_const = gs.Constant("ann2snn/max_spikes_per_step", np.array(cfg.burst, np.float32))
     for site in state.sites:
         act = nodes[site.node]
@@ -249,8 +249,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         v_in = gs.Variable(f"{site.node}/v", dtype=np.float32, shape=state_shape)
         v_out = gs.Variable(f"{site.node}/v_next", dtype=np.float32, shape=state_shape)
         theta = gs.Constant(f"{site.node}/threshold", thresholds)
-        kind = "burst" if cfg.neuron == "signed" and cfg.burst > 1 else cfg.neuron
-        act.op, act.domain, act.attrs = NEURON_OPS[kind], DOMAIN, {}
+        act.op, act.domain, act.attrs = op, DOMAIN, {}
         act.name = f"{site.node}/IF"
         act.inputs = [z, v_in, theta]
         act.outputs = [spikes, v_out]
@@ -288,9 +287,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
             t.dtype = np.float32
     graph.cleanup().toposort()
     model = export(graph, state.opset, state.ir_version)
-    model.functions.append(signed_burst_if_neuron_function(state.opset) if cfg.neuron == "signed" and cfg.burst > 1
-                           else signed_if_neuron_function(state.opset) if cfg.neuron == "signed"
-                           else if_neuron_function(state.opset))
+    model.functions.append(neuron_function(op, state.opset))
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if tail:
         model.functions.append(_tail_function(full, tail, tail_inputs, tail_outputs, state.opset, state.other_opsets))

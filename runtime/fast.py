@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .ops import COUNTING_OPS, DOMAIN, IF_OP
+from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +163,12 @@ class StepPlan:
             if len(users) != 1 or s_in in outputs:
                 continue
             node, s_out = users[0], self.state_out_of[s_in]
-            neuron = node.domain == DOMAIN and node.op_type == IF_OP and list(node.input).count(s_in) == 1 \
-                and node.input[1] == s_in and node.output[1] == s_out
-            # SignedIFNeuron / SignedBurstIFNeuron: v is read once by the integrate step; count is read
-            # by the elementwise Add that writes count_next, which depends (through the spikes) on
-            # every other read of count
-            neuron = neuron or (node.domain == DOMAIN and node.op_type in COUNTING_OPS
-                                and list(node.input).count(s_in) == 1
-                                and any(node.input[k] == s_in and node.output[k] == s_out for k in (1, 2)))
+            # a neuron's states are its inputs / outputs 1 (v) and, for the counting ops, 2 (count):
+            # v is read once by the integrate step; count is read by the elementwise Add that writes
+            # count_next, which depends (through the spikes) on every other read of count
+            positions = (1, 2) if node.op_type in COUNTING_OPS else (1,)
+            neuron = node.domain == DOMAIN and node.op_type in NEURON_OPS and list(node.input).count(s_in) == 1 \
+                and any(node.input[k] == s_in and node.output[k] == s_out for k in positions)
             running_sum = node.domain in ("", "ai.onnx") and node.op_type == "Add" and node.output[0] == s_out
             if neuron or running_sum:
                 safe.add(s_in)

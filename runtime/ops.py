@@ -30,10 +30,10 @@ DOMAIN = "ann2snn"
 IF_OP = "IFNeuron"
 SIGNED_OP = "SignedIFNeuron"
 BURST_OP = "SignedBurstIFNeuron"
-#: every neuron op of the domain, by the ``neuron`` compile option that selects it (burst: signed, --burst > 1)
-NEURON_OPS = {"if": IF_OP, "signed": SIGNED_OP, "burst": BURST_OP}
 #: the ops whose second and third inputs are the membrane and the spike-count states
 COUNTING_OPS = (SIGNED_OP, BURST_OP)
+#: every neuron op of the domain
+NEURON_OPS = (IF_OP, *COUNTING_OPS)
 #: the threshold given to channels that never activated during calibration: they never fire
 DEAD_THRESHOLD = 1e30
 
@@ -98,6 +98,19 @@ def signed_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
         nodes, [helper.make_opsetid("", opset)],
         doc_string="Signed integrate-and-fire neuron with bursts: up to max_spikes spikes (or take-backs) per step.",
     )
+
+
+def neuron_op(neuron: str, burst: int = 1) -> str:
+    """The op the compile options ``neuron`` ("if" / "signed") and ``burst`` select."""
+    if neuron == "if":
+        return IF_OP
+    return BURST_OP if burst > 1 else SIGNED_OP
+
+
+def neuron_function(op: str, opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of the neuron op ``op`` for a model whose ai.onnx opset is ``opset``."""
+    return {IF_OP: if_neuron_function, SIGNED_OP: signed_if_neuron_function,
+            BURST_OP: signed_burst_if_neuron_function}[op](opset)
 
 
 def if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
