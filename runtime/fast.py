@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS
+from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS, UNIT_IF_OP
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,12 @@ class StepPlan:
     plus, when the graph allows it, the stages of the layered form."""
 
     def __init__(self, proto: onnx.ModelProto, states: list[tuple[str, str, tuple[int, ...]]], step_outputs: list[str],
-                 session_options: ort.SessionOptions) -> None:
-        """``states``: (state input, state output, sample shape) of every state."""
+                 session_options: ort.SessionOptions, unit_factors: dict[str, np.ndarray] | None = None) -> None:
+        """``states``: (state input, state output, sample shape) of every state. ``unit_factors``:
+        the states ``proto`` keeps in other units than the caller's (runtime/unitform.py), with the
+        factor that converts the caller's values into them."""
         self.proto, self.step_outputs, self.so = proto, list(step_outputs), session_options
+        self.unit_factors = dict(unit_factors or {})
         graph = proto.graph
         self.state_order = [i for i, _, _ in states]
         self.state_in = set(self.state_order)
@@ -167,7 +170,8 @@ class StepPlan:
             # v is read once by the integrate step; count is read by the elementwise Add that writes
             # count_next, which depends (through the spikes) on every other read of count
             positions = (1, 2) if node.op_type in COUNTING_OPS else (1,)
-            neuron = node.domain == DOMAIN and node.op_type in NEURON_OPS and list(node.input).count(s_in) == 1 \
+            neuron = node.domain == DOMAIN and node.op_type in (*NEURON_OPS, UNIT_IF_OP) \
+                and list(node.input).count(s_in) == 1 \
                 and any(node.input[k] == s_in and node.output[k] == s_out for k in positions)
             running_sum = node.domain in ("", "ai.onnx") and node.op_type == "Add" and node.output[0] == s_out
             if neuron or running_sum:
@@ -196,9 +200,9 @@ class StepPlan:
                 continue
             if not node.name or node.name in cuts:
                 raise _Refuse("a stateful node without a unique name")
-            if node.domain == DOMAIN and node.op_type == IF_OP and node.input[1] in self.state_in \
+            if node.domain == DOMAIN and node.op_type in (IF_OP, UNIT_IF_OP) and node.input[1] in self.state_in \
                     and node.input[0] not in self.state_in and node.output[1] == self.state_out_of[node.input[1]]:
-                if node.input[2] in self.varying:
+                if any(i in self.varying for i in node.input[2:]):
                     raise _Refuse(f"threshold of {node.name} varies in time")
                 cuts[node.name] = Cut("if", node.input[0], node.output[0], node.input[1], node.output[1], node.name)
             elif node.domain == DOMAIN and node.op_type in COUNTING_OPS and len(touching) == 2 \
@@ -246,6 +250,7 @@ class StepPlan:
         inits: list[onnx.TensorProto] = []
         by_node = {c.node: c for c in self.cuts.values()}
         tiled: dict[str, str] = {}
+        opset = next((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), 13)
 
         def const(name: str, values: list[int] | int) -> str:
             inits.append(onnx.numpy_helper.from_array(np.asarray(values, np.int64), name))
@@ -269,13 +274,25 @@ class StepPlan:
             return tiled[x]
 
         def per_step(x: str, shape: tuple[int, ...]) -> list[str]:
-            """[steps·B, ...] -> one [B, ...] tensor per step."""
+            """[steps·B, ...] -> one [B, ...] tensor per step (time-major rows: one Split)."""
             p = f"{x}@steps"
-            nodes.append(helper.make_node("Reshape", [x, const(f"{p}/shape", [steps, -1, *shape])], [p]))
-            out = []
-            for t in range(steps):
-                nodes.append(helper.make_node("Gather", [p, const(f"{p}/{t}", t)], [f"{p}/{t}/g"], axis=0))
-                out.append(f"{p}/{t}/g")
+            out = [f"{p}/{t}" for t in range(steps)]
+            if steps == 1:
+                nodes.append(helper.make_node("Identity", [x], out))
+            elif opset >= 18:
+                nodes.append(helper.make_node("Split", [x], out, axis=0, num_outputs=steps))
+            elif opset >= 13:  # the split sizes are an input: B each, from the tensor's shape
+                nodes.extend([
+                    helper.make_node("Shape", [x], [f"{p}/full"]),
+                    helper.make_node("Slice", [f"{p}/full", const(f"{p}/s", [0]), const(f"{p}/e", [1])], [f"{p}/rows"]),
+                    helper.make_node("Div", [f"{p}/rows", const(f"{p}/steps", [steps])], [f"{p}/batch"]),
+                    helper.make_node("Expand", [f"{p}/batch", const(f"{p}/n", [steps])], [f"{p}/sizes"]),
+                    helper.make_node("Split", [x, f"{p}/sizes"], out, axis=0),
+                ])
+            else:  # older Split takes its sizes as an attribute, unknown here: a Gather per step
+                nodes.append(helper.make_node("Reshape", [x, const(f"{p}/shape", [steps, -1, *shape])], [p]))
+                nodes.extend(helper.make_node("Gather", [p, const(f"{p}/{t}/i", t)], [o], axis=0)
+                             for t, o in enumerate(out))
             return out
 
         for node in self.rest_nodes:
@@ -305,6 +322,22 @@ class StepPlan:
                     helper.make_node("Gather", [f"{p}/m", const(f"{p}/last", steps - 1)], [f"{cut.state_out}@out"], axis=0),
                 ])
                 continue
+            if cut.kind == "accumulate" and not constant and steps > 1:
+                # the running sums of every step at once: CumSum over time of [state, x_1, ..., x_n]
+                # (sequential float adds in the same order as step by step)
+                p = f"{cut.produced}@cumsum"
+                nodes.extend([
+                    helper.make_node("Reshape", [cut.drive, const(f"{p}/shape", [steps, -1, *shape])], [f"{p}/x"]),
+                    helper.make_node("Unsqueeze", [cut.state_in, const(f"{p}/axes", [0])], [f"{p}/prev"]),
+                    helper.make_node("Concat", [f"{p}/prev", f"{p}/x"], [f"{p}/all"], axis=0),
+                    helper.make_node("CumSum", [f"{p}/all", const(f"{p}/axis", 0)], [f"{p}/sums"]),
+                    helper.make_node("Slice", [f"{p}/sums", const(f"{p}/s", [1]), const(f"{p}/e", [steps + 1])],
+                                     [f"{p}/run"]),
+                    helper.make_node("Reshape", [f"{p}/run", const(f"{p}/flat", [-1, *shape])], [cut.produced]),
+                    helper.make_node("Gather", [f"{p}/run", const(f"{p}/last", steps - 1)], [f"{cut.state_out}@out"],
+                                     axis=0),
+                ])
+                continue
             xs = [cut.drive] * steps if constant else per_step(cut.drive, shape)
             prev, prev_count, produced = cut.state_in, cut.count_in, []
             for t, x in enumerate(xs):
@@ -312,7 +345,7 @@ class StepPlan:
                 nxt = f"{cut.state_out}@out" if last else f"{cut.state_out}@{t}"
                 if cut.kind == "if":
                     spk = f"{cut.produced}@{t}"
-                    nodes.append(helper.make_node(IF_OP, [x, prev, node.input[2]], [spk, nxt], domain=DOMAIN,
+                    nodes.append(helper.make_node(node.op_type, [x, prev, *node.input[2:]], [spk, nxt], domain=DOMAIN,
                                                   name=f"{node.name}@{t}"))
                     produced.append(spk)
                 elif cut.kind == "signed":
@@ -398,11 +431,19 @@ class _Refuse(Exception):
 
 
 
+def _convert(plan: StepPlan, states: dict[str, np.ndarray], into_plan: bool) -> None:
+    """Convert ``states`` into the units of the plan's model (``into_plan``) or back."""
+    for name, factor in plan.unit_factors.items():
+        value = states[name] * factor if into_plan else states[name] / factor
+        states[name] = np.ascontiguousarray(value, dtype=np.float32)
+
+
 def run_layered(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray], T: int,
                 chunk: int) -> Iterator[list[np.ndarray]]:
     """Yield the step outputs of steps 0..T-1, running ``chunk`` steps per call.
 
-    ``states`` (state input -> array) is updated to the state after each chunk.
+    ``states`` (state input -> array) is updated to the state after each chunk (in the plan's
+    units while the generator runs, in the caller's once it is finished or closed).
     """
     const = dict(feeds)
     if plan.prefix is not None:
@@ -411,15 +452,19 @@ def run_layered(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, 
     batch = next(iter(feeds.values())).shape[0]
     k = len(plan.step_outputs)
     done = 0
-    while done < T:
-        n = min(chunk, T - done)
-        sess = plan.chunk_session(n)
-        results = sess.run(None, {**const, **states})
-        states.update(zip(plan.state_order, results[k:]))
-        outs = [r.reshape((n, batch) + r.shape[1:]) for r in results[:k]]
-        for t in range(n):
-            yield [o[t] for o in outs]
-        done += n
+    _convert(plan, states, True)
+    try:
+        while done < T:
+            n = min(chunk, T - done)
+            sess = plan.chunk_session(n)
+            results = sess.run(None, {**const, **states})
+            states.update(zip(plan.state_order, results[k:]))
+            outs = [r.reshape((n, batch) + r.shape[1:]) for r in results[:k]]
+            for t in range(n):
+                yield [o[t] for o in outs]
+            done += n
+    finally:
+        _convert(plan, states, False)
 
 
 def _owned(a: np.ndarray) -> np.ndarray:
@@ -443,13 +488,25 @@ def run_steps(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, np
     const = dict(zip(plan.prefix_outputs, plan.prefix.run(plan.prefix_outputs, feeds)))
     const.update({k: v for k, v in feeds.items() if k in plan.reduced_inputs})
     k = len(plan.step_outputs)
-    if T <= 1 or not bind:
-        outs_names = plan.step_outputs + [plan.state_out_of[s] for s in plan.state_order]
-        for _ in range(T):
-            results = plan.reduced.run(outs_names, {**const, **states})
-            states.update(zip(plan.state_order, results[k:]))
-            yield results[:k]
-        return
+    _convert(plan, states, True)
+    try:
+        if T <= 1 or not bind:
+            outs_names = plan.step_outputs + [plan.state_out_of[s] for s in plan.state_order]
+            for _ in range(T):
+                results = plan.reduced.run(outs_names, {**const, **states})
+                states.update(zip(plan.state_order, results[k:]))
+                yield results[:k]
+        else:
+            yield from _run_bound(plan, const, states, T)
+    finally:
+        _convert(plan, states, False)
+
+
+def _run_bound(plan: StepPlan, const: dict[str, np.ndarray], states: dict[str, np.ndarray],
+               T: int) -> Iterator[list[np.ndarray]]:
+    """run_steps with the states in bound buffers."""
+    k = len(plan.step_outputs)
+    assert plan.reduced is not None
     # the numpy arrays own the memory; the OrtValues only view it, so keep both alive
     keep = {n: np.ascontiguousarray(v) for n, v in const.items()}
     here = {s: _owned(states[s]) for s in plan.state_order}

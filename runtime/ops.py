@@ -36,6 +36,14 @@ COUNTING_OPS = (SIGNED_OP, BURST_OP)
 NEURON_OPS = (IF_OP, *COUNTING_OPS)
 #: the threshold given to channels that never activated during calibration: they never fire
 DEAD_THRESHOLD = 1e30
+#: runtime-only: IFNeuron with its threshold folded into its input (membrane in units of θ);
+#: never written to a compiled model (runtime/unitform.py derives it at load time)
+UNIT_IF_OP = "UnitIFNeuron"
+#: HardSigmoid(x) = clip(ALPHA·x + BETA, 0, 1) is exactly the step (x >= 1) in float32: ALPHA·x
+#: is exact (a power of two), and for x in [0.5, 1), whose spacing is 2**-24, ALPHA·x + BETA is
+#: an exact integer <= 0; below 0.5 it is < 0, from 1 on it is >= 1
+UNIT_STEP_ALPHA = float(2 ** 24)
+UNIT_STEP_BETA = float(1 - 2 ** 24)
 
 
 def if_neuron_function(opset: int) -> onnx.FunctionProto:
@@ -97,6 +105,22 @@ def signed_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
         DOMAIN, BURST_OP, ["current", "v", "count", "threshold", "max_spikes"], ["spikes", "v_next", "count_next"],
         nodes, [helper.make_opsetid("", opset)],
         doc_string="Signed integrate-and-fire neuron with bursts: up to max_spikes spikes (or take-backs) per step.",
+    )
+
+
+def unit_if_neuron_function(opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of UnitIFNeuron(current, v) -> (spikes, v_next): IFNeuron with θ = 1,
+    in three elementwise kernels (integrate, a HardSigmoid that is exactly the step v' >= 1,
+    reset) instead of five."""
+    nodes = [
+        helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
+        helper.make_node("HardSigmoid", ["v_charged"], ["spikes"], alpha=UNIT_STEP_ALPHA, beta=UNIT_STEP_BETA,
+                         name="fire_at_one"),
+        helper.make_node("Sub", ["v_charged", "spikes"], ["v_next"], name="reset_by_subtraction"),
+    ]
+    return helper.make_function(
+        DOMAIN, UNIT_IF_OP, ["current", "v"], ["spikes", "v_next"], nodes, [helper.make_opsetid("", opset)],
+        doc_string="Integrate-and-fire neuron with unit threshold and reset by subtraction; spikes are 0/1.",
     )
 
 

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
-
 from ann2snn.data import InputSpec, as_array_dict, check_arrays, input_specs
 from ann2snn.errors import ConfigError, ModelLoadError
 from ann2snn.modelio import load_model
+from onnx import helper, numpy_helper
 
 from .fast import StepPlan, run_layered, run_steps
+from .unitform import unit_form
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,13 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     """Options of every runtime session. Nodes run in graph order (PRIORITY_BASED): each
     neuron's reset follows its spikes, so one layer's temporaries are freed before the next
     layer runs (onnxruntime's default order leaves every reset to the end of the step and
-    keeps every layer's charged potential and spikes alive at once: 1.7x the memory)."""
+    keeps every layer's charged potential and spikes alive at once: 1.7x the memory).
+    Intra-op threads do not spin between runs: a simulation alternates its sessions (prefix,
+    step or chunk, tail) with the readout's own work, and a spinning worker takes a core from
+    them (measured: 1.1-1.9x faster SNN runs on 2 cores; benchmarks/results/speed.md)."""
     so = ort.SessionOptions()
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -81,7 +85,8 @@ class SpikingSession:
     """
 
     def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, *, threads: int | None = None,
-                 probes: Sequence[str] = (), mode: str = "auto", chunk: int | None = None) -> None:
+                 probes: Sequence[str] = (), mode: str = "auto", chunk: int | None = None,
+                 unit_thresholds: bool = True) -> None:
         """Load a compiled model. ``probes`` names extra tensors (e.g. ``spike_tensors``) to
         fetch at every step; their latest values are in ``probe_values``.
 
@@ -93,6 +98,11 @@ class SpikingSession:
         below ``LAYERED_ROWS`` when the graph allows it, the chunk's states stay under
         ``LAYERED_STATE_BYTES`` and, timed once per batch size on the first run (a few chunks'
         worth of extra steps), it is faster than step on this machine; else step. Probes and ``on_step`` always use the step form.
+
+        ``unit_thresholds``: the fast forms run each IF neuron in units of its threshold, with
+        1/θ folded into the weights that produce its input (three elementwise kernels a step
+        instead of five; runtime/unitform.py). Spikes agree with the step graph's up to float
+        rounding (exactly when θ is a power of two); False keeps the step graph's arithmetic.
         """
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -133,8 +143,10 @@ class SpikingSession:
         self._extra_outputs = [p for p in self.probes if p not in graph_outputs]
         self._threads = threads
         self._full: ort.InferenceSession | None = None  # the whole step graph, built on first use
-        self._plan = StepPlan(proto, [(s[0], s[1], s[3]) for s in self._state_specs], self.step_outputs,
-                              _session_options(threads))
+        fast_proto, factors = (unit_form(proto, {s[0]: s[1] for s in self._state_specs}) if unit_thresholds
+                               else (proto, {}))
+        self._plan = StepPlan(fast_proto, [(s[0], s[1], s[3]) for s in self._state_specs], self.step_outputs,
+                              _session_options(threads), factors)
         if self.probes or self._plan.reduced is None:
             self._sess  # noqa: B018 - build it now: every step uses it
         if mode == "layered" and self._plan.cuts is None:
@@ -157,7 +169,7 @@ class SpikingSession:
         ``step()``, by probes and when the graph has no time-constant prefix to split off."""
         if self._full is None:
             proto = onnx.ModelProto()
-            proto.CopyFrom(self._plan.proto)
+            proto.CopyFrom(self.model)
             proto.graph.output.extend(helper.make_tensor_value_info(p, onnx.TensorProto.FLOAT, None)
                                       for p in self._extra_outputs)
             self._full = ort.InferenceSession(proto.SerializeToString(), _session_options(self._threads),

@@ -65,6 +65,38 @@ def cnn_weights(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
+#: a residual block, a max pool on spikes (a cumulative max pool in the SNN), a hidden Gemm layer
+RESIDUAL_TEXT = """
+g (float[N,1,8,8] x, float[4,1,3,3] W1, float[4] b1, float[4,4,3,3] W2, float[4] b2, float[4,4,3,3] W3, float[4] b3,
+   float[6,64] W4, float[6] b4, float[3,6] W5, float[3] b5) => (float[N,3] y) {
+  s = Sub (x, half)
+  c1 = Conv <pads=[1,1,1,1]> (s, W1, b1)
+  r1 = Relu (c1)
+  c2 = Conv <pads=[1,1,1,1]> (r1, W2, b2)
+  r2 = Relu (c2)
+  c3 = Conv <pads=[1,1,1,1]> (r2, W3, b3)
+  a = Add (c3, r1)
+  r3 = Relu (a)
+  p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r3)
+  f = Flatten <axis=1> (p)
+  h = Gemm <transB=1> (f, W4, b4)
+  r4 = Relu (h)
+  y = Gemm <transB=1> (r4, W5, b5)
+}
+"""
+
+
+def residual_net(seed: int = 0) -> onnx.ModelProto:
+    """RESIDUAL_TEXT with random weights."""
+    rng = np.random.default_rng(seed)
+    return build(RESIDUAL_TEXT, {
+        "W1": rng.normal(0, 0.6, (4, 1, 3, 3)), "b1": rng.normal(0, 0.1, 4),
+        "W2": rng.normal(0, 0.4, (4, 4, 3, 3)), "b2": rng.normal(0, 0.1, 4),
+        "W3": rng.normal(0, 0.4, (4, 4, 3, 3)), "b3": rng.normal(0, 0.1, 4),
+        "W4": rng.normal(0, 0.3, (6, 64)), "b4": rng.normal(0, 0.1, 6),
+        "W5": rng.normal(0, 0.3, (3, 6)), "b5": np.zeros(3), "half": np.full((1, 1, 1, 1), 0.5)})
+
+
 @pytest.fixture
 def cnn() -> onnx.ModelProto:
     """A tiny Conv-BN-ReLU-MaxPool-Flatten-Gemm-ReLU-Gemm network."""
@@ -104,14 +136,14 @@ def ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
-def neuron_op_model(function: "onnx.FunctionProto", inputs: dict[str, list[int]], outputs: list[str],
+def neuron_op_model(function: onnx.FunctionProto, inputs: dict[str, list[int]], outputs: list[str],
                     shape: list[int], opset: int = 17) -> onnx.ModelProto:
     """A model of one node of ``function`` (an ann2snn neuron op): float inputs with the given
     shapes, float outputs of ``shape``; checked with full_check."""
     from onnx import TensorProto, helper
 
     node = helper.make_node(function.name, list(inputs), outputs, domain=function.domain, name="neuron")
-    vi = lambda n, sh: helper.make_tensor_value_info(n, TensorProto.FLOAT, sh)  # noqa: E731
+    vi = lambda n, sh: helper.make_tensor_value_info(n, TensorProto.FLOAT, sh)
     graph = helper.make_graph([node], "neuron", [vi(n, sh) for n, sh in inputs.items()], [vi(o, shape) for o in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(function.domain, 1)],
                               functions=[function])

@@ -8,51 +8,23 @@ rounding (spike counts could flip at exact threshold ties, hence the tolerance).
 """
 from __future__ import annotations
 
+import ann2snn
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import MODELS, build
-from onnx import helper
-
-import ann2snn
 from ann2snn.errors import ConfigError
 from ann2snn.runtime import SpikingSession
 from ann2snn.runtime.fast import StepPlan
 from ann2snn.runtime.ops import DOMAIN, if_neuron_function
-
-#: residual block with a max pool deep in the network (a cumulative max pool on spikes)
-RESNET_TEXT = """
-g (float[N,1,8,8] x, float[4,1,3,3] W1, float[4] b1, float[4,4,3,3] W2, float[4] b2, float[4,4,3,3] W3, float[4] b3,
-   float[3,64] W4, float[3] b4) => (float[N,3] y) {
-  s = Sub (x, half)
-  c1 = Conv <pads=[1,1,1,1]> (s, W1, b1)
-  r1 = Relu (c1)
-  c2 = Conv <pads=[1,1,1,1]> (r1, W2, b2)
-  r2 = Relu (c2)
-  c3 = Conv <pads=[1,1,1,1]> (r2, W3, b3)
-  a = Add (c3, r1)
-  r3 = Relu (a)
-  p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r3)
-  f = Flatten <axis=1> (p)
-  y = Gemm <transB=1> (f, W4, b4)
-}
-"""
-
-
-def _resnet() -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    weights = {"W1": rng.normal(0, 0.6, (4, 1, 3, 3)), "b1": rng.normal(0, 0.1, 4),
-               "W2": rng.normal(0, 0.4, (4, 4, 3, 3)), "b2": rng.normal(0, 0.1, 4),
-               "W3": rng.normal(0, 0.4, (4, 4, 3, 3)), "b3": rng.normal(0, 0.1, 4),
-               "W4": rng.normal(0, 0.3, (3, 64)), "b4": np.zeros(3), "half": np.full((1, 1, 1, 1), 0.5)}
-    return build(RESNET_TEXT, weights)
+from conftest import MODELS, residual_net
+from onnx import helper
 
 
 @pytest.fixture(scope="module")
 def resnet_snn() -> onnx.ModelProto:
     calib = np.random.default_rng(1).uniform(0, 1, (128, 1, 8, 8)).astype(np.float32)
-    return ann2snn.compile(_resnet(), {"x": calib}, iters=20, batch=32)
+    return ann2snn.compile(residual_net(), {"x": calib}, iters=20, batch=32)
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +72,22 @@ def test_prefix_holds_the_time_constant_first_layer(resnet_snn) -> None:
     assert all(n.domain != DOMAIN for n in plan.prefix_nodes)
 
 
+@pytest.mark.parametrize("unit", [False, True])
 @pytest.mark.parametrize("mode,chunk", [("step", None), ("layered", 4)])
-def test_states_after_run_are_the_final_states(digits_snn, mode: str, chunk: int | None) -> None:
+def test_states_after_run_are_the_final_states(digits_snn, mode: str, chunk: int | None, unit: bool) -> None:
+    """The states left in the session are the step graph's, in its units (the unit-threshold
+    form converts them back: equal up to the rounding of its folded weights)."""
     with np.load(MODELS / "data" / "digits_test.npz") as z:
         x = {"input": z["input"][:3]}
     ref = SpikingSession(digits_snn, mode="step", probes=[SpikingSession(digits_snn).spike_tensors[0]])
     ref.run(x, 9)
-    fast = SpikingSession(digits_snn, mode=mode, chunk=chunk)
+    fast = SpikingSession(digits_snn, mode=mode, chunk=chunk, unit_thresholds=unit)
+    assert bool(fast._plan.unit_factors) == unit
     fast.run(x, 9)
     assert fast._states.keys() == ref._states.keys()
     for name, value in ref._states.items():
-        np.testing.assert_allclose(fast._states[name], value, rtol=0, atol=1e-5)
+        tol = 1e-4 * max(float(np.abs(value).max()), 1.0) if unit else 1e-5
+        np.testing.assert_allclose(fast._states[name], value, rtol=0, atol=tol)
 
 
 def test_on_step_and_streaming_still_see_every_step(digits_snn) -> None:

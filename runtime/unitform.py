@@ -1,0 +1,240 @@
+"""The unit-threshold form of a step model, derived at load time for the fast execution forms.
+
+An IFNeuron compares its membrane with a per-channel threshold θ and subtracts θ·spikes: five
+elementwise kernels per step (Add, GreaterOrEqual, Cast, Mul, Sub). Measured in units of θ,
+the same neuron is ``UnitIFNeuron``: Add, a HardSigmoid that is exactly the step ``v' >= 1``,
+Sub: three. The division by θ is folded backwards into the weights that produce the neuron's
+input current (a Conv's or Gemm's output channels, the constants of a Mul or an Add, through
+Add / Sub / pooling / padding / resizing, which commute with a positive per-channel scale,
+and through the running sum and running max states of a cumulative max pool); where the
+chain holds anything else, one Mul by 1/θ is inserted instead (four kernels).
+
+The spikes are the same 0/1 values; the membranes and the folded states are those of the step
+graph divided by θ. With θ a power of two the arithmetic is identical bit for bit; otherwise
+the folded weights round differently in the last bit, so the two forms agree up to float
+rounding (a spike can move by a step where the membrane lands within an ulp of θ).
+:func:`unit_form` returns the per-state factors that convert states between the two units.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .ops import DOMAIN, IF_OP, UNIT_IF_OP, unit_if_neuron_function
+
+log = logging.getLogger(__name__)
+
+#: ops through which a positive per-channel scale of the output is a scale of input 0
+_COMMUTING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Resize", "Upsample"}
+
+
+@dataclass
+class _Fold:
+    """The edits that fold one neuron's 1/θ into the chain that produces its current."""
+
+    scale: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> per-channel factor
+    producers: list[onnx.NodeProto] = field(default_factory=list)  # nodes whose outputs are scaled
+    constants: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (id(node), input) -> new value
+    states: dict[str, np.ndarray] = field(default_factory=dict)  # state input -> per-channel factor
+
+
+class _Folder:
+    def __init__(self, proto: onnx.ModelProto, nodes: list[onnx.NodeProto], state_out_of: dict[str, str],
+                 ranks: dict[str, int]) -> None:
+        g = proto.graph
+        self.values = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        self.producer = {o: n for n in nodes for o in n.output if o}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in nodes:
+            for i in dict.fromkeys(n.input):
+                self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in g.output}
+        self.state_out_of = state_out_of
+        self.state_of_out = {o: i for i, o in state_out_of.items()}
+        self.ranks = ranks
+        self.taken: set[str] = set()  # tensors already scaled for an earlier neuron
+
+    def constant(self, name: str) -> np.ndarray | None:
+        if name in self.values:
+            return self.values[name]
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def fold(self, current: str, d: np.ndarray) -> _Fold | None:
+        """The edits that divide ``current`` by θ (``d`` = 1/θ per channel), or None."""
+        edits = _Fold()
+        if not self._plan(current, d, edits):
+            return None
+        for s, f in edits.states.items():  # a scaled state must come back scaled the same way
+            out = self.state_out_of[s]
+            if out not in edits.scale or not np.array_equal(edits.scale[out], f):
+                return None
+        on_path = {id(n) for n in edits.producers}
+        for t in edits.scale:
+            if t in self.outputs and not (t in self.state_of_out and self.state_of_out[t] in edits.states):
+                return None
+            for user in self.consumers.get(t, []):
+                if id(user) not in on_path and not (t == current and user.domain == DOMAIN):
+                    return None  # someone else reads a tensor that would change
+        return edits
+
+    def _plan(self, t: str, d: np.ndarray, edits: _Fold) -> bool:
+        if t in edits.scale:
+            return np.array_equal(edits.scale[t], d)
+        if t in self.taken:
+            return False
+        edits.scale[t] = d
+        if t in self.state_out_of:
+            edits.states[t] = d
+            return True
+        node = self.producer.get(t)
+        if node is None or node.domain not in ("", "ai.onnx") or list(node.output).index(t) != 0:
+            return False
+        op, rank = node.op_type, self.ranks.get(t)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if op == "Conv":
+            w = self.constant(node.input[1])
+            if w is None or d.size not in (1, w.shape[0]):
+                return False
+            d = np.broadcast_to(d, (w.shape[0],))
+            edits.constants[(id(node), 1)] = (w * d.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
+            if len(node.input) > 2 and node.input[2]:
+                b = self.constant(node.input[2])
+                if b is None:
+                    return False
+                edits.constants[(id(node), 2)] = (b * d).astype(np.float32)
+        elif op == "Gemm":
+            w, trans_b = self.constant(node.input[1]), int(attrs.get("transB", 0))
+            if w is None or w.ndim != 2 or d.size not in (1, w.shape[0 if trans_b else 1]):
+                return False
+            d = np.broadcast_to(d, (w.shape[0 if trans_b else 1],))
+            edits.constants[(id(node), 1)] = (w * (d[:, None] if trans_b else d[None, :])).astype(np.float32)
+            if len(node.input) > 2 and node.input[2]:
+                c = self.constant(node.input[2])
+                if c is None or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
+                    return False
+                edits.constants[(id(node), 2)] = (c * d).astype(np.float32)
+        elif op in ("Add", "Sub", "Mul"):
+            if rank is None or rank < 2:
+                return False
+            per_channel = d.reshape((-1,) + (1,) * (rank - 2))
+            varying = [k for k, i in enumerate(node.input) if self.constant(i) is None]
+            if op == "Mul":  # x · c: scale the constant
+                if len(varying) != 1:
+                    return False
+                k = 1 - varying[0]
+                edits.constants[(id(node), k)] = (self.constant(node.input[k]) * per_channel).astype(np.float32)
+            else:
+                for k, i in enumerate(node.input):
+                    if k in varying:
+                        if not self._plan(i, d, edits):
+                            return False
+                    else:
+                        edits.constants[(id(node), k)] = (self.constant(i) * per_channel).astype(np.float32)
+        elif op in _COMMUTING or (op == "Pad" and attrs.get("mode", b"constant") in (b"constant", "constant")
+                                   and (len(node.input) < 3 or not node.input[2]
+                                        or not np.any(self.constant(node.input[2]) or 0))):
+            if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
+                return False
+            if not self._plan(node.input[0], d, edits):
+                return False
+        else:
+            return False
+        edits.producers.append(node)
+        return True
+
+
+def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
+    try:
+        g = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception:  # noqa: BLE001 - ranks are needed only to place a per-channel constant
+        g = proto.graph
+    ranks = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            ranks[vi.name] = len(tt.shape.dim)
+    return ranks
+
+
+def _channels(theta: np.ndarray, rank: int | None) -> np.ndarray | None:
+    """θ as a per-channel vector (axis 1 of a rank-``rank`` tensor it broadcasts against), if it
+    is one, or as one value if it is a scalar."""
+    if theta.size == 1:
+        return theta.reshape(1).astype(np.float32)
+    if rank is None or theta.ndim > rank:
+        return None
+    axis = 1 - (rank - theta.ndim)  # numpy broadcasting aligns the shapes from the right
+    if axis < 0 or any(n != 1 for k, n in enumerate(theta.shape) if k != axis):
+        return None
+    return theta.reshape(-1).astype(np.float32)
+
+
+def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The step model with every IFNeuron (constant θ > 0, per channel) replaced by UnitIFNeuron.
+
+    Returns the new model and, per state it rescales, the factor (broadcastable to a sample)
+    that converts a state of the step graph into this form's units (multiply) and back (divide).
+    """
+    original = list(proto.graph.node)  # one list, so that id() of a node stays valid
+    folder = _Folder(proto, original, state_out_of, _ranks(proto))
+    nodes = []
+    for n in original:
+        nodes.append(onnx.NodeProto())
+        nodes[-1].CopyFrom(n)
+    by_id = {id(n): k for k, n in enumerate(original)}
+    extra_inits: list[onnx.TensorProto] = []
+    factors: dict[str, np.ndarray] = {}
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    folded = 0
+    for k, node in enumerate(original):
+        if node.domain != DOMAIN or node.op_type != IF_OP or len(node.input) < 3:
+            continue
+        theta = folder.constant(node.input[2])
+        dc = _channels(theta, folder.ranks.get(node.input[0])) if theta is not None else None
+        if dc is None or not np.all(np.isfinite(dc)) or np.any(dc <= 0) or node.input[1] not in state_out_of:
+            continue
+        d = (1.0 / dc).astype(np.float32)  # one value: a layer-wise threshold
+        edits = folder.fold(node.input[0], d)
+        current, replacement = node.input[0], []
+        if edits is not None:
+            folder.taken.update(edits.scale)
+            for (nid, j), value in edits.constants.items():
+                target = nodes[by_id[nid]]
+                name = f"{target.name or target.output[0]}/unit_input{j}"
+                extra_inits.append(numpy_helper.from_array(value, name))
+                target.input[j] = name
+            for s, f in edits.states.items():
+                factors[s] = f.reshape((-1,) + (1,) * max(folder.ranks.get(s, 2) - 2, 0))
+            folded += 1
+        else:  # one Mul by 1/θ in front of the neuron
+            rank = folder.ranks.get(current, 2)
+            name = f"{node.name}/inverse_threshold"
+            extra_inits.append(numpy_helper.from_array(d.reshape((-1,) + (1,) * max(rank - 2, 0)), name))
+            replacement.append(helper.make_node("Mul", [current, name], [f"{current}/in_thresholds"],
+                                                name=f"{node.name}/to_unit"))
+            current = f"{current}/in_thresholds"
+        replacement.append(helper.make_node(UNIT_IF_OP, [current, node.input[1]], list(node.output), domain=DOMAIN,
+                                            name=node.name))
+        factors[node.input[1]] = (1.0 / theta).astype(np.float32)
+        replaced[k] = replacement
+    if not replaced:
+        return proto, {}
+    new = onnx.ModelProto()
+    new.CopyFrom(proto)
+    del new.graph.node[:]
+    for k, n in enumerate(nodes):
+        new.graph.node.extend(replaced.get(k, [n]))
+    new.graph.initializer.extend(extra_inits)
+    opset = next((o.version for o in new.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if not any(f.domain == DOMAIN and f.name == UNIT_IF_OP for f in new.functions):
+        new.functions.append(unit_if_neuron_function(opset))
+    log.debug("unit-threshold form: %d IF neurons, %d with 1/θ folded into their inputs", len(replaced), folded)
+    return new, factors
+
