@@ -88,7 +88,8 @@ def mem_worker(kind: str, model: str, data: str, batch: int, T: int, mode: str) 
     """Run one configuration and print {"peak_mb", "base_mb"}: the peak RSS from after the
     imports and the input batch were loaded, and the RSS at that point."""
     import onnxruntime as ort
-    from ann2snn.runtime import SpikingSession
+
+    from ann2snn.runtime import SpikingSession  # noqa: F401 - same imports in both children
 
     with np.load(data) as z:
         x = np.ascontiguousarray(z["input"][:batch])
@@ -114,8 +115,8 @@ def measure_memory(kind: str, model: Path, data: Path, batch: int, T: int, mode:
 def sj_worker() -> None:
     """Line protocol on stdin/stdout: JSON commands, one JSON answer per line."""
     import torch
-    from spikingjelly.activation_based import ann2snn as sj
     from spikingjelly.activation_based import functional
+    from spikingjelly.activation_based import ann2snn as sj
 
     sys.path.insert(0, str(MODELS))
     torch.set_num_threads(2)
@@ -138,13 +139,7 @@ def sj_worker() -> None:
                 nets[cmd["model"]] = (net, snn, norm)
                 answer: dict[str, Any] = {"ok": True}
             elif cmd["op"] == "export":  # an untrained export of a fashion architecture
-                from build_fashion import (
-                    ARCHS,
-                    FASHION_MEAN,
-                    FASHION_STD,
-                    Normalised,
-                    export_onnx,
-                )
+                from build_fashion import ARCHS, FASHION_MEAN, FASHION_STD, Normalised, export_onnx
                 torch.manual_seed(0)
                 export_onnx(Normalised(ARCHS[cmd["arch"]]().eval(), FASHION_MEAN, FASHION_STD).eval(), Path(cmd["path"]))
                 answer = {"ok": True}
@@ -233,8 +228,9 @@ def time_snn(snn: Any, x: np.ndarray, T: int) -> float:
 
 def calibration_ratio(path: Path, calib: Path, K: int, B: int, repeats: int) -> dict[str, float]:
     """LTB seconds per iteration (from compiles with K and 2K iterations) / ANN forward at batch B."""
-    import ann2snn
     import onnxruntime as ort
+
+    import ann2snn
 
     with np.load(calib) as z:
         x = np.ascontiguousarray(z["input"][:B])
@@ -268,9 +264,10 @@ def equivalence(snn_step: Any, snn_auto: Any, x: np.ndarray, y: np.ndarray | Non
 
 
 def bench_model(name: str, path: Path, args: argparse.Namespace, worker: TorchWorker | None) -> dict[str, Any]:
-    import ann2snn
     import onnx
     import onnxruntime as ort
+
+    import ann2snn
     from ann2snn.runtime import SpikingSession
 
     args = argparse.Namespace(**{**vars(args), **HEAVY.get(name, {})})

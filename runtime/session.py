@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
+
 from ann2snn.data import InputSpec, as_array_dict, check_arrays, input_specs
 from ann2snn.errors import ConfigError, ModelLoadError
 from ann2snn.modelio import load_model
-from onnx import helper, numpy_helper
 
 from .fast import StepPlan, run_layered, run_steps
 from .unitform import unit_form

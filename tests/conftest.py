@@ -136,14 +136,14 @@ def ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
-def neuron_op_model(function: onnx.FunctionProto, inputs: dict[str, list[int]], outputs: list[str],
+def neuron_op_model(function: "onnx.FunctionProto", inputs: dict[str, list[int]], outputs: list[str],
                     shape: list[int], opset: int = 17) -> onnx.ModelProto:
     """A model of one node of ``function`` (an ann2snn neuron op): float inputs with the given
     shapes, float outputs of ``shape``; checked with full_check."""
     from onnx import TensorProto, helper
 
     node = helper.make_node(function.name, list(inputs), outputs, domain=function.domain, name="neuron")
-    vi = lambda n, sh: helper.make_tensor_value_info(n, TensorProto.FLOAT, sh)
+    vi = lambda n, sh: helper.make_tensor_value_info(n, TensorProto.FLOAT, sh)  # noqa: E731
     graph = helper.make_graph([node], "neuron", [vi(n, sh) for n, sh in inputs.items()], [vi(o, shape) for o in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(function.domain, 1)],
                               functions=[function])

@@ -8,17 +8,18 @@ rounding (spike counts could flip at exact threshold ties, hence the tolerance).
 """
 from __future__ import annotations
 
-import ann2snn
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import MODELS, residual_net
+from onnx import helper
+
+import ann2snn
 from ann2snn.errors import ConfigError
 from ann2snn.runtime import SpikingSession
 from ann2snn.runtime.fast import StepPlan
 from ann2snn.runtime.ops import DOMAIN, if_neuron_function
-from conftest import MODELS, residual_net
-from onnx import helper
 
 
 @pytest.fixture(scope="module")

@@ -2,22 +2,17 @@
 the weights that produce their input, three elementwise kernels a step instead of five."""
 from __future__ import annotations
 
-import ann2snn
 import numpy as np
 import onnx
 import pytest
-from ann2snn.runtime import SpikingSession
-from ann2snn.runtime.ops import (
-    DOMAIN,
-    IF_OP,
-    UNIT_IF_OP,
-    if_neuron_function,
-    if_neuron_reference,
-    unit_if_neuron_function,
-)
-from ann2snn.runtime.unitform import unit_form
 from conftest import MODELS, neuron_op_model, residual_net, run_ort
 from onnx import helper, numpy_helper
+
+import ann2snn
+from ann2snn.runtime import SpikingSession
+from ann2snn.runtime.ops import (DOMAIN, IF_OP, UNIT_IF_OP, if_neuron_function, if_neuron_reference,
+                                 unit_if_neuron_function)
+from ann2snn.runtime.unitform import unit_form
 
 
 @pytest.fixture(scope="module")
