@@ -232,6 +232,10 @@ def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str]) -> tuple[onn
     for k, n in enumerate(nodes):
         new.graph.node.extend(replaced.get(k, [n]))
     new.graph.initializer.extend(extra_inits)
+    used = {i for n in new.graph.node for i in n.input} | {i.name for i in new.graph.input}
+    kept = [i for i in new.graph.initializer if i.name in used]  # the folded weights replace the originals
+    del new.graph.initializer[:]
+    new.graph.initializer.extend(kept)
     opset = next((o.version for o in new.opset_import if o.domain in ("", "ai.onnx")), 13)
     if not any(f.domain == DOMAIN and f.name == UNIT_IF_OP for f in new.functions):
         new.functions.append(unit_if_neuron_function(opset))
