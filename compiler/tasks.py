@@ -302,7 +302,8 @@ class WindowReader:
             for prop in proto.metadata_props:
                 if prop.key == "ann2snn":
                     prop.value = json.dumps(meta)
-            self._sim = SpikingSession(proto, threads=threads, mode=session.mode, chunk=session.chunk)
+            self._sim = SpikingSession(proto, threads=threads, mode=session.mode, chunk=session.chunk,
+                                       unit_thresholds=session.unit_thresholds)
             self._finish = session.finish  # the session's own tail, run once per readout
 
     def run(self, feeds: dict[str, np.ndarray], Ts: Sequence[int],

@@ -110,6 +110,7 @@ class SpikingSession:
         if chunk is not None and (isinstance(chunk, bool) or int(chunk) <= 0):
             raise ConfigError(f"chunk must be a positive number of timesteps, got {chunk!r}")
         self.mode, self.chunk = mode, (int(chunk) if chunk is not None else None)
+        self.unit_thresholds = bool(unit_thresholds)
         self.bind = True  # IOBinding of the states in the step form (False: through numpy, for comparison)
         proto = load_model(model)
         self.model: onnx.ModelProto = proto  # the compiled model as loaded (for memory estimates, reports)
