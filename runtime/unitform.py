@@ -84,6 +84,19 @@ class _Folder:
                     return None  # someone else reads a tensor that would change
         return edits
 
+    def _zero_or_copying_pad(self, node: onnx.NodeProto, attrs: dict) -> bool:
+        """A Pad that commutes with a positive scale: it copies edge / reflected values, or pads
+        with a constant 0 (the attribute of opset < 11, or the optional third input)."""
+        mode = attrs.get("mode", b"constant")
+        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+            return True
+        if float(attrs.get("value", 0.0)) != 0.0:
+            return False
+        if len(node.input) < 3 or not node.input[2]:
+            return True
+        value = self.constant(node.input[2])
+        return value is not None and not np.any(value)
+
     def _plan(self, t: str, d: np.ndarray, edits: _Fold) -> bool:
         if t in edits.scale:
             return np.array_equal(edits.scale[t], d)
@@ -137,9 +150,7 @@ class _Folder:
                             return False
                     else:
                         edits.constants[(id(node), k)] = (self.constant(i) * per_channel).astype(np.float32)
-        elif op in _COMMUTING or (op == "Pad" and attrs.get("mode", b"constant") in (b"constant", "constant")
-                                   and (len(node.input) < 3 or not node.input[2]
-                                        or not np.any(self.constant(node.input[2]) or 0))):
+        elif op in _COMMUTING or (op == "Pad" and self._zero_or_copying_pad(node, attrs)):
             if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
                 return False
             if not self._plan(node.input[0], d, edits):

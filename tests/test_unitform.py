@@ -128,3 +128,34 @@ def test_signed_neurons_keep_their_own_arithmetic() -> None:
     session = SpikingSession(snn)
     assert not session._plan.unit_factors
     assert session._plan.proto is session.model
+
+
+@pytest.mark.parametrize("pad,folds", [({"mode": "constant"}, True), ({"mode": "reflect"}, True),
+                                       ({"mode": "constant", "value": 1.0}, False)])
+def test_pads_fold_only_when_they_commute_with_the_scale(pad: dict, folds: bool) -> None:
+    """Conv -> Pad -> IFNeuron: a zero or reflecting pad commutes with 1/θ, a pad of 1 does not."""
+    rng = np.random.default_rng(3)
+    value = pad.pop("value", None)
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")
+    pad_inputs = ["c", "pads"] + (["pad_value"] if value is not None else [])
+    nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Pad", pad_inputs, ["p"], name="pad", **pad),
+             helper.make_node(IF_OP, ["p", "v", "theta"], ["s", "v_next"], domain=DOMAIN, name="if")]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+             [("W", rng.normal(size=(2, 1, 3, 3))), ("b", rng.normal(size=2)), ("theta", np.array([[[[0.5]], [[2.0]]]]))]]
+    inits.append(pads)
+    if value is not None:
+        inits.append(numpy_helper.from_array(np.array(value, np.float32), "pad_value"))
+    vi = lambda n, shape: helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [vi("x", ["N", 1, 4, 4]), vi("v", ["N", 2, 6, 6])],
+                              [vi("s", None), vi("v_next", None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.functions.append(if_neuron_function(17))
+    unit, factors = unit_form(model, {"v": "v_next"})
+    assert ("if/to_unit" not in [n.name for n in unit.graph.node]) == folds
+    for _ in range(5):
+        x, v = rng.normal(size=(2, 1, 4, 4)).astype(np.float32), rng.uniform(0, 1, (2, 2, 6, 6)).astype(np.float32)
+        ref = run_ort(model, {"x": x, "v": v})
+        got = run_ort(unit, {"x": x, "v": v * factors["v"]})
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1] / factors["v"], ref[1])
