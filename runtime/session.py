@@ -67,7 +67,7 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     keeps every layer's charged potential and spikes alive at once: 1.7x the memory).
     Intra-op threads do not spin between runs: a simulation alternates its sessions (prefix,
     step or chunk, tail) with the readout's own work, and a spinning worker takes a core from
-    them (measured: 1.1-1.9x faster SNN runs on 2 cores; benchmarks/results/speed.md)."""
+    them (measured on 2 cores: 1.03-2.8x faster SNN runs; benchmarks/runtime_options.py)."""
     so = ort.SessionOptions()
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
