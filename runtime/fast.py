@@ -85,13 +85,17 @@ def _subgraph_model(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs:
     return model
 
 
-def _types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+def value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """The types of ``proto``'s tensors, from onnx shape inference where it succeeds."""
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
     except Exception:  # noqa: BLE001 - types are a hint; symbolic float is the fallback
         inferred = proto
-    g = inferred.graph
-    return {vi.name: vi.type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    types = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[vi.name] = onnx.TypeProto()
+        types[vi.name].CopyFrom(vi.type)  # a copy: a reference would keep the inferred model (weights) alive
+    return types
 
 
 class StepPlan:
@@ -99,10 +103,12 @@ class StepPlan:
     plus, when the graph allows it, the stages of the layered form."""
 
     def __init__(self, proto: onnx.ModelProto, states: list[tuple[str, str, tuple[int, ...]]], step_outputs: list[str],
-                 session_options: ort.SessionOptions, unit_factors: dict[str, np.ndarray] | None = None) -> None:
+                 session_options: ort.SessionOptions, unit_factors: dict[str, np.ndarray] | None = None,
+                 types: dict[str, onnx.TypeProto] | None = None) -> None:
         """``states``: (state input, state output, sample shape) of every state. ``unit_factors``:
         the states ``proto`` keeps in other units than the caller's (runtime/unitform.py), with the
-        factor that converts the caller's values into them."""
+        factor that converts the caller's values into them. ``types``: the value types of
+        ``proto``'s tensors if already inferred (tensors without one are taken as float)."""
         self.proto, self.step_outputs, self.so = proto, list(step_outputs), session_options
         self.unit_factors = dict(unit_factors or {})
         graph = proto.graph
@@ -112,7 +118,7 @@ class StepPlan:
         self.state_shape = {i: tuple(int(d) for d in shape) for i, _, shape in states}
         self.inits = {i.name for i in graph.initializer}
         self.data_inputs = [i.name for i in graph.input if i.name not in self.state_in and i.name not in self.inits]
-        self.types = _types(proto)
+        self.types = types if types is not None else value_types(proto)
         static_made: set[str] = set(self.inits)
         varying: set[str] = set(self.state_in)
         statics, prefix_nodes, rest_nodes = [], [], []

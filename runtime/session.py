@@ -29,7 +29,7 @@ from ann2snn.data import InputSpec, as_array_dict, check_arrays, input_specs
 from ann2snn.errors import ConfigError, ModelLoadError
 from ann2snn.modelio import load_model
 
-from .fast import StepPlan, run_layered, run_steps
+from .fast import StepPlan, run_layered, run_steps, value_types
 from .unitform import unit_form
 
 log = logging.getLogger(__name__)
@@ -145,10 +145,11 @@ class SpikingSession:
         self._extra_outputs = [p for p in self.probes if p not in graph_outputs]
         self._threads = threads
         self._full: ort.InferenceSession | None = None  # the whole step graph, built on first use
-        fast_proto, factors = (unit_form(proto, {s[0]: s[1] for s in self._state_specs}) if unit_thresholds
+        types = value_types(proto)  # one shape inference, shared by the unit form and the plan
+        fast_proto, factors = (unit_form(proto, {s[0]: s[1] for s in self._state_specs}, types) if unit_thresholds
                                else (proto, {}))
         self._plan = StepPlan(fast_proto, [(s[0], s[1], s[3]) for s in self._state_specs], self.step_outputs,
-                              _session_options(threads), factors)
+                              _session_options(threads), factors, types)
         if self.probes or self._plan.reduced is None:
             self._sess  # noqa: B018 - build it now: every step uses it
         if mode == "layered" and self._plan.cuts is None:

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .fast import value_types
 from .ops import DOMAIN, IF_OP, UNIT_IF_OP, unit_if_neuron_function
 
 log = logging.getLogger(__name__)
@@ -161,17 +162,9 @@ class _Folder:
         return True
 
 
-def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
-    try:
-        g = onnx.shape_inference.infer_shapes(proto).graph
-    except Exception:  # noqa: BLE001 - ranks are needed only to place a per-channel constant
-        g = proto.graph
-    ranks = {}
-    for vi in list(g.value_info) + list(g.input) + list(g.output):
-        tt = vi.type.tensor_type
-        if tt.HasField("shape"):
-            ranks[vi.name] = len(tt.shape.dim)
-    return ranks
+def _ranks(types: dict[str, onnx.TypeProto]) -> dict[str, int]:
+    return {name: len(t.tensor_type.shape.dim) for name, t in types.items()
+            if t.HasField("tensor_type") and t.tensor_type.HasField("shape")}
 
 
 def _channels(theta: np.ndarray, rank: int | None) -> np.ndarray | None:
@@ -187,14 +180,16 @@ def _channels(theta: np.ndarray, rank: int | None) -> np.ndarray | None:
     return theta.reshape(-1).astype(np.float32)
 
 
-def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
+              types: dict[str, onnx.TypeProto] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The step model with every IFNeuron (constant θ > 0, per channel) replaced by UnitIFNeuron.
+    ``types``: the value types of ``proto``'s tensors if already inferred (ranks are read from them).
 
     Returns the new model and, per state it rescales, the factor (broadcastable to a sample)
     that converts a state of the step graph into this form's units (multiply) and back (divide).
     """
     original = list(proto.graph.node)  # one list, so that id() of a node stays valid
-    folder = _Folder(proto, original, state_out_of, _ranks(proto))
+    folder = _Folder(proto, original, state_out_of, _ranks(types if types is not None else value_types(proto)))
     nodes = []
     for n in original:
         nodes.append(onnx.NodeProto())
