@@ -53,6 +53,8 @@ REFERENCE = {
 #: 224² ImageNet models: compile and calibration measured with fewer, smaller batches
 #: (dense simulation time does not depend on the thresholds), no layered-vs-step check
 HEAVY = {"mobilenet_v2": {"compile_iters": 8, "compile_batch": 16, "calib_iters": 5, "calib_batch": 8, "calib_repeats": 1}}
+#: the defaults of the options HEAVY overrides (an option given on the command line wins over both)
+SIZES = {"compile_iters": 200, "compile_batch": 64, "calib_iters": 50, "calib_batch": 64, "calib_repeats": 3}
 log = logging.getLogger("speed")
 
 
@@ -270,7 +272,8 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, worker: TorchWo
     import ann2snn
     from ann2snn.runtime import SpikingSession
 
-    args = argparse.Namespace(**{**vars(args), **HEAVY.get(name, {})})
+    sizes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in {**SIZES, **HEAVY.get(name, {})}.items()}
+    args = argparse.Namespace(**{**vars(args), **sizes})
     result_opts = {k: getattr(args, k) for k in ("compile_iters", "compile_batch", "calib_iters", "calib_batch", "neuron")}
     calib_name, test_name = REFERENCE[name]
     calib, test = MODELS / "data" / f"{calib_name}.npz", MODELS / "data" / f"{test_name}.npz"
@@ -398,12 +401,13 @@ def main() -> None:
     ap.add_argument("--torch-python", default="/tmp/torchenv/bin/python", help="'' to skip SpikingJelly")
     ap.add_argument("--sj-max-rows", type=int, default=4096, help="largest T·B SpikingJelly simulates (mobilenet: ×128)")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
-    ap.add_argument("--compile-iters", type=int, default=200)
+    ap.add_argument("--compile-iters", type=int, default=None, help="LTB iterations of the timed SNN (default 200; mobilenet_v2 8)")
     ap.add_argument("--neuron", default="if", choices=["if", "signed"], help="neuron model of the simulated SNN")
-    ap.add_argument("--compile-batch", type=int, default=64)
-    ap.add_argument("--calib-iters", type=int, default=50, help="K for the calibration ratio (0: skip)")
-    ap.add_argument("--calib-batch", type=int, default=64)
-    ap.add_argument("--calib-repeats", type=int, default=3)
+    ap.add_argument("--compile-batch", type=int, default=None, help="their batch (default 64; mobilenet_v2 16)")
+    ap.add_argument("--calib-iters", type=int, default=None,
+                    help="K for the calibration ratio (0: skip; default 50, mobilenet_v2 5)")
+    ap.add_argument("--calib-batch", type=int, default=None, help="its batch (default 64; mobilenet_v2 8)")
+    ap.add_argument("--calib-repeats", type=int, default=None, help="repeats of it (default 3; mobilenet_v2 1)")
     ap.add_argument("--equiv-samples", type=int, default=200)
     ap.add_argument("--equiv-T", type=int, default=32)
     ap.add_argument("--equiv-heavy", action="store_true", help="also check layered vs step on mobilenet_v2")
