@@ -44,6 +44,8 @@ class _Fold:
 
 
 class _Folder:
+    """Plans, per neuron, the constant edits that scale its current; reads the graph only."""
+
     def __init__(self, proto: onnx.ModelProto, nodes: list[onnx.NodeProto], state_out_of: dict[str, str],
                  ranks: dict[str, int]) -> None:
         g = proto.graph
@@ -67,8 +69,9 @@ class _Folder:
             return numpy_helper.to_array(node.attribute[0].t)
         return None
 
-    def fold(self, current: str, d: np.ndarray) -> _Fold | None:
-        """The edits that divide ``current`` by θ (``d`` = 1/θ per channel), or None."""
+    def fold(self, neuron: onnx.NodeProto, d: np.ndarray) -> _Fold | None:
+        """The edits that divide ``neuron``'s current by θ (``d`` = 1/θ per channel), or None."""
+        current = neuron.input[0]
         edits = _Fold()
         if not self._plan(current, d, edits):
             return None
@@ -81,7 +84,7 @@ class _Folder:
             if t in self.outputs and not (t in self.state_of_out and self.state_of_out[t] in edits.states):
                 return None
             for user in self.consumers.get(t, []):
-                if id(user) not in on_path and not (t == current and user.domain == DOMAIN):
+                if id(user) not in on_path and user is not neuron:
                     return None  # someone else reads a tensor that would change
         return edits
 
@@ -207,7 +210,7 @@ def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
         if dc is None or not np.all(np.isfinite(dc)) or np.any(dc <= 0) or node.input[1] not in state_out_of:
             continue
         d = (1.0 / dc).astype(np.float32)  # one value: a layer-wise threshold
-        edits = folder.fold(node.input[0], d)
+        edits = folder.fold(node, d)
         current, replacement = node.input[0], []
         if edits is not None:
             folder.taken.update(edits.scale)
