@@ -7,8 +7,9 @@ that average.
 
 ``run`` / ``run_many`` use faster forms derived from the step graph at load time
 (``runtime/fast.py``): the time-constant prefix (input normalisation, the first layer
-under direct coding) runs once per input, and for small batches several timesteps run
-as one batch layer by layer. ``step`` and probes run the step graph itself.
+under direct coding) runs once per input, IF neurons run in units of their threshold
+(``runtime/unitform.py``), and for small batches several timesteps run as one batch layer
+by layer. ``step`` and probes run the step graph itself.
 """
 from __future__ import annotations
 
