@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -106,6 +107,7 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
     n_batches = 0
     batches = source.batches(cfg.iters, cfg.batch, cfg.seed)
     samples = 0
+    start = time.perf_counter()
     for feeds in progress(batches, cfg.iters, "calibrating (LTB)", cfg.progress):
         feeds = dict(feeds)
         samples += len(next(iter(feeds.values())))
@@ -115,6 +117,10 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
         for j, r in enumerate(results[len(thetas):]):
             stats[j] += np.asarray(r, np.float64).reshape(stats[j].shape)
         n_batches += 1
+    elapsed = time.perf_counter() - start
+    # for benchmarks/speed.py (the compiled model carries no timing: its output stays deterministic)
+    log.debug("LTB calibration: %d iterations in %.3f s", n_batches, elapsed,
+              extra={"ltb_iterations": n_batches, "ltb_seconds": elapsed})
     if n_batches == 0:
         raise DataError("calibration saw no batch; provide calibration data with at least one sample")
     state.metadata["calibration"] = {"method": "ltb", "batches": n_batches, "samples": samples}
