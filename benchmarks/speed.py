@@ -8,8 +8,9 @@ For each reference model, on this machine and in this one run:
   time is the faster of two ANN sessions timed in the same repeat, one with onnxruntime's
   default thread spinning and one without (the runtime's sessions do not spin), so the bound
   is the ANN at its best on this machine;
-* calibration: LTB time per iteration (difference of two compiles with K and 2K iterations,
-  so session creation and the other passes cancel) / ANN forward time at the same batch;
+* calibration: LTB time per iteration (the calibration loop's own timer, and the difference
+  of two compiles with K and 2K iterations, in which session creation and the other passes
+  cancel) / ANN forward time at the same batch;
 * peak memory (max RSS of a fresh child process per configuration) of a T-step simulation
   vs the ANN's inference at the same batch, also net of the child's RSS after imports;
 * SpikingJelly 2.0.0 (multi-step mode, CPU, torch threads = 2): the same torch architecture
@@ -214,6 +215,17 @@ class TorchWorker:
 
 
 # -- the measurements ------------------------------------------------------------------------------
+def ann_sessions(path: Path, threads: int = 0) -> tuple[Any, Any]:
+    """Two onnxruntime sessions of the ANN: with the default intra-op thread spinning, and without."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    spinning = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return spinning, ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def time_ann(sess: Any, x: np.ndarray, T: int) -> float:
     name = sess.get_inputs()[0].name
     start = time.perf_counter()
@@ -244,16 +256,11 @@ def calibration_ratio(path: Path, calib: Path, K: int, B: int, repeats: int) -> 
     """LTB seconds per iteration / ANN forward at batch B (the faster of spinning or not, timed
     between the compiles): from the calibration loop's own timer, and from the difference of
     whole compiles with K and 2K iterations (session creation and the other passes cancel)."""
-    import onnxruntime as ort
-
     import ann2snn
 
     with np.load(calib) as z:
         x = np.ascontiguousarray(z["input"][:B])
-    so = ort.SessionOptions()
-    anns = [ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])]
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    anns.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
+    anns = ann_sessions(path)
     timer = _LoopTimes()
     logger = logging.getLogger("ann2snn.passes.calibrate_thresholds")
     level = logger.level
@@ -294,7 +301,6 @@ def equivalence(snn_step: Any, snn_auto: Any, x: np.ndarray, y: np.ndarray | Non
 
 def bench_model(name: str, path: Path, args: argparse.Namespace, worker: TorchWorker | None) -> dict[str, Any]:
     import onnx
-    import onnxruntime as ort
 
     import ann2snn
     from ann2snn.runtime import SpikingSession
@@ -313,11 +319,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, worker: TorchWo
     snn_path = tmp / f"{name}.snn.onnx"
     compiled = ann2snn.compile(path, calib, iters=args.compile_iters, batch=args.compile_batch, neuron=args.neuron)
     onnx.save(compiled, snn_path)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    ann = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    ann_quiet = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ann, ann_quiet = ann_sessions(path, args.threads)
     step = SpikingSession(snn_path, mode="step", threads=args.threads or None)
     auto = SpikingSession(snn_path, mode="auto", threads=args.threads or None)
     result["layered"] = auto._plan.refusal or "available"

@@ -85,6 +85,11 @@ def _subgraph_model(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs:
     return model
 
 
+def ai_onnx_opset(proto: onnx.ModelProto) -> int:
+    """The model's ai.onnx opset version (13 if it names none)."""
+    return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
 def value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """The types of ``proto``'s tensors, from onnx shape inference where it succeeds."""
     try:
@@ -256,7 +261,7 @@ class StepPlan:
         inits: list[onnx.TensorProto] = []
         by_node = {c.node: c for c in self.cuts.values()}
         tiled: dict[str, str] = {}
-        opset = next((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+        opset = ai_onnx_opset(self.proto)
 
         def const(name: str, values: list[int] | int) -> str:
             inits.append(onnx.numpy_helper.from_array(np.asarray(values, np.int64), name))
@@ -301,6 +306,23 @@ class StepPlan:
                              for t, o in enumerate(out))
             return out
 
+        def with_state(cut: Cut, x: str, p: str, shape: tuple[int, ...]) -> tuple[str, str]:
+            """``x`` ([steps·B, ...]) time-major as [steps, B, ...], and [state, x_1, ..., x_n]."""
+            nodes.extend([
+                helper.make_node("Reshape", [x, const(f"{p}/shape", [steps, -1, *shape])], [f"{p}/x"]),
+                helper.make_node("Unsqueeze", [cut.state_in, const(f"{p}/axes", [0])], [f"{p}/prev"]),
+                helper.make_node("Concat", [f"{p}/prev", f"{p}/x"], [f"{p}/all"], axis=0),
+            ])
+            return f"{p}/x", f"{p}/all"
+
+        def back_to_rows(cut: Cut, seq: str, last_of: str, p: str, shape: tuple[int, ...]) -> None:
+            """``seq`` ([steps, B, ...]) as the cut's output rows; the state after the chunk is the
+            last step of ``last_of``."""
+            nodes.extend([
+                helper.make_node("Reshape", [seq, const(f"{p}/flat", [-1, *shape])], [cut.produced]),
+                helper.make_node("Gather", [last_of, const(f"{p}/last", steps - 1)], [f"{cut.state_out}@out"], axis=0),
+            ])
+
         for node in self.rest_nodes:
             cut = by_node.get(node.name)
             if cut is None:
@@ -314,35 +336,27 @@ class StepPlan:
                 continue
             shape = self.state_shape[cut.state_in]
             constant = cut.drive not in self.varying
-            if cut.kind == "increment":
-                m = cut.drive if not constant else tile(cut.drive)
+            if cut.kind == "increment":  # what the max pool added this step: the running max's time difference
                 p = f"{cut.produced}@inc"
+                seq, stack = with_state(cut, cut.drive if not constant else tile(cut.drive), p, shape)
                 nodes.extend([
-                    helper.make_node("Reshape", [m, const(f"{p}/shape", [steps, -1, *shape])], [f"{p}/m"]),
-                    helper.make_node("Unsqueeze", [cut.state_in, const(f"{p}/axes", [0])], [f"{p}/prev"]),
-                    helper.make_node("Concat", [f"{p}/prev", f"{p}/m"], [f"{p}/all"], axis=0),
-                    helper.make_node("Slice", [f"{p}/all", const(f"{p}/s1", [1]), const(f"{p}/e1", [steps + 1])], [f"{p}/hi"]),
-                    helper.make_node("Slice", [f"{p}/all", const(f"{p}/s0", [0]), const(f"{p}/e0", [steps])], [f"{p}/lo"]),
+                    helper.make_node("Slice", [stack, const(f"{p}/s1", [1]), const(f"{p}/e1", [steps + 1])], [f"{p}/hi"]),
+                    helper.make_node("Slice", [stack, const(f"{p}/s0", [0]), const(f"{p}/e0", [steps])], [f"{p}/lo"]),
                     helper.make_node("Sub", [f"{p}/hi", f"{p}/lo"], [f"{p}/d"]),
-                    helper.make_node("Reshape", [f"{p}/d", const(f"{p}/flat", [-1, *shape])], [cut.produced]),
-                    helper.make_node("Gather", [f"{p}/m", const(f"{p}/last", steps - 1)], [f"{cut.state_out}@out"], axis=0),
                 ])
+                back_to_rows(cut, f"{p}/d", seq, p, shape)
                 continue
             if cut.kind == "accumulate" and not constant and steps > 1:
                 # the running sums of every step at once: CumSum over time of [state, x_1, ..., x_n]
                 # (sequential float adds in the same order as step by step)
                 p = f"{cut.produced}@cumsum"
+                _, stack = with_state(cut, cut.drive, p, shape)
                 nodes.extend([
-                    helper.make_node("Reshape", [cut.drive, const(f"{p}/shape", [steps, -1, *shape])], [f"{p}/x"]),
-                    helper.make_node("Unsqueeze", [cut.state_in, const(f"{p}/axes", [0])], [f"{p}/prev"]),
-                    helper.make_node("Concat", [f"{p}/prev", f"{p}/x"], [f"{p}/all"], axis=0),
-                    helper.make_node("CumSum", [f"{p}/all", const(f"{p}/axis", 0)], [f"{p}/sums"]),
+                    helper.make_node("CumSum", [stack, const(f"{p}/axis", 0)], [f"{p}/sums"]),
                     helper.make_node("Slice", [f"{p}/sums", const(f"{p}/s", [1]), const(f"{p}/e", [steps + 1])],
                                      [f"{p}/run"]),
-                    helper.make_node("Reshape", [f"{p}/run", const(f"{p}/flat", [-1, *shape])], [cut.produced]),
-                    helper.make_node("Gather", [f"{p}/run", const(f"{p}/last", steps - 1)], [f"{cut.state_out}@out"],
-                                     axis=0),
                 ])
+                back_to_rows(cut, f"{p}/run", f"{p}/run", p, shape)
                 continue
             xs = [cut.drive] * steps if constant else per_step(cut.drive, shape)
             prev, prev_count, produced = cut.state_in, cut.count_in, []

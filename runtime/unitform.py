@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .fast import value_types
+from .fast import ai_onnx_opset, value_types
 from .ops import DOMAIN, IF_OP, UNIT_IF_OP, unit_if_neuron_function
 
 log = logging.getLogger(__name__)
@@ -231,23 +231,33 @@ def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
             current = f"{current}/in_thresholds"
         replacement.append(helper.make_node(UNIT_IF_OP, [current, node.input[1]], list(node.output), domain=DOMAIN,
                                             name=node.name))
-        factors[node.input[1]] = (1.0 / theta).astype(np.float32)
+        factors[node.input[1]] = d.reshape(theta.shape)
         replaced[k] = replacement
     if not replaced:
         return proto, {}
     new = onnx.ModelProto()
-    new.CopyFrom(proto)
-    del new.graph.node[:]
+    _copy_fields(proto, new, skip={"graph"})
+    _copy_fields(proto.graph, new.graph, skip={"node", "initializer"})  # the weights are copied once, below
     for k, n in enumerate(nodes):
         new.graph.node.extend(replaced.get(k, [n]))
-    new.graph.initializer.extend(extra_inits)
     used = {i for n in new.graph.node for i in n.input} | {i.name for i in new.graph.input}
-    kept = [i for i in new.graph.initializer if i.name in used]  # the folded weights replace the originals
-    del new.graph.initializer[:]
-    new.graph.initializer.extend(kept)
-    opset = next((o.version for o in new.opset_import if o.domain in ("", "ai.onnx")), 13)
+    new.graph.initializer.extend(i for i in proto.graph.initializer if i.name in used)  # folded ones replaced
+    new.graph.initializer.extend(extra_inits)
+    opset = ai_onnx_opset(new)
     if not any(f.domain == DOMAIN and f.name == UNIT_IF_OP for f in new.functions):
         new.functions.append(unit_if_neuron_function(opset))
     log.debug("unit-threshold form: %d IF neurons, %d with 1/θ folded into their inputs", len(replaced), folded)
     return new, factors
 
+
+def _copy_fields(src: onnx.ModelProto | onnx.GraphProto, dst: onnx.ModelProto | onnx.GraphProto, skip: set[str]) -> None:
+    """Copy every set field of ``src`` into ``dst`` except those named in ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if isinstance(value, (str, bytes, int, float)):
+            setattr(dst, fd.name, value)
+        elif hasattr(value, "extend"):  # a repeated field
+            getattr(dst, fd.name).extend(value)
+        else:
+            getattr(dst, fd.name).CopyFrom(value)
