@@ -176,58 +176,81 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 
+#: --form: how the runtime executes the time loop (every form gives the reference's outputs)
+FORM_OPTION = click.option(
+    "--form", type=click.Choice(["auto", "step", "layered", "reference", "timed"]), default="auto", show_default=True,
+    help="Execution form of the time loop. Every form gives the same outputs as 'reference' (the step graph run "
+         "as written); auto picks step or layered by a fixed rule of batch and state sizes, timed by measuring both.")
+ALLOW_NONFINITE_OPTION = click.option(
+    "--allow-nonfinite", is_flag=True, default=False,
+    help="Keep NaN / inf outputs with a warning instead of stopping with an error that names the output and step.")
+
+
 @main.command("run")
 @config_option
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--input", "input_path", required=True, type=click.Path(),
               help="Inputs: .npz keyed by input name, .npy, or images (folder or list file), preprocessed as "
                    "recorded at compile time.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Images simulated at once.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Inputs simulated at once.")
 @click.option("-T", "T", required=True, type=int, help="Number of timesteps.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the outputs (.npz).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the outputs (.npz; the entry 'ann2snn_run' holds how they were made, as JSON).")
 @click.option("--t0", type=int, default=None, help="Readout delay (default: the model's).")
+@FORM_OPTION
+@ALLOW_NONFINITE_OPTION
 @click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: its default).")
 @click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
               "(default: 75% of physical memory).")
 @click.pass_context
 @_handle_errors
 def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int, T: int, output: str, t0: int | None,
-            threads: int, max_memory: float | None) -> None:
-    """Run a compiled spiking MODEL for T timesteps and save the readout."""
-    import io
+            form: str, allow_nonfinite: bool, threads: int, max_memory: float | None) -> None:
+    """Run a compiled spiking MODEL for T timesteps and save the readout.
 
+    The same command writes the same bytes every time."""
     from ann2snn.runtime import SpikingSession
     from ann2snn.runtime.session import check_T
 
     from .data import as_array_dict, check_arrays
     from .images import ImageSource, is_image_source, preprocess_from_config
-    from .modelio import write_atomic
+    from .modelio import npz_bytes, write_atomic
     from .progress import progress
     from .resources import GIB, check_memory
 
     check_T(T)
-    session = SpikingSession(model, threads=threads or None)
+    if batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    session = SpikingSession(model, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite)
     limit = int(max_memory * GIB) if max_memory is not None else None
+    parts: dict[str, list[np.ndarray]] = {}
+    forms: list[str] = []
+    extra: dict[str, np.ndarray] = {}
+    show = not ctx.obj["quiet"]
     if is_image_source(input_path):  # decoded and simulated batch by batch
         images = ImageSource(input_path, preprocess_from_config(session.meta.get("config", {})))
         check_memory(session.model, min(batch_size, len(images)), limit)
-        parts: dict[str, list[np.ndarray]] = {}
         name = session.input_specs[0].name
-        n_chunks = -(-len(images) // batch_size)
-        for x, _ in progress(images.chunks(batch_size), n_chunks, "simulating", not ctx.obj["quiet"]):
-            for k, v in session.run({name: x}, T, t0).items():
-                parts.setdefault(k, []).append(np.asarray(v))
-        out = {k: np.concatenate(v) for k, v in parts.items()}
-        out["files"] = np.array([str(f) for f in images.files])
+        batches = ({name: x} for x, _ in images.chunks(batch_size))
+        n = len(images)
+        extra["files"] = np.array([str(f) for f in images.files])
     else:
         inputs = as_array_dict(input_path, session.input_specs, "input")
         check_arrays(inputs, session.input_specs, "input")
-        check_memory(session.model, len(inputs[session.input_specs[0].name]), limit)
-        out = session.run(inputs, T, t0)
-    buf = io.BytesIO()
-    np.savez(buf, **out)
-    write_atomic(output, buf.getvalue())
-    click.echo(f"wrote {output}: {', '.join(f'{k} {v.shape}' for k, v in out.items())}")
+        n = len(inputs[session.input_specs[0].name])
+        check_memory(session.model, min(batch_size, n), limit)
+        batches = ({k: v[i:i + batch_size] for k, v in inputs.items()} for i in range(0, n, batch_size))
+    for feeds in progress(batches, -(-n // batch_size), "simulating", show):
+        for k, v in session.run(feeds, T, t0).items():
+            parts.setdefault(k, []).append(np.asarray(v))
+        if session.last_form not in forms:
+            forms.append(session.last_form)
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    info = {"model": str(model), "T": T, "t0": session.t0 if t0 is None else t0, "form_option": form,
+            "forms": forms, "batch_size": batch_size, "samples": n}
+    write_atomic(output, npz_bytes({**out, **extra, "ann2snn_run": np.array(json.dumps(info, sort_keys=True))}))
+    if show:
+        click.echo(f"wrote {output}: {', '.join(f'{k} {v.shape}' for k, v in out.items())} (form: {', '.join(forms)})")
 
 
 @main.command("eval", epilog="""\b
@@ -267,6 +290,8 @@ Data for --task detection: .npz with the model inputs, 'boxes' float [M,4]
               help="Segmentation classes (default: the score channels, or the largest id seen + 1).")
 @click.option("--ignore-index", type=int, default=255, show_default=True, help="Mask value of unscored pixels.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
+@FORM_OPTION
+@ALLOW_NONFINITE_OPTION
 @click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: its default).")
 @click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
               "(default: 75% of physical memory).")
@@ -275,9 +300,11 @@ Data for --task detection: .npz with the model inputs, 'boxes' float [M,4]
 @_handle_errors
 def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: str, label_key: str,
              batch_size: int | None, t0: int | None, t0_frac: float | None, output_name: str | None,
-             num_classes: int | None, ignore_index: int, json_path: str | None, threads: int,
-             max_memory: float | None, progress: bool) -> None:
+             num_classes: int | None, ignore_index: int, json_path: str | None, form: str, allow_nonfinite: bool,
+             threads: int, max_memory: float | None, progress: bool) -> None:
     """Print ANN vs SNN accuracy (or mIoU, or mAP) of a compiled SNN at several T."""
+    from ann2snn.runtime import SpikingSession
+
     from .evaluate import evaluate, format_table
     from .modelio import write_atomic
     from .resources import GIB
@@ -285,18 +312,20 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
 
     limit = int(max_memory * GIB) if max_memory is not None else None
     show = progress and not ctx.obj["quiet"]
+    session = SpikingSession(snn, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite)
     if task == "classification":
         if t0_frac is not None:
             raise ConfigError("--t0-frac is for --task segmentation|detection; use --t0 for classification")
-        result = evaluate(ann, snn, data, _parse_ts(Ts), label_key=label_key, threads=threads or None,
+        result = evaluate(ann, session, data, _parse_ts(Ts), label_key=label_key, threads=threads or None,
                           batch_size=batch_size or 256, t0=t0, max_memory=limit, show_progress=show)
         table = format_table(result)
     else:
-        result = evaluate_task(ann, snn, data, _parse_ts(Ts), task, readouts=[Readout(t0, t0_frac)],
+        result = evaluate_task(ann, session, data, _parse_ts(Ts), task, readouts=[Readout(t0, t0_frac)],
                                batch_size=batch_size or 16, output=output_name, num_classes=num_classes,
                                ignore_index=ignore_index, threads=threads or None, max_memory=limit,
                                show_progress=show)
         table = format_task_table(result)
+    result["form"] = {"option": form, "last_used": session.last_form}
     click.echo(table)
     if json_path:
         write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())

@@ -67,3 +67,9 @@ class ResourceError(Ann2SnnError):
     """A job would exceed a resource limit the user can raise (e.g. --max-memory)."""
 
     exit_code = 5
+
+
+class NonFiniteError(Ann2SnnError):
+    """A run produced NaN or inf in an output; the message names the output and the step."""
+
+    exit_code = 4

@@ -103,9 +103,13 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto | bytes) -> onnx
 
 
 def _check_no_empty_tensors(model: onnx.ModelProto, name: str) -> None:
-    """Zero-sized weights or inputs make layers without neurons: refuse them by name."""
+    """Zero-sized weights or inputs make layers without neurons: refuse them by name. Other
+    empty initializers are valid ONNX (e.g. Resize's unused ``roi``) and are accepted."""
+    weights = {n.input[1] for n in model.graph.node
+               if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1}
+    weights |= {n.input[0] for n in model.graph.node if n.op_type in ("Gemm", "MatMul") and n.input}
     for init in model.graph.initializer:
-        if 0 in init.dims:
+        if 0 in init.dims and init.name in weights:
             raise ModelLoadError(f"'{name}': initializer '{init.name}' has a zero-sized shape {list(init.dims)}; "
                                  "re-export the model without empty layers")
     for vi in list(model.graph.input) + list(model.graph.output):
@@ -178,3 +182,22 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
             os.fsync(fh.fileno())
         os.replace(data, target.parent / location)
     write_atomic(target, serialize(out))
+
+
+def npz_bytes(arrays: dict[str, "np.ndarray"]) -> bytes:
+    """An .npz archive of ``arrays`` as bytes, the same bytes for the same arrays: entries in the
+    given order with a fixed timestamp (``np.savez`` stamps each entry with the current time)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            entry = io.BytesIO()
+            np.lib.format.write_array(entry, np.asanyarray(value), allow_pickle=False)
+            zf.writestr(info, entry.getvalue())
+    return buf.getvalue()

@@ -696,8 +696,13 @@ def summarise(cost: NetworkCost, counter: SpikeCounter, acc: dict[str, Any], ene
         row.update({k: v for k, v in by_T_acc.get(T, {}).items() if k != "T"})
         snn_rows.append(row)
     ann_acc = acc.get("ann_accuracy")
+    on_spikes = sum(r["ann_macs"] for r in layer_rows if r["part"] == "spiking" and "analog input" not in r["inputs"]
+                    and r["inputs"])
+    tail = sum(r["ann_macs"] for r in layer_rows if r["part"] == "tail")
+    share = {"total": cost.ann_macs, "spiking": on_spikes, "tail": tail, "prefix": cost.ann_macs - on_spikes - tail}
     return {
         "samples": int(acc["samples"]), "t0": acc["t0"], "Ts": Ts,
+        "mac_share": share,
         "energy_models": [asdict(e) for e in energy],
         "ann": {"macs": cost.ann_macs, "accuracy": ann_acc, "energy_j": ann_energy},
         "snn": snn_rows,
@@ -743,7 +748,14 @@ def format_report(result: dict[str, Any], layer_T: int | None = None) -> str:
              f"{conv.get('analog_macs', 'once per input')}",
              "energy: " + "; ".join(f"{e['name']} = {e['note']}" for e in result["energy_models"]),
              f"ANN: {_si(ann['macs'])}MAC per input, accuracy {_pct(ann['accuracy'])}, energy "
-             + ", ".join(f"{k} {_joules(v)}" for k, v in ann["energy_j"].items()), ""]
+             + ", ".join(f"{k} {_joules(v)}" for k, v in ann["energy_j"].items())]
+    share = result.get("mac_share")
+    if share and share["total"]:
+        pct = {k: 100.0 * share[k] / share["total"] for k in ("spiking", "prefix", "tail")}
+        lines.append(f"weighted work of the ANN: {pct['spiking']:.1f}% on spikes, {pct['prefix']:.1f}% in the "
+                     f"time-constant analog prefix, {pct['tail']:.1f}% in the analog tail"
+                     + (" (less than half spikes: see `ann2snn inspect`)" if pct["spiking"] < 50 else ""))
+    lines.append("")
     head = "| T | accuracy | spikes/input | firing rate | SOPs/input | MACs/input | " + \
         " | ".join(f"energy {m} | ANN/SNN {m}" for m in models) + " |"
     lines += [head, "|" + "---|" * (6 + 2 * len(models))]

@@ -9,6 +9,12 @@ through Flatten / Reshape / average pooling when needed, and applied by an expli
 where no weight can absorb it (residual adds, the analog tail, graph outputs). The analog
 tail is moved into the model-local function ``ann2snn.tail::AnalogTail``, which the
 runtime runs once on the readout.
+
+IF neurons are then put in units of their thresholds (runtime/unitform.py, ``keep_threshold``):
+1/θ is folded into the weights that make each neuron's current and the threshold tensors
+hold ones, so the membrane is v/θ and v(0) = v0. The spikes are those of the calibrated
+neuron up to float rounding of the folded weights; the artifact is exactly what every
+execution form of the runtime runs.
 """
 from __future__ import annotations
 
@@ -24,7 +30,9 @@ from onnx import helper
 from ann2snn import __version__
 from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
-from ann2snn.runtime.ops import BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, neuron_function, neuron_op
+from ann2snn.runtime.fast import value_types
+from ann2snn.runtime.ops import BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, IF_OP, neuron_function, neuron_op
+from ann2snn.runtime.unitform import unit_form
 
 from ._graph import apply_node, const_value, export, owned_constant, restore_output_types, static_shape, unique_name
 
@@ -129,7 +137,13 @@ class _ScaleFolder:
                 explicit.append(c)
         is_output = any(o is t for o in self.graph.outputs) or t.name in self.boundary
         if explicit or is_output:
-            scaled = gs.Variable(unique_name(self.taken, f"{t.name}/scaled"), dtype=np.float32, shape=t.shape)
+            if is_output:
+                # a boundary or graph output keeps its name (the metadata, the tail function and
+                # the caller all know it by that name): the spike tensor is renamed instead
+                name, t.name = t.name, unique_name(self.taken, f"{t.name}/spikes")
+                scaled = gs.Variable(name, dtype=np.float32, shape=t.shape)
+            else:
+                scaled = gs.Variable(unique_name(self.taken, f"{t.name}/scaled"), dtype=np.float32, shape=t.shape)
             self.graph.nodes.append(gs.Node("Mul", name=unique_name(self.taken, f"{t.name}/scale"),
                                             inputs=[t, gs.Constant(unique_name(self.taken, f"{t.name}/spike_value"),
                                                                    scale.astype(np.float32))],
@@ -295,6 +309,12 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         present = {i.domain for i in model.opset_import}
         model.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(state.other_opsets.items())
                                   if d not in present and d != DOMAIN)
+    if op == IF_OP and state.sites:
+        # IF neurons in units of their thresholds: 1/θ folded into the weights that make each
+        # neuron's current, thresholds of ones. The artifact itself is then what every fast
+        # form of the runtime runs, so no form changes the arithmetic (runtime/reference.py)
+        model, _ = unit_form(model, {st["input"]: st["output"] for st in states}, value_types(model),
+                             keep_threshold=True)
     model.producer_name, model.producer_version = "ann2snn", __version__
     model.graph.name = "ann2snn_step"
     thetas = np.concatenate([s.theta for s in state.sites]) if state.sites else np.zeros(0)
@@ -304,6 +324,10 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         "config": cfg.to_dict(),
         "source_producer": state.producer,
         "readout": {"t0": int(state.metadata.get("t0", 0)), "min_window": 4},
+        # MACs per sample of the source network by where they run: on spikes, in the
+        # time-constant prefix, in the analog tail (partition_graph)
+        "macs": dict(state.metadata.get("macs", {})),
+        "neuron_units": "threshold" if op == IF_OP and state.sites else "calibrated",
         "neurons": neurons,
         "states": states,
         "step_outputs": boundary,

@@ -154,8 +154,26 @@ def partition_graph(state: PassState) -> PassState:
                     "network's %d MACs (%.1f%%) run in the analog tail (use --strict to make this an error)",
                     where, len(analog_sites), len(lost), analog, total, 100.0 * analog / max(total, 1))
     if state.sites and not neurons:
-        log.warning("none of the %d activation(s) became a neuron: the compiled model is not spiking; run `ann2snn "
-                    "inspect model.onnx` to see why", len(state.sites))
+        log.warning("none of the %d activation(s) became a neuron: the compiled model is not spiking (it computes "
+                    "the ANN's outputs once per input); run `ann2snn inspect model.onnx` to see why", len(state.sites))
+    elif not state.sites:
+        log.warning("the model has no ReLU-like activation, so no neuron: the compiled model is not spiking (it "
+                    "computes the ANN's outputs once per input); run `ann2snn inspect model.onnx` to see each op's role")
+    share = _mac_share(graph, neurons, spiking, set(tail) | analog_sites)
+    state.metadata["macs"] = share
+    if share["total"] and share["spiking"] < 0.5 * share["total"]:
+        def named(ns: list[gs.Node]) -> str:
+            return ", ".join(f"'{n.name}' ({n.domain or 'ai.onnx'}::{n.op})" for n in ns[:5]) + \
+                (" ..." if len(ns) > 5 else "")
+
+        first = [n for n in graph.nodes if n.name in neurons]
+        where = (f"spiking starts at {named(first)}" if first else "no neuron forms") + \
+            (f" and ends at {named(breaking)}" if breaking else "")
+        log.warning("only %.1f%% of the network's weighted work (%d of %d MACs per sample) takes spikes as input: "
+                    "%s; the rest runs as the time-constant prefix (%.1f%%) or the analog tail (%.1f%%). "
+                    "`ann2snn inspect` shows each node's role", 100.0 * share["spiking"] / share["total"],
+                    share["spiking"], share["total"], where, 100.0 * share["prefix"] / share["total"],
+                    100.0 * share["tail"] / share["total"])
     state.sites = [s for s in state.sites if s.node in neurons]
     state.spiking = [n.name for n in graph.nodes if n.name in spiking and n.name not in neurons]
     state.tail = [n.name for n in graph.nodes if n.name in tail or n.name in analog_sites]
@@ -178,3 +196,30 @@ def partition_graph(state: PassState) -> PassState:
                            and any(t.inputs and t.inputs[0].name in spiking for t in n.inputs)]
     log.info("%d neuron layer(s), %d tail node(s), boundary: %s", len(state.sites), len(state.tail), ", ".join(boundary))
     return state
+
+
+def _mac_share(graph: gs.Graph, neurons: set[str], spiking: set[str], analog: set[str]) -> dict[str, int]:
+    """MACs per sample of the weighted nodes that take spikes as input (downstream of a neuron
+    inside the spiking part), of the time-constant prefix, and of the analog tail."""
+    by_tensor: dict[str, list[gs.Node]] = {}
+    for n in graph.nodes:
+        for t in n.inputs:
+            by_tensor.setdefault(t.name, []).append(n)
+    seen: set[str] = set()
+    todo = [n for n in graph.nodes if n.name in neurons]
+    while todo:
+        n = todo.pop()
+        for t in n.outputs:
+            for c in by_tensor.get(t.name, []):
+                if c.name in spiking and c.name not in seen:
+                    seen.add(c.name)
+                    todo.append(c)
+    total = spiking_macs = tail_macs = 0
+    for n in graph.nodes:
+        m = node_macs(n)
+        total += m
+        if n.name in analog:
+            tail_macs += m
+        elif n.name in seen:
+            spiking_macs += m
+    return {"total": total, "spiking": spiking_macs, "prefix": total - spiking_macs - tail_macs, "tail": tail_macs}

@@ -63,7 +63,7 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 def _subgraph_model(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[str], outputs: list[str],
                     types: dict[str, onnx.TypeProto], name: str) -> onnx.ModelProto:
     """A model of ``nodes`` (in order) with the given inputs and outputs; shapes left symbolic."""
-    used = {i for n in nodes for i in n.input}
+    used = {i for n in nodes for i in n.input} | set(outputs)
     inits = [i for i in proto.graph.initializer if i.name in used and i.name not in inputs]
 
     def vi(tensor: str) -> onnx.ValueInfoProto:
@@ -138,9 +138,21 @@ class StepPlan:
             else:
                 prefix_nodes.append(node)
         self.statics, self.static_made, self.varying = statics, static_made, varying
+        #: step outputs computed every step, and those constant in time (computed once by the
+        #: prefix, or a data input): the reduced step model outputs only the former. A graph
+        #: output that is not computed by the reduced model would be one of its inputs passed
+        #: through, and onnxruntime does not write such an output into a bound buffer: that left
+        #: uninitialised memory in every step after the first (the no-neuron and mostly-analog
+        #: graphs of issue 22)
+        self.varying_outputs = [o for o in step_outputs if o in varying]
+        self.constant_outputs = [o for o in step_outputs if o not in varying]
         needed = {i for n in rest_nodes for i in n.input} | set(step_outputs)
-        self.prefix_outputs = [t for t in dict.fromkeys(o for n in prefix_nodes for o in n.output) if t in needed]
-        self.prefix_nodes = self._static_closure(prefix_nodes, statics) + prefix_nodes
+        made_here = dict.fromkeys(o for n in prefix_nodes for o in n.output)
+        made_here.update((o, None) for o in self.constant_outputs if o in static_made)
+        self.prefix_outputs = [t for t in made_here if t in needed]
+        self.prefix_nodes = self._static_closure(prefix_nodes + [helper.make_node("Identity", [o], [o])
+                                                                 for o in self.constant_outputs if o in static_made],
+                                                 statics) + prefix_nodes
         self.rest_nodes = self._static_closure(rest_nodes, statics) + rest_nodes
         self._static_ids = {id(n) for n in statics}
         used = {i for n in rest_nodes for i in n.input}
@@ -148,10 +160,14 @@ class StepPlan:
         self.reduced_inputs = (self.state_order + self.prefix_outputs + [i for i in self.data_inputs if i in used])
         self.prefix: ort.InferenceSession | None = None
         self.reduced: ort.InferenceSession | None = None
-        if self.prefix_outputs:
+        #: outputs of the reduced step model: the varying step outputs, then the next states
+        self.reduced_outputs = self.varying_outputs + [self.state_out_of[s] for s in self.state_order]
+        if self.prefix_outputs and self.reduced_outputs:
             self.prefix = self._session(self.prefix_nodes, self.data_inputs, self.prefix_outputs, "ann2snn_prefix")
-            self.reduced = self._session(self.rest_nodes, self.reduced_inputs, [o.name for o in graph.output],
+            self.reduced = self._session(self.rest_nodes, self.reduced_inputs, self.reduced_outputs,
                                          "ann2snn_step_reduced")
+        elif self.prefix_outputs and not self.reduced_outputs:  # nothing varies (no neuron): the prefix is all
+            self.prefix = self._session(self.prefix_nodes, self.data_inputs, self.prefix_outputs, "ann2snn_prefix")
         self.inplace = self._inplace_states()
         self.cuts: dict[str, Cut] | None = None
         self.refusal: str | None = None
@@ -381,11 +397,8 @@ class StepPlan:
                 prev = nxt
             # downstream nodes read the spikes (or running sums) of every step under the original name
             nodes.append(helper.make_node("Concat", produced, [cut.produced], axis=0))
-        for o in self.step_outputs:
-            if o not in self.varying:
-                nodes.append(helper.make_node("Identity", [tile(o)], [f"{o}@chunk"]))
-        outputs = [o if o in self.varying else f"{o}@chunk" for o in self.step_outputs]
-        outputs += [f"{self.state_out_of[s]}@out" for s in self.state_order]
+        # the step outputs that are constant in time come from the prefix (see run_layered)
+        outputs = self.varying_outputs + [f"{self.state_out_of[s]}@out" for s in self.state_order]
         inputs = self.state_order + [i for i in self.reduced_inputs if i not in self.state_in]
         model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, f"ann2snn_chunk{steps}")
         model.graph.initializer.extend(inits)
@@ -465,12 +478,10 @@ def run_layered(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, 
     ``states`` (state input -> array) is updated to the state after each chunk (in the plan's
     units while the generator runs, in the caller's once it is finished or closed).
     """
-    const = dict(feeds)
-    if plan.prefix is not None:
-        const.update(zip(plan.prefix_outputs, plan.prefix.run(plan.prefix_outputs, feeds)))
-    const = {k: v for k, v in const.items() if k in plan.reduced_inputs}
+    every = _constant_values(plan, feeds)
+    const = {k: v for k, v in every.items() if k in plan.reduced_inputs}
     batch = next(iter(feeds.values())).shape[0]
-    k = len(plan.step_outputs)
+    k = len(plan.varying_outputs)
     done = 0
     _convert(plan, states, True)
     try:
@@ -481,7 +492,7 @@ def run_layered(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, 
             states.update(zip(plan.state_order, results[k:]))
             outs = [r.reshape((n, batch) + r.shape[1:]) for r in results[:k]]
             for t in range(n):
-                yield [o[t] for o in outs]
+                yield _assemble(plan, [o[t] for o in outs], every)
             done += n
     finally:
         _convert(plan, states, False)
@@ -494,6 +505,29 @@ def _owned(a: np.ndarray) -> np.ndarray:
     return np.array(a, dtype=np.float32, order="C")
 
 
+def _constant_values(plan: StepPlan, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The prefix's outputs (run once) and the data inputs: every value that is the same at each step."""
+    const = dict(feeds)
+    if plan.prefix is not None:
+        const.update(zip(plan.prefix_outputs, plan.prefix.run(plan.prefix_outputs, feeds)))
+    return const
+
+
+def _assemble(plan: StepPlan, varying: list[np.ndarray], const: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The step outputs in order: the reduced model's results, and the constant ones from ``const``."""
+    got = dict(zip(plan.varying_outputs, varying))
+    return [got[o] if o in got else const[o] for o in plan.step_outputs]
+
+
+def run_constant(plan: StepPlan, feeds: dict[str, np.ndarray], T: int) -> Iterator[list[np.ndarray]]:
+    """Yield the step outputs of T steps of a plan in which nothing varies in time (no state,
+    no neuron): the prefix runs once and every step gives its outputs."""
+    const = _constant_values(plan, feeds)
+    outs = _assemble(plan, [], const)
+    for _ in range(T):
+        yield outs
+
+
 def run_steps(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray], T: int,
               bind: bool = True) -> Iterator[list[np.ndarray]]:
     """Yield the step outputs of steps 0..T-1 of the reduced step model (prefix run once).
@@ -502,30 +536,33 @@ def run_steps(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, np
     the states in :attr:`StepPlan.inplace` are read and rewritten in one buffer; the others
     (read after their next value is written, e.g. a running max) alternate between two. No
     state is allocated or copied between steps. ``states`` (state input -> array) refers to
-    the buffers holding the latest state after every step.
+    the buffers holding the latest state after every step. Step outputs that do not vary in
+    time come from the prefix, computed once.
     """
     assert plan.prefix is not None and plan.reduced is not None
-    const = dict(zip(plan.prefix_outputs, plan.prefix.run(plan.prefix_outputs, feeds)))
-    const.update({k: v for k, v in feeds.items() if k in plan.reduced_inputs})
-    k = len(plan.step_outputs)
+    const = _constant_values(plan, feeds)
+    k = len(plan.varying_outputs)
     _convert(plan, states, True)
     try:
         if T <= 1 or not bind:
-            outs_names = plan.step_outputs + [plan.state_out_of[s] for s in plan.state_order]
+            feeds_const = {n: v for n, v in const.items() if n in plan.reduced_inputs}
             for _ in range(T):
-                results = plan.reduced.run(outs_names, {**const, **states})
+                results = plan.reduced.run(plan.reduced_outputs, {**feeds_const, **states})
                 states.update(zip(plan.state_order, results[k:]))
-                yield results[:k]
+                yield _assemble(plan, results[:k], const)
         else:
-            yield from _run_bound(plan, const, states, T)
+            for varying in _run_bound(plan, {n: v for n, v in const.items() if n in plan.reduced_inputs}, states, T):
+                yield _assemble(plan, varying, const)
     finally:
         _convert(plan, states, False)
 
 
 def _run_bound(plan: StepPlan, const: dict[str, np.ndarray], states: dict[str, np.ndarray],
                T: int) -> Iterator[list[np.ndarray]]:
-    """run_steps with the states in bound buffers."""
-    k = len(plan.step_outputs)
+    """run_steps with the states in bound buffers; yields the varying step outputs. Every bound
+    output is computed by a node of the reduced model (none is an input passed through), so
+    onnxruntime writes each one into its buffer."""
+    k = len(plan.varying_outputs)
     assert plan.reduced is not None
     # the numpy arrays own the memory; the OrtValues only view it, so keep both alive
     keep = {n: np.ascontiguousarray(v) for n, v in const.items()}
@@ -538,7 +575,7 @@ def _run_bound(plan: StepPlan, const: dict[str, np.ndarray], states: dict[str, n
         b = plan.reduced.io_binding()
         for n, v in keep.items():
             b.bind_ortvalue_input(n, view(v))
-        for j, n in enumerate(plan.step_outputs):  # bound first: the first k outputs
+        for j, n in enumerate(plan.varying_outputs):  # bound first: the first k outputs
             if outs is None:
                 b.bind_output(n, "cpu")
             else:

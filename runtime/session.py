@@ -13,29 +13,28 @@ by layer. ``step`` and probes run the step graph itself.
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ann2snn.data import InputSpec, as_array_dict, check_arrays, input_specs
-from ann2snn.errors import ConfigError, ModelLoadError
+from ann2snn.errors import ConfigError, NonFiniteError
 from ann2snn.modelio import load_model
 
-from .fast import StepPlan, run_layered, run_steps, value_types
-from .unitform import unit_form
+from .fast import StepPlan, run_constant, run_layered, run_steps, value_types
+from .reference import METADATA_KEY, model_metadata, state_specs, tail_model
+from .unitform import exact_unit_ops
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "ann2snn"
+__all__ = ["METADATA_KEY", "MODES", "SpikingSession", "check_T", "window_start"]
 
 
 def window_start(T: int, t0: int, min_window: int = 4) -> int:
@@ -52,7 +51,15 @@ def check_T(T: int) -> int:
     return int(T)
 
 
-MODES = ("auto", "step", "layered")
+#: how ``run`` executes the time loop; every form gives the reference's outputs (see
+#: runtime/reference.py): "auto" picks step or layered by a fixed rule of the batch and
+#: state sizes, "timed" by timing both once per batch size, "reference" runs the whole step
+#: graph as written, one step per call
+MODES = ("auto", "step", "layered", "reference", "timed")
+#: steps on which the guard compares a fast form with the reference before first using it
+GUARD_STEPS = 2
+#: relative tolerance of that comparison (the forms agree bit for bit in practice)
+GUARD_RTOL = 1e-5
 #: in auto mode, the layered form runs chunks of about this many samples (timesteps × batch);
 #: it is used only for batches smaller than this, where one step alone is a small GEMM
 LAYERED_ROWS = 32
@@ -88,49 +95,48 @@ class SpikingSession:
 
     def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, *, threads: int | None = None,
                  probes: Sequence[str] = (), mode: str = "auto", chunk: int | None = None,
-                 unit_thresholds: bool = True) -> None:
+                 unit_thresholds: bool = True, bind: bool = True, guard: bool = True,
+                 allow_nonfinite: bool = False) -> None:
         """Load a compiled model. ``probes`` names extra tensors (e.g. ``spike_tensors``) to
         fetch at every step; their latest values are in ``probe_values``.
 
-        ``mode`` picks how ``run`` / ``run_many`` execute the time loop (results agree up to
-        float rounding): ``"step"`` runs the step graph once per timestep, with the
-        time-constant prefix (e.g. the first convolution under direct coding) computed once;
-        ``"layered"`` runs each layer on ``chunk`` timesteps at once (a batch of chunk × B)
-        with each neuron layer unrolled over the chunk; ``"auto"`` uses layered for batches
-        below ``LAYERED_ROWS`` when the graph allows it, the chunk's states stay under
-        ``LAYERED_STATE_BYTES`` and, timed once per batch size on the first run (a few chunks'
-        worth of extra steps), it is faster than step on this machine; else step. Probes and ``on_step`` always use the step form.
+        ``mode`` picks how ``run`` / ``run_many`` execute the time loop. Every form gives the
+        outputs of the reference (the step graph as written, runtime/reference.py), so the
+        choice changes the speed, not the answer: ``"step"`` runs the step graph once per
+        timestep, with the time-constant prefix (e.g. the first convolution under direct
+        coding) computed once and the states in bound buffers (``bind``); ``"layered"`` runs
+        each layer on ``chunk`` timesteps at once (a batch of chunk × B) with each neuron layer
+        unrolled over the chunk; ``"auto"`` (default) uses layered for batches below
+        ``LAYERED_ROWS`` when the graph allows it and the chunk's states stay under
+        ``LAYERED_STATE_BYTES``, else step: a rule of shapes only, so a command gives the same
+        bytes every time; ``"timed"`` times both once per batch size and keeps the faster;
+        ``"reference"`` runs the whole step graph per step. The form used last is in
+        ``last_form``. Probes and ``on_step`` always use the reference form.
 
-        ``unit_thresholds``: the fast forms run each IF neuron in units of its threshold, with
-        1/θ folded into the weights that produce its input (three elementwise kernels a step
-        instead of five; runtime/unitform.py). Spikes agree with the step graph's up to float
-        rounding (exactly when θ is a power of two); False keeps the step graph's arithmetic.
+        ``unit_thresholds``: IF neurons whose thresholds are ones (every IF neuron the compiler
+        emits: it folds 1/θ into the weights) run as three elementwise kernels instead of five,
+        with the same arithmetic bit for bit. ``guard``: before a fast form is first used for
+        a batch size, its first ``GUARD_STEPS`` steps are compared with the reference; a form
+        that disagrees is not used (a warning names it) and the run falls back to the
+        reference. ``allow_nonfinite``: NaN or inf in an output is a warning instead of an
+        error (:class:`~ann2snn.errors.NonFiniteError`).
         """
         if mode not in MODES:
-            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r} (--form)")
         if chunk is not None and (isinstance(chunk, bool) or int(chunk) <= 0):
             raise ConfigError(f"chunk must be a positive number of timesteps, got {chunk!r}")
         self.mode, self.chunk = mode, (int(chunk) if chunk is not None else None)
         self.unit_thresholds = bool(unit_thresholds)
-        self.bind = True  # IOBinding of the states in the step form (False: through numpy, for comparison)
+        self.bind = bool(bind)  # IOBinding of the states in the step form (False: through numpy)
+        self.guard = bool(guard)
+        self.allow_nonfinite = bool(allow_nonfinite)
         proto = load_model(model)
         self.model: onnx.ModelProto = proto  # the compiled model as loaded (for memory estimates, reports)
-        props = {p.key: p.value for p in proto.metadata_props}
-        if METADATA_KEY not in props:
-            raise ModelLoadError("the model has no ann2snn metadata: it is not a compiled spiking model; "
-                                 "compile it first with `ann2snn compile model.onnx -o model.snn.onnx`")
-        self.meta: dict[str, Any] = json.loads(props[METADATA_KEY])
+        self.meta: dict[str, Any] = model_metadata(proto)
         self.t0: int = int(self.meta["readout"]["t0"])
         self.min_window: int = int(self.meta["readout"].get("min_window", 4))
-        inits = {i.name: i for i in proto.graph.initializer}
-        self._state_specs = []  # (state input, state output, initial value broadcastable to a sample, sample shape)
-        for st in self.meta["states"]:
-            if st["init"] == "zeros":
-                init = np.zeros((), np.float32)
-            else:
-                theta = numpy_helper.to_array(inits[st["init"]["threshold"]]).astype(np.float32)
-                init = theta * np.float32(st["init"]["fraction"])
-            self._state_specs.append((st["input"], st["output"], init, tuple(st["shape"])))
+        # (state input, state output, initial value broadcastable to a sample, sample shape)
+        self._state_specs = state_specs(proto, self.meta)
         state_inputs = {n[0] for n in self._state_specs}
         self.input_specs: list[InputSpec] = [s for s in input_specs(proto) if s.name not in state_inputs]
         self.step_outputs: list[str] = list(self.meta["step_outputs"])
@@ -146,31 +152,35 @@ class SpikingSession:
         self._extra_outputs = [p for p in self.probes if p not in graph_outputs]
         self._threads = threads
         self._full: ort.InferenceSession | None = None  # the whole step graph, built on first use
-        types = value_types(proto)  # one shape inference, shared by the unit form and the plan
-        fast_proto, factors = (unit_form(proto, {s[0]: s[1] for s in self._state_specs}, types) if unit_thresholds
-                               else (proto, {}))
+        fast_proto = exact_unit_ops(proto) if unit_thresholds else proto
+        types = value_types(fast_proto)
         self._plan = StepPlan(fast_proto, [(s[0], s[1], s[3]) for s in self._state_specs], self.step_outputs,
-                              _session_options(threads), factors, types)
-        if self.probes or self._plan.reduced is None:
-            self._sess  # noqa: B018 - build it now: every step uses it
+                              _session_options(threads), None, types)
         if mode == "layered" and self._plan.cuts is None:
             raise ConfigError(f"mode='layered' is not available for this model: {self._plan.refusal}; "
                               "use mode='step' or 'auto'")
         self._fetch = self.step_outputs + [n[1] for n in self._state_specs] + self.probes
-        self._tail = self._tail_session(proto, threads)
+        tail = tail_model(proto, self.meta)
+        self._tail = (ort.InferenceSession(tail.SerializeToString(), _session_options(threads),
+                                           providers=["CPUExecutionProvider"]) if tail is not None else None)
         self._float = [self.meta["types"][o]["elem_type"] == onnx.TensorProto.FLOAT for o in self.step_outputs]
         self._states: dict[str, np.ndarray] = {}
         self._sums: list[np.ndarray] | None = None
         self._last: list[np.ndarray] | None = None
         self._t = 0
         self._counted = 0
-        #: the form ``auto`` mode measured fastest, by (batch, timesteps per chunk): "layered" / "step"
+        self._nonfinite_warned = False
+        #: the form ``timed`` mode measured fastest, by (batch, timesteps per chunk): "layered" / "step"
         self.auto_choices: dict[tuple[int, int], str] = {}
+        #: the guard's verdicts, by (form, batch, chunk): True if the form agreed with the reference
+        self.guard_verdicts: dict[tuple[str, int, int], bool] = {}
+        #: the form the last ``run`` / ``run_many`` used, e.g. "layered(chunk=8)", "step", "reference"
+        self.last_form: str | None = None
 
     @property
     def _sess(self) -> ort.InferenceSession:
-        """The session of the whole step graph (with the probes as extra outputs): used by
-        ``step()``, by probes and when the graph has no time-constant prefix to split off."""
+        """The session of the whole step graph as written (with the probes as extra outputs):
+        the reference form, used by ``step()``, by probes, and by the guard."""
         if self._full is None:
             proto = onnx.ModelProto()
             proto.CopyFrom(self.model)
@@ -180,32 +190,13 @@ class SpikingSession:
                                               providers=["CPUExecutionProvider"])
         return self._full
 
-    def _tail_session(self, proto: onnx.ModelProto, threads: int | None) -> ort.InferenceSession | None:
-        tail = self.meta.get("tail")
-        if not tail:
-            return None
-        fn = next(f for f in proto.functions if f.domain == tail["domain"] and f.name == tail["function"])
-        types = self.meta["types"]
-
-        def vi(name: str) -> onnx.ValueInfoProto:
-            info = onnx.ValueInfoProto(name=name)
-            encoded = types.get(name, {}).get("onnx_type")
-            if encoded:
-                info.type.ParseFromString(base64.b64decode(encoded))
-            else:
-                info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
-            return info
-
-        graph = helper.make_graph(list(fn.node), "ann2snn_tail", [vi(i) for i in fn.input], [vi(o) for o in fn.output])
-        model = helper.make_model(graph, opset_imports=list(fn.opset_import), ir_version=proto.ir_version)
-        return ort.InferenceSession(model.SerializeToString(), _session_options(threads), providers=["CPUExecutionProvider"])
-
     # -- streaming interface -------------------------------------------------------------
     def reset(self, batch_size: int) -> None:
         """Set every membrane potential to v(0) = v0·θ (other states to 0) for a batch of ``batch_size``."""
         self._states = {name: np.ascontiguousarray(np.broadcast_to(init, (batch_size,) + shape), dtype=np.float32)
                         for name, _, init, shape in self._state_specs}
         self._sums, self._last, self._t, self._counted = None, None, 0, 0
+        self._nonfinite_warned = False
 
     def _feeds(self, inputs: Any) -> dict[str, np.ndarray]:
         arrays = as_array_dict(inputs, self.input_specs, "input")
@@ -220,7 +211,6 @@ class SpikingSession:
             self._states[name] = value
         if self.probes:
             self.probe_values = dict(zip(self.probes, results[k + m:]))
-        self._t += 1
         return results[:k]
 
     def step(self, inputs: Any) -> dict[str, np.ndarray]:
@@ -231,6 +221,8 @@ class SpikingSession:
             self.reset(batch)
         t = self._t
         outs = self._advance(feeds)
+        self._t += 1
+        self._check_finite(outs, t)
         if t >= self.t0:
             if self._sums is None:
                 self._sums = [np.asarray(o, np.float64) if f else o for o, f in zip(outs, self._float)]
@@ -256,8 +248,30 @@ class SpikingSession:
         by_name = dict(zip(self.step_outputs, values))
         if self._tail is not None:
             tail_in = {i.name: by_name[i.name] for i in self._tail.get_inputs()}
-            by_name.update(zip([o.name for o in self._tail.get_outputs()], self._tail.run(None, tail_in)))
+            names = [o.name for o in self._tail.get_outputs()]
+            results = self._tail.run(None, tail_in)
+            self._check_finite(results, None, names)
+            by_name.update(zip(names, results))
         return {name: by_name[name] for name in self.output_names}
+
+    def _check_finite(self, outs: Sequence[np.ndarray], t: int | None, names: Sequence[str] | None = None) -> None:
+        """NaN or inf in a float output: NonFiniteError naming the output and step ``t`` (None:
+        the analog tail), or a warning with ``allow_nonfinite``."""
+        if self.allow_nonfinite and self._nonfinite_warned:
+            return
+        names = self.step_outputs if names is None else names
+        for name, o in zip(names, outs):
+            if not isinstance(o, np.ndarray) or o.dtype.kind != "f" or np.isfinite(o).all():
+                continue
+            what = "NaN" if np.isnan(o).any() else "inf"
+            where = f"at step {t} (0-based)" if t is not None else "in the analog tail, after the readout"
+            msg = (f"output '{name}' holds {what} {where}: the model's arithmetic overflowed (check the input's scale "
+                   f"against the calibration data, or the compiled model)")
+            if not self.allow_nonfinite:
+                raise NonFiniteError(msg + "; pass --allow-nonfinite (allow_nonfinite=True) to keep such outputs")
+            log.warning("%s; kept because non-finite outputs are allowed", msg)
+            self._nonfinite_warned = True
+            return
 
     # -- whole runs --------------------------------------------------------------------------
     def run(self, inputs: Any, T: int, t0: int | None = None) -> dict[str, np.ndarray]:
@@ -291,29 +305,33 @@ class SpikingSession:
             if t in starts.values():
                 at_start[t] = None if running is None else [r.copy() for r in running]
             outs = next(steps)
+            self._check_finite(outs, t)
             if on_step is not None:
                 on_step(t, self.probe_values)
             if running is None:
                 running = [np.asarray(o, np.float64) if f else o for o, f in zip(outs, self._float)]
             else:
-                running = [r + o if f else o for r, o, f in zip(running, outs, self._float)]
+                with np.errstate(invalid="ignore", over="ignore"):
+                    running = [r + o if f else o for r, o, f in zip(running, outs, self._float)]
             T = t + 1
             if T in starts:
                 s, base = starts[T], at_start[starts[T]]
-                values = [((r - base[j] if base is not None else r) / (T - s)).astype(np.float32) if f else o
-                          for j, (r, o, f) in enumerate(zip(running, outs, self._float))]
+                with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs were reported above
+                    values = [((r - base[j] if base is not None else r) / (T - s)).astype(np.float32) if f else o
+                              for j, (r, o, f) in enumerate(zip(running, outs, self._float))]
                 results[T] = self.finish(values)
         steps.close()
         return results
 
     def _layered_chunk(self, batch: int, T: int) -> int | None:
-        """Timesteps per chunk for the layered form, or None to step."""
-        if self._plan.cuts is None or self.mode == "step":
+        """Timesteps per chunk for the layered form, or None to step: a fixed rule of the batch,
+        T and the state sizes (``auto``), or ``chunk`` / the rows rule (``layered``, ``timed``)."""
+        if self._plan.cuts is None or self.mode in ("step", "reference"):
             return None
         if self.chunk is not None:
             return min(self.chunk, T)
         chunk = max(1, min(T, -(-LAYERED_ROWS // batch)))
-        if self.mode == "auto":
+        if self.mode in ("auto", "timed"):
             per_sample = sum(4 * int(np.prod(shape)) for _, _, _, shape in self._state_specs)
             chunk = min(chunk, LAYERED_STATE_BYTES // max(per_sample * batch, 1))
             if batch >= LAYERED_ROWS or chunk < 2:
@@ -321,9 +339,10 @@ class SpikingSession:
         return chunk
 
     def _measured_choice(self, feeds: dict[str, np.ndarray], batch: int, chunk: int) -> int | None:
-        """``chunk`` if the layered form runs ``chunk`` steps faster than the step form on these
-        inputs, else None. Timed once per (batch, chunk) on copies of the states (a warm-up and
-        two alternated rounds of each, best of each) and remembered in ``auto_choices``."""
+        """``timed`` mode: ``chunk`` if the layered form runs ``chunk`` steps faster than the step
+        form on these inputs, else None. Timed once per (batch, chunk) on copies of the states
+        (a warm-up and two alternated rounds of each, best of each) and remembered in
+        ``auto_choices``. The forms give the same outputs, so this changes only the speed."""
         key = (batch, chunk)
         if key not in self.auto_choices:
             def layered(states: dict[str, np.ndarray]) -> None:
@@ -343,25 +362,106 @@ class SpikingSession:
                     if rnd:  # round 0 warms up: the first call of a session plans its memory
                         best[name] = min(best[name], time.perf_counter() - start)
             self.auto_choices[key] = "layered" if best["layered"] < best["step"] else "step"
-            log.debug("auto mode, batch %d, %d steps per chunk: layered %.1f ms, step %.1f ms: %s", batch, chunk,
+            log.debug("timed mode, batch %d, %d steps per chunk: layered %.1f ms, step %.1f ms: %s", batch, chunk,
                       best["layered"] * 1e3, best["step"] * 1e3, self.auto_choices[key])
         return chunk if self.auto_choices[key] == "layered" else None
 
-    def _steps(self, feeds: dict[str, np.ndarray], batch: int, T: int, with_probes: bool):
-        """Generator of the step outputs for steps 0..T-1 from the current state."""
-        chunk = None if (self.probes or with_probes) else self._layered_chunk(batch, T)
-        if chunk is not None and self.mode == "auto" and self.chunk is None and self._plan.reduced is not None:
+    def choose_form(self, batch: int, T: int, with_probes: bool = False,
+                    feeds: dict[str, np.ndarray] | None = None) -> tuple[str, int | None]:
+        """The form a run of T steps at this batch uses: ("reference" | "constant" | "step" |
+        "layered", chunk). "constant": nothing in the step graph varies in time (no neuron),
+        so the prefix runs once and its outputs are every step's."""
+        if self.probes or with_probes or self.mode == "reference":
+            return "reference", None
+        if self._plan.reduced is None:
+            return ("constant", None) if self._plan.prefix is not None else ("reference", None)
+        chunk = self._layered_chunk(batch, T)
+        if chunk is not None and self.mode == "timed" and self.chunk is None and feeds is not None:
             chunk = self._measured_choice(feeds, batch, chunk)
-        if chunk is not None:
-            for outs in run_layered(self._plan, feeds, self._states, T, chunk):
-                self._t += 1
-                yield outs
-            return
-        if self.probes or self._plan.reduced is None:
+        return ("layered", chunk) if chunk is not None else ("step", None)
+
+    def _form_steps(self, form: str, chunk: int | None, feeds: dict[str, np.ndarray],
+                    T: int) -> Iterator[list[np.ndarray]]:
+        """Step outputs of ``form`` for T steps from the current states (which it updates)."""
+        if form == "layered":
+            yield from run_layered(self._plan, feeds, self._states, T, chunk or 1)
+        elif form == "step":
+            for outs in run_steps(self._plan, feeds, self._states, T, bind=self.bind):
+                yield [o.copy() for o in outs]  # bound output buffers are rewritten by the next step
+        elif form == "constant":
+            yield from run_constant(self._plan, feeds, T)
+        else:
             for _ in range(T):
                 yield self._advance(feeds)
-            return
-        for outs in run_steps(self._plan, feeds, self._states, T, bind=self.bind):
+
+    def _guarded(self, form: str, chunk: int | None, feeds: dict[str, np.ndarray], batch: int,
+                 T: int) -> tuple[str, list[list[np.ndarray]], Iterator[list[np.ndarray]]]:
+        """The guard: the first steps of a fast form compared with the reference before the form
+        is used for this batch size. Returns the form to use, the step outputs already computed
+        and the generator of the rest."""
+        key = (form, batch, chunk or 0)
+        n = min(GUARD_STEPS, T)
+        if not self.guard or form == "reference" or self.guard_verdicts.get(key) is True:
+            return form, [], self._form_steps(form, chunk, feeds, T)
+        start = {k: v.copy() for k, v in self._states.items()}
+        if self.guard_verdicts.get(key) is None:
+            gen = self._form_steps(form, chunk, feeds, T)
+            head = [[np.array(o) for o in next(gen)] for _ in range(n)]
+            fast_states = {k: np.array(v) for k, v in self._states.items()}
+            k, m = len(self.step_outputs), len(self._state_specs)
+            ref_states, ref = {name: v.copy() for name, v in start.items()}, []
+            for _ in range(n):  # the reference: the step graph as written, states through numpy
+                results = self._sess.run(self._fetch[:k + m], {**feeds, **ref_states})
+                ref.append(results[:k])
+                ref_states = {spec[0]: r for spec, r in zip(self._state_specs, results[k:])}
+            problem = _disagreement(head, ref, self.step_outputs)
+            if problem is None and form == "step":  # the layered form's states are those after its whole chunk
+                names = [spec[0] for spec in self._state_specs]
+                problem = _disagreement([[fast_states[x] for x in names]], [[ref_states[x] for x in names]], names)
+            self.guard_verdicts[key] = problem is None
+            if problem is None:
+                log.debug("guard: form %s (batch %d, chunk %s) agrees with the reference", form, batch, chunk)
+                return form, head, gen
+            gen.close()
+            log.warning("the %s form disagrees with the reference on its first %d step(s) at batch %d (%s); it is not "
+                        "used for this model and batch size: running the reference form instead (slower, correct). "
+                        "Please report this with the model", _describe(form, chunk), n, batch, problem)
+        self._states = {k: v.copy() for k, v in start.items()}
+        return "reference", [], self._form_steps("reference", None, feeds, T)
+
+    def _steps(self, feeds: dict[str, np.ndarray], batch: int, T: int, with_probes: bool):
+        """Generator of the step outputs for steps 0..T-1 from the current state."""
+        form, chunk = self.choose_form(batch, T, with_probes, feeds)
+        form, head, rest = self._guarded(form, chunk, feeds, batch, T)
+        self.last_form = _describe(form, chunk)
+        for outs in head:
             self._t += 1
-            # bound output buffers are rewritten by the next step: hand out copies
-            yield [o.copy() for o in outs]
+            yield outs
+        for outs in rest:
+            self._t += 1
+            yield outs
+
+
+def _describe(form: str, chunk: int | None) -> str:
+    return f"layered(chunk={chunk})" if form == "layered" else form
+
+
+def _disagreement(got: list[list[np.ndarray]], ref: list[list[np.ndarray]], names: Sequence[str]) -> str | None:
+    """None if every array of ``got`` equals ``ref``'s to GUARD_RTOL of its scale, else what differs."""
+    for t, (g_step, r_step) in enumerate(zip(got, ref)):
+        for name, g, r in zip(names, g_step, r_step):
+            g, r = np.asarray(g), np.asarray(r)
+            if g.shape != r.shape:
+                return f"'{name}' at step {t}: shape {g.shape} instead of {r.shape}"
+            if g.dtype.kind != "f":
+                if not np.array_equal(g, r):
+                    return f"'{name}' at step {t} differs"
+                continue
+            if not np.array_equal(np.isfinite(g), np.isfinite(r)) or not np.array_equal(np.isnan(g), np.isnan(r)):
+                return f"'{name}' at step {t}: non-finite values differ"
+            fin = np.isfinite(r)
+            scale = float(np.abs(r[fin]).max()) if fin.any() else 0.0
+            err = float(np.abs(g[fin].astype(np.float64) - r[fin]).max()) if fin.any() else 0.0
+            if err > GUARD_RTOL * max(scale, 1e-6):
+                return f"'{name}' at step {t}: max difference {err:.3g} against a scale of {scale:.3g}"
+    return None

@@ -25,7 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .fast import ai_onnx_opset, value_types
-from .ops import DOMAIN, IF_OP, UNIT_IF_OP, unit_if_neuron_function
+from .ops import DEAD_THRESHOLD, DOMAIN, IF_OP, UNIT_IF_OP, unit_if_neuron_function
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,14 @@ def _channels(theta: np.ndarray, rank: int | None) -> np.ndarray | None:
 
 
 def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
-              types: dict[str, onnx.TypeProto] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+              types: dict[str, onnx.TypeProto] | None = None,
+              keep_threshold: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The step model with every IFNeuron (constant θ > 0, per channel) replaced by UnitIFNeuron.
     ``types``: the value types of ``proto``'s tensors if already inferred (ranks are read from them).
+
+    With ``keep_threshold`` (what the compiler emits), each neuron stays an IFNeuron whose
+    threshold initializer now holds ones, and channels with the dead-channel threshold get
+    their current multiplied by 0 (they never fire, as before).
 
     Returns the new model and, per state it rescales, the factor (broadcastable to a sample)
     that converts a state of the step graph into this form's units (multiply) and back (divide).
@@ -201,6 +206,7 @@ def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
     extra_inits: list[onnx.TensorProto] = []
     factors: dict[str, np.ndarray] = {}
     replaced: dict[int, list[onnx.NodeProto]] = {}
+    ones: dict[str, np.ndarray] = {}  # keep_threshold: threshold initializers that now hold ones
     folded = 0
     for k, node in enumerate(original):
         if node.domain != DOMAIN or node.op_type != IF_OP or len(node.input) < 3:
@@ -210,6 +216,8 @@ def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
         if dc is None or not np.all(np.isfinite(dc)) or np.any(dc <= 0) or node.input[1] not in state_out_of:
             continue
         d = (1.0 / dc).astype(np.float32)  # one value: a layer-wise threshold
+        if keep_threshold:  # a dead channel's current is dropped instead of divided by 1e30
+            d = np.where(dc >= np.float32(DEAD_THRESHOLD), np.float32(0), d).astype(np.float32)
         edits = folder.fold(node, d)
         current, replacement = node.input[0], []
         if edits is not None:
@@ -229,8 +237,15 @@ def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
             replacement.append(helper.make_node("Mul", [current, name], [f"{current}/in_thresholds"],
                                                 name=f"{node.name}/to_unit"))
             current = f"{current}/in_thresholds"
-        replacement.append(helper.make_node(UNIT_IF_OP, [current, node.input[1]], list(node.output), domain=DOMAIN,
-                                            name=node.name))
+        if keep_threshold:
+            kept = onnx.NodeProto()
+            kept.CopyFrom(node)
+            kept.input[0] = current
+            replacement.append(kept)
+            ones[node.input[2]] = np.ones(theta.shape, np.float32)
+        else:
+            replacement.append(helper.make_node(UNIT_IF_OP, [current, node.input[1]], list(node.output),
+                                                domain=DOMAIN, name=node.name))
         factors[node.input[1]] = d.reshape(theta.shape)
         replaced[k] = replacement
     if not replaced:
@@ -241,10 +256,11 @@ def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
     for k, n in enumerate(nodes):
         new.graph.node.extend(replaced.get(k, [n]))
     used = {i for n in new.graph.node for i in n.input} | {i.name for i in new.graph.input}
-    new.graph.initializer.extend(i for i in proto.graph.initializer if i.name in used)  # folded ones replaced
+    new.graph.initializer.extend(numpy_helper.from_array(ones[i.name], i.name) if i.name in ones else i
+                                 for i in proto.graph.initializer if i.name in used)  # folded ones replaced
     new.graph.initializer.extend(extra_inits)
     opset = ai_onnx_opset(new)
-    if not any(f.domain == DOMAIN and f.name == UNIT_IF_OP for f in new.functions):
+    if not keep_threshold and not any(f.domain == DOMAIN and f.name == UNIT_IF_OP for f in new.functions):
         new.functions.append(unit_if_neuron_function(opset))
     log.debug("unit-threshold form: %d IF neurons, %d with 1/θ folded into their inputs", len(replaced), folded)
     return new, factors
@@ -261,3 +277,36 @@ def _copy_fields(src: onnx.ModelProto | onnx.GraphProto, dst: onnx.ModelProto | 
             getattr(dst, fd.name).extend(value)
         else:
             getattr(dst, fd.name).CopyFrom(value)
+
+
+def exact_unit_ops(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with every IFNeuron whose threshold is a constant of ones replaced by
+    UnitIFNeuron: the same arithmetic bit for bit (v' = v + I; the HardSigmoid step is exactly
+    v' >= 1; v' - 1·s = v' - s), in three elementwise kernels instead of five. The compiler
+    emits its IF neurons in units of their thresholds (see :func:`unit_form`), so every IF
+    neuron of a model compiled by this version qualifies; others are left as they are."""
+    values = {i.name: i for i in proto.graph.initializer}
+    targets = []
+    for k, node in enumerate(proto.graph.node):
+        if node.domain == DOMAIN and node.op_type == IF_OP and len(node.input) == 3 and node.input[2] in values:
+            theta = numpy_helper.to_array(values[node.input[2]])
+            if theta.dtype == np.float32 and theta.size and np.all(theta == np.float32(1)):
+                targets.append(k)
+    if not targets:
+        return proto
+    new = onnx.ModelProto()
+    _copy_fields(proto, new, skip={"graph"})
+    _copy_fields(proto.graph, new.graph, skip={"node", "initializer"})
+    chosen = set(targets)
+    for k, node in enumerate(proto.graph.node):
+        if k in chosen:
+            new.graph.node.append(helper.make_node(UNIT_IF_OP, [node.input[0], node.input[1]], list(node.output),
+                                                   domain=DOMAIN, name=node.name))
+        else:
+            new.graph.node.append(node)
+    used = {i for n in new.graph.node for i in n.input} | {o.name for o in new.graph.output}
+    new.graph.initializer.extend(i for i in proto.graph.initializer if i.name in used)
+    if not any(f.domain == DOMAIN and f.name == UNIT_IF_OP for f in new.functions):
+        new.functions.append(unit_if_neuron_function(ai_onnx_opset(new)))
+    log.debug("unit-threshold neuron kernel for %d IF neurons", len(targets))
+    return new

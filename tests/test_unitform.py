@@ -1,5 +1,6 @@
 """The unit-threshold form (runtime/unitform.py): IF neurons in units of θ, 1/θ folded into
-the weights that produce their input, three elementwise kernels a step instead of five."""
+the weights that produce their input. The compiler emits it (thresholds of ones); the runtime
+then runs each such neuron as three elementwise kernels instead of five, bit for bit."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,18 +22,6 @@ def net_snn() -> onnx.ModelProto:
     return ann2snn.compile(residual_net(), {"x": calib}, iters=20, batch=32)
 
 
-def _power_of_two_thresholds(snn: onnx.ModelProto) -> onnx.ModelProto:
-    """The same SNN with every IF threshold rounded to a power of two (then 1/θ is exact)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(snn)
-    thresholds = {n.input[2] for n in out.graph.node if n.op_type == IF_OP}
-    for init in out.graph.initializer:
-        if init.name in thresholds:
-            theta = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array((2.0 ** np.round(np.log2(theta))).astype(np.float32), init.name))
-    return out
-
-
 def test_unit_neuron_is_the_if_neuron_with_threshold_one() -> None:
     shape = [4, 5]
     unit = neuron_op_model(unit_if_neuron_function(17), {"i": shape, "v": shape}, ["s", "v2"], shape)
@@ -50,38 +39,48 @@ def test_unit_neuron_is_the_if_neuron_with_threshold_one() -> None:
         np.testing.assert_array_equal(v2, rv)
 
 
-def test_every_if_neuron_is_folded_without_an_extra_pass(net_snn) -> None:
-    session = SpikingSession(net_snn)
-    graph = session._plan.proto.graph
-    assert [n.op_type for n in graph.node if n.domain == DOMAIN] == [UNIT_IF_OP] * 4
+def test_every_if_neuron_is_compiled_in_units_of_its_threshold(net_snn) -> None:
+    graph = net_snn.graph
+    assert [n.op_type for n in graph.node if n.domain == DOMAIN] == [IF_OP] * 4
     assert not any(n.name.endswith("/to_unit") for n in graph.node)  # no Mul by 1/θ was needed
-    kinds = {s["input"]: s["init"] for s in session.meta["states"]}
-    # membranes and both cumulative max pool states (running sum, running max) change units
-    assert set(session._plan.unit_factors) == set(kinds)
-    assert session.model is not session._plan.proto and not any(
-        n.op_type == UNIT_IF_OP for n in session.model.graph.node)  # the artifact is untouched
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert all(np.all(values[n.input[2]] == 1) for n in graph.node if n.op_type == IF_OP)
+    session = SpikingSession(net_snn)
+    # the runtime swaps in the three-kernel op, with no unit conversion of any state
+    assert [n.op_type for n in session._plan.proto.graph.node if n.domain == DOMAIN] == [UNIT_IF_OP] * 4
+    assert not session._plan.unit_factors
+    assert not any(n.op_type == UNIT_IF_OP for n in session.model.graph.node)  # the artifact is untouched
+    init = {s["input"]: s["init"] for s in session.meta["states"]}
+    v0 = [st[2] for st in session._state_specs if isinstance(init[st[0]], dict)]
+    assert v0 and all(np.all(v == np.float32(0.5)) for v in v0)  # v(0) = θ/2 = 1/2 in units of θ
 
 
 @pytest.mark.parametrize("mode,chunk", [("step", None), ("layered", 5)])
-def test_power_of_two_thresholds_give_identical_results(net_snn, mode: str, chunk: int | None) -> None:
-    snn = _power_of_two_thresholds(net_snn)
+def test_unit_kernel_gives_identical_results(net_snn, mode: str, chunk: int | None) -> None:
     x = {"x": np.random.default_rng(4).uniform(0, 1, (6, 1, 8, 8)).astype(np.float32)}
-    exact = SpikingSession(snn, mode=mode, chunk=chunk, unit_thresholds=False)
-    unit = SpikingSession(snn, mode=mode, chunk=chunk)
-    assert unit._plan.unit_factors
+    exact = SpikingSession(net_snn, mode=mode, chunk=chunk, unit_thresholds=False)
+    unit = SpikingSession(net_snn, mode=mode, chunk=chunk)
     a, b = exact.run_many(x, [3, 11, 26]), unit.run_many(x, [3, 11, 26])
     for T in a:
         np.testing.assert_array_equal(b[T]["y"], a[T]["y"])
-    for name, value in exact._states.items():  # converted back exactly: the factors are powers of two
+    for name, value in exact._states.items():
         np.testing.assert_array_equal(unit._states[name], value)
 
 
-def test_unit_form_keeps_the_readout_with_calibrated_thresholds(net_snn) -> None:
-    x = {"x": np.random.default_rng(5).uniform(0, 1, (16, 1, 8, 8)).astype(np.float32)}
-    a = SpikingSession(net_snn, mode="step", unit_thresholds=False).run(x, 64)["y"]
-    b = SpikingSession(net_snn, mode="step").run(x, 64)["y"]
-    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
-    assert (a.argmax(1) == b.argmax(1)).all()
+def test_compile_time_folding_is_exact_for_power_of_two_thresholds() -> None:
+    """unit_form(keep_threshold=True), what the compiler applies: same spikes, membranes / θ."""
+    model, states = _gemm_if_graph(False)
+    unit, factors = unit_form(model, states, keep_threshold=True)
+    assert [n.op_type for n in unit.graph.node if n.domain == DOMAIN] == [IF_OP]
+    theta = next(i for i in unit.graph.initializer if i.name == "theta")
+    np.testing.assert_array_equal(numpy_helper.to_array(theta), np.ones((1, 4), np.float32))
+    rng = np.random.default_rng(7)
+    for _ in range(10):
+        x, v = rng.normal(size=(3, 4)).astype(np.float32), rng.uniform(0, 1, (3, 4)).astype(np.float32)
+        ref = run_ort(model, {"x": x, "v": v})
+        got = run_ort(unit, {"x": x, "v": v * factors["v"]})
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1] / factors["v"], ref[1])
 
 
 def _gemm_if_graph(current_also_out: bool) -> tuple[onnx.ModelProto, dict[str, str]]:

@@ -1,0 +1,127 @@
+"""The reference semantics of a compiled model: its step graph, run as written.
+
+Every execution form of :class:`~ann2snn.runtime.SpikingSession` (step, bound buffers,
+layered chunks, unit-threshold neurons, the streaming ``step()`` API) is derived from the
+compiled step graph and must give the same outputs as this module, which does nothing
+clever: one stock onnxruntime session of the whole step graph, run once per timestep with
+the states passed through numpy, no prefix split, no rewriting, no bound buffers. The
+differential tests (tests/test_forms.py) and the runtime's guard compare against it.
+
+The invariant every form keeps: the same step outputs and states as :func:`reference_steps`
+to 1e-5 relative (in practice bit for bit: the compiled neurons already work in units of
+their thresholds, so no form changes the arithmetic, only how it is scheduled).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from ann2snn.errors import ModelLoadError
+from ann2snn.modelio import load_model
+
+METADATA_KEY = "ann2snn"
+
+
+def model_metadata(proto: onnx.ModelProto) -> dict[str, Any]:
+    """The ann2snn metadata of a compiled model (ModelLoadError if it has none)."""
+    props = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY not in props:
+        raise ModelLoadError("the model has no ann2snn metadata: it is not a compiled spiking model; "
+                             "compile it first with `ann2snn compile model.onnx -o model.snn.onnx`")
+    return json.loads(props[METADATA_KEY])
+
+
+def state_specs(proto: onnx.ModelProto, meta: Mapping[str, Any]) -> list[tuple[str, str, np.ndarray, tuple[int, ...]]]:
+    """(state input, state output, initial value broadcastable to a sample, sample shape) per state."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    specs = []
+    for st in meta["states"]:
+        if st["init"] == "zeros":
+            init = np.zeros((), np.float32)
+        else:
+            theta = numpy_helper.to_array(inits[st["init"]["threshold"]]).astype(np.float32)
+            init = (theta * np.float32(st["init"]["fraction"])).astype(np.float32)
+        specs.append((st["input"], st["output"], init, tuple(st["shape"])))
+    return specs
+
+
+def initial_states(specs: list[tuple[str, str, np.ndarray, tuple[int, ...]]], batch: int) -> dict[str, np.ndarray]:
+    """Every state at rest for a batch of ``batch``: v(0) = v0·θ for membranes, 0 otherwise."""
+    return {name: np.ascontiguousarray(np.broadcast_to(init, (batch,) + shape), dtype=np.float32)
+            for name, _, init, shape in specs}
+
+
+def tail_model(proto: onnx.ModelProto, meta: Mapping[str, Any]) -> onnx.ModelProto | None:
+    """The analog tail of a compiled model as a model of its own, or None if it has none."""
+    tail = meta.get("tail")
+    if not tail:
+        return None
+    fn = next(f for f in proto.functions if f.domain == tail["domain"] and f.name == tail["function"])
+    types = meta["types"]
+
+    def vi(name: str) -> onnx.ValueInfoProto:
+        info = onnx.ValueInfoProto(name=name)
+        encoded = types.get(name, {}).get("onnx_type")
+        if encoded:
+            info.type.ParseFromString(base64.b64decode(encoded))
+        else:
+            info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        return info
+
+    graph = helper.make_graph(list(fn.node), "ann2snn_tail", [vi(i) for i in fn.input], [vi(o) for o in fn.output])
+    return helper.make_model(graph, opset_imports=list(fn.opset_import), ir_version=proto.ir_version)
+
+
+def reference_steps(model: str | os.PathLike[str] | onnx.ModelProto, inputs: Mapping[str, np.ndarray],
+                    T: int) -> Iterator[dict[str, np.ndarray]]:
+    """Yield the step outputs (``meta["step_outputs"]``) and the states after each of T steps
+    from rest, by the whole step graph in one plain onnxruntime session."""
+    proto = load_model(model)
+    meta = model_metadata(proto)
+    specs = state_specs(proto, meta)
+    batch = int(next(iter(inputs.values())).shape[0])
+    states = initial_states(specs, batch)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    fetch = list(meta["step_outputs"]) + [s[1] for s in specs]
+    k = len(meta["step_outputs"])
+    for _ in range(T):
+        results = sess.run(fetch, {**inputs, **states})
+        states = {s[0]: r for s, r in zip(specs, results[k:])}
+        yield {**dict(zip(fetch[:k], results[:k])), **{s[1]: r for s, r in zip(specs, results[k:])}}
+
+
+def reference_run(model: str | os.PathLike[str] | onnx.ModelProto, inputs: Mapping[str, np.ndarray], T: int,
+                  t0: int | None = None) -> dict[str, np.ndarray]:
+    """The model's outputs after T steps by the reference semantics: the float step outputs
+    averaged (in float64) over the readout window, non-float ones taken from the last step,
+    then the analog tail run once."""
+    from .session import window_start
+
+    proto = load_model(model)
+    meta = model_metadata(proto)
+    start = window_start(T, int(meta["readout"]["t0"]) if t0 is None else int(t0),
+                         int(meta["readout"].get("min_window", 4)))
+    names = list(meta["step_outputs"])
+    floats = {o: meta["types"][o]["elem_type"] == onnx.TensorProto.FLOAT for o in names}
+    sums: dict[str, np.ndarray] = {}
+    last: dict[str, np.ndarray] = {}
+    for t, outs in enumerate(reference_steps(proto, inputs, T)):
+        for o in names:
+            last[o] = outs[o]
+            if t >= start and floats[o]:
+                sums[o] = sums[o] + outs[o] if o in sums else np.asarray(outs[o], np.float64)
+    values = {o: (sums[o] / (T - start)).astype(np.float32) if floats[o] else last[o] for o in names}
+    tail = tail_model(proto, meta)
+    if tail is not None:
+        sess = ort.InferenceSession(tail.SerializeToString(), providers=["CPUExecutionProvider"])
+        values.update(zip([o.name for o in sess.get_outputs()],
+                          sess.run(None, {i.name: values[i.name] for i in sess.get_inputs()})))
+    return {o: values[o] for o in meta["outputs"]}
