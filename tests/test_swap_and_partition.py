@@ -73,7 +73,9 @@ def test_spiking_until_moves_the_boundary_by_hand() -> None:
     model = build(MIDDLE, {"W1": rng.normal(0, 1, (6, 4)), "W2": rng.normal(0, 1, (6, 6)),
                            "W3": rng.normal(0, 1, (3, 6))})
     state, _ = apply(model, fold_constants, find_activations, swap_maxpool, partition_graph, spiking_until=("a",))
-    assert state.sites == [] and state.boundary == ["h"]  # the ReLU before the cut has no weight after it
+    # the ReLU before the cut has no weight after it: no neuron; it stays in the time-constant
+    # prefix, and the tail starts at the cut
+    assert state.sites == [] and state.boundary == ["a"] and state.tail[0] != "relu"
     with pytest.raises(UnsupportedModelError, match="--spiking-until names tensor.*'nope'.*ann2snn inspect"):
         apply(model, fold_constants, find_activations, swap_maxpool, partition_graph, spiking_until=("nope",))
 
