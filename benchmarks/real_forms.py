@@ -112,7 +112,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             shape = SHAPES[name]
-            batch_dim: int | str = 1 if name == "yolo_det" else "N"  # the YOLO export fixes batch 1
+            # the YOLO export fixes batch 1; the recogniser's symbolic batch is folded into a Reshape
+            # that then fails at other batch sizes, so it is given batch 1 too and ann2snn makes it dynamic
+            batch_dim: int | str = 1 if name in ("yolo_det", "ppocr_rec") else "N"
             ann = Path(tmp) / f"{name}.onnx"
             fixed_input(fetch(name), ann, shape, batch_dim)
             make = shapes_scene if name.endswith("_det") else text_lines
