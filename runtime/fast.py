@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 #: checks that keep them so; anything else in a stage makes the layered form refuse the graph
 _PER_SAMPLE = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Sum", "Relu", "Clip",
-    "AveragePool", "GlobalAveragePool", "MaxPool", "Flatten", "Pad", "Resize", "Upsample",
+    "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "MaxPool", "Flatten", "Pad", "Resize", "Upsample",
     "Identity", "Cast", "Neg", "Abs", "Max", "Min", "BatchNormalization", "LeakyRelu", "Sigmoid",
     "Tanh", "Softmax", "Concat", "Split", "Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
     "Constant", "Exp", "Sqrt", "Pow", "Where", "Equal", "Greater", "Less", "GreaterOrEqual",
