@@ -368,7 +368,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, worker: TorchWo
             cfg["ann_ms"] = float(np.median(ann_t) / T * 1e3)
             cfg["ann_ms_spinning"] = float(np.median(runs["ann_spin"]) / T * 1e3)
             cfg["ann_ms_not_spinning"] = float(np.median(runs["ann_quiet"]) / T * 1e3)
-            cfg["auto_form"] = auto.auto_choices.get((B, auto._layered_chunk(B, T) or 0), "step")
+            cfg["auto_form"] = (auto.last_form or "step").split("(")[0]
             if args.memory:
                 a = measure_memory("ann", path, test, B, T, "auto")
                 s = measure_memory("snn", snn_path, test, B, T, "auto")

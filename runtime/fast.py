@@ -515,6 +515,8 @@ def _constant_values(plan: StepPlan, feeds: dict[str, np.ndarray]) -> dict[str, 
 
 def _assemble(plan: StepPlan, varying: list[np.ndarray], const: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The step outputs in order: the reduced model's results, and the constant ones from ``const``."""
+    if not plan.constant_outputs:  # the common case, once per step: no dict to build
+        return varying
     got = dict(zip(plan.varying_outputs, varying))
     return [got[o] if o in got else const[o] for o in plan.step_outputs]
 

@@ -269,6 +269,24 @@ class SpikingSession:
             by_name.update(zip(names, results))
         return {name: by_name[name] for name in self.output_names}
 
+    def _report_nonfinite(self, feeds: dict[str, np.ndarray], T: int) -> None:
+        """A readout after T steps holds NaN or inf: rerun those steps by the reference form on a
+        scratch state to name the output and the first step (NonFiniteError, or one warning with
+        ``allow_nonfinite``)."""
+        if self.allow_nonfinite and self._nonfinite_warned:
+            return
+        saved = (self._states, self._t)
+        self._states = {name: np.ascontiguousarray(np.broadcast_to(init, (len(next(iter(feeds.values()))),) + shape),
+                                                   dtype=np.float32) for name, _, init, shape in self._state_specs}
+        try:
+            for t in range(T):
+                self._check_finite(self._advance(feeds), t)
+                if self._nonfinite_warned:
+                    return
+        finally:
+            self._states, self._t = saved
+        self._check_finite([np.array(np.nan, np.float32)], T - 1, ["(a readout sum)"])
+
     def _check_finite(self, outs: Sequence[np.ndarray], t: int | None, names: Sequence[str] | None = None) -> None:
         """NaN or inf in a float output: NonFiniteError naming the output and step ``t`` (None:
         the analog tail), or a warning with ``allow_nonfinite``."""
@@ -320,7 +338,6 @@ class SpikingSession:
             if t in starts.values():
                 at_start[t] = None if running is None else [r.copy() for r in running]
             outs = next(steps)
-            self._check_finite(outs, t)
             if on_step is not None:
                 on_step(t, self.probe_values)
             if running is None:
@@ -330,6 +347,10 @@ class SpikingSession:
                     running = [r + o if f else o for r, o, f in zip(running, outs, self._float)]
             T = t + 1
             if T in starts:
+                # NaN / inf stay in a running sum once they enter it: one check per readout instead of
+                # one per step; the first step is looked for only when there is one
+                if not all(np.isfinite(r).all() for r, f in zip(running, self._float) if f):
+                    self._report_nonfinite(feeds, T)
                 s, base = starts[T], at_start[starts[T]]
                 with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs were reported above
                     values = [((r - base[j] if base is not None else r) / (T - s)).astype(np.float32) if f else o
