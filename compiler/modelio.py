@@ -198,6 +198,8 @@ def npz_bytes(arrays: dict[str, "np.ndarray"]) -> bytes:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             entry = io.BytesIO()
-            np.lib.format.write_array(entry, np.asanyarray(value), allow_pickle=False)
+            array = np.asanyarray(value)
+            # object arrays (e.g. a ZipMap's list of dicts) are pickled, as np.savez does
+            np.lib.format.write_array(entry, array, allow_pickle=array.dtype.kind == "O")
             zf.writestr(info, entry.getvalue())
     return buf.getvalue()

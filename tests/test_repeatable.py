@@ -279,3 +279,21 @@ def test_residual_network_forms_agree_bit_for_bit() -> None:
                {"mode": "layered", "bind": False}, {"threads": 1}):
         np.testing.assert_array_equal(SpikingSession(snn, guard=False, **kw).run({"x": x[:5]}, 20)["y"], ref,
                                       err_msg=str(kw))
+
+
+def test_run_writes_a_zipmap_model_repeatably(tmp_path: Path) -> None:
+    """skl2onnx's ZipMap output (a list of dicts) is written (pickled, as np.savez does) and
+    repeats byte for byte."""
+    snn = tmp_path / "mlp.snn.onnx"
+    ann2snn.compile(MODELS / "sklearn_mlp.onnx", MODELS / "data" / "sklearn_calib.npz", snn, iters=5)
+    with np.load(MODELS / "data" / "sklearn_test.npz") as z:
+        np.savez(tmp_path / "x.npz", **{k: z[k][:20] for k in z.files if k != "label"})
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"y{i}.npz"
+        r = invoke("run", snn, "--input", tmp_path / "x.npz", "-T", "8", "--batch-size", "8", "-o", out)
+        assert r.exit_code == 0, r.output
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    with np.load(tmp_path / "y0.npz", allow_pickle=True) as z:
+        assert z["output_label"].shape == (20,) and isinstance(z["output_probability"][0], dict)
