@@ -156,6 +156,8 @@ class SpikingSession:
         types = value_types(fast_proto)
         self._plan = StepPlan(fast_proto, [(s[0], s[1], s[3]) for s in self._state_specs], self.step_outputs,
                               _session_options(threads), None, types)
+        if self.guard or self.probes:  # the reference session: the guard's yardstick, built with the others
+            self._sess  # noqa: B018
         if mode == "layered" and self._plan.cuts is None:
             raise ConfigError(f"mode='layered' is not available for this model: {self._plan.refusal}; "
                               "use mode='step' or 'auto'")
@@ -175,6 +177,8 @@ class SpikingSession:
         self.auto_choices: dict[tuple[int, int], str] = {}
         #: the guard's verdicts, by (form, batch, chunk): True if the form agreed with the reference
         self.guard_verdicts: dict[tuple[str, int, int], bool] = {}
+        #: seconds spent in the guard's reference steps and comparisons (benchmarks/guard_cost.py)
+        self.guard_seconds = 0.0
         #: the form the last ``run`` / ``run_many`` used, e.g. "layered(chunk=8)", "step", "reference"
         self.last_form: str | None = None
 
@@ -443,6 +447,7 @@ class SpikingSession:
         if self.guard_verdicts.get(key) is None:
             gen = self._form_steps(form, chunk, feeds, T)
             head = [[np.array(o) for o in next(gen)] for _ in range(n)]
+            began = time.perf_counter()  # the guard's own cost: the reference steps and the comparison
             # the reference on the first and last sample of the batch only (samples are independent):
             # a wrong buffer, row or step shows there, at a fraction of a step's cost
             rows = sorted({0, batch - 1})
@@ -460,6 +465,7 @@ class SpikingSession:
                 names = [spec[0] for spec in self._state_specs]
                 problem = _disagreement([[fast_states[x] for x in names]], [[ref_states[x] for x in names]], names)
             self.guard_verdicts[key] = problem is None
+            self.guard_seconds += time.perf_counter() - began
             if problem is None:
                 log.debug("guard: form %s (batch %d, chunk %s) agrees with the reference", form, batch, chunk)
                 return form, head, gen
