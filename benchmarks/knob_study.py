@@ -30,7 +30,7 @@ from typing import Any
 import ann2snn
 import numpy as np
 from ann2snn.runtime import SpikingSession
-from ann2snn.runtime.session import window_start
+from ann2snn.runtime.reference import window_start
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

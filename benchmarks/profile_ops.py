@@ -65,7 +65,7 @@ def main() -> None:
     import ann2snn
     import ann2snn.passes.calibrate_thresholds as calibration
     from ann2snn.runtime import SpikingSession
-    from ann2snn.runtime.fast import _subgraph_model
+    from ann2snn.runtime.forms import _subgraph_model
 
     tmp = Path(tempfile.mkdtemp(prefix="ann2snn_profile_"))
 

@@ -310,7 +310,7 @@ class WindowReader:
     def run(self, feeds: dict[str, np.ndarray], Ts: Sequence[int],
             readouts: Sequence[Readout]) -> dict[tuple[str, int], dict[str, np.ndarray]]:
         """The model's outputs for every (readout label, T)."""
-        from ann2snn.runtime.session import window_start
+        from ann2snn.runtime.reference import window_start
 
         sess = self.session
         starts = {(r.label, T): window_start(T, r.at(T, sess.t0), sess.min_window) for r in readouts for T in Ts}
@@ -467,7 +467,7 @@ def evaluate_task(
     ANN once and the SNN once per distinct t0 (``run_readouts``). With ``keep_predictions``
     the result also holds the predictions under ``"predictions"`` (not JSON-serialisable).
     """
-    from ann2snn.runtime.session import window_start
+    from ann2snn.runtime.reference import window_start
 
     if task not in ("segmentation", "detection"):
         raise ConfigError(f"task must be segmentation or detection here, got {task!r} (--task)")
