@@ -4,7 +4,7 @@ readout window, next to the paper's SNN/ANN ratios.
 For each model: compile with the default options (LTB channel-wise, the default K and batch,
 ``--neuron`` IF or signed;
 the compile time is recorded), then evaluate the ANN once and the SNN at every T and readout
-window with ``ann2snn.tasks.evaluate_task`` on the first ``--limit`` scenes of
+window with ``ann2snn.analysis.tasks.evaluate_task`` on the first ``--limit`` scenes of
 ``models/data/scenes_test.npz``. Readouts: ``model`` (the compiled t0 estimate), fractions of T
 (``0.5`` = the paper's t0 = T/2 for segmentation) and fixed delays (``t0=0``). One simulation
 serves every T of a fixed t0; a fraction of T needs one simulation per T.
@@ -28,7 +28,7 @@ from typing import Any
 
 import ann2snn
 from ann2snn.runtime import SpikingSession
-from ann2snn.tasks import Readout, evaluate_task
+from ann2snn.analysis.tasks import Readout, evaluate_task
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = "models/data/scenes_calib.npz"

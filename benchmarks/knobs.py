@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import ann2snn
-from ann2snn.evaluate import evaluate
+from ann2snn.analysis.evaluate import evaluate
 from ann2snn.runtime import SpikingSession
 
 ROOT = Path(__file__).resolve().parents[1]

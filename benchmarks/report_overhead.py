@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import ann2snn
-from ann2snn.report import report
+from ann2snn.analysis.report import report
 from ann2snn.runtime import SpikingSession
 
 ROOT = Path(__file__).resolve().parents[1]

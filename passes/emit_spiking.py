@@ -27,7 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from ann2snn import __version__
+from ann2snn.version import __version__
 from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
 from ann2snn.runtime.reference import value_types

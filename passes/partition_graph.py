@@ -18,7 +18,7 @@ import logging
 import onnx_graphsurgeon as gs
 
 from ann2snn.errors import NodeProblem, UnsupportedModelError
-from ann2snn.cost import node_macs
+from ann2snn.macs import node_macs
 from ann2snn.state import PassState
 from ann2snn.support import NEGATIVE_SLOPE, PREPOOL, role, spike_safe
 

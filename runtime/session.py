@@ -26,7 +26,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from ann2snn.data import InputSpec, as_array_dict, check_arrays, input_specs
+from ann2snn.data.arrays import InputSpec, as_array_dict, check_arrays, input_specs
 from ann2snn.errors import ConfigError, NonFiniteError
 from ann2snn.modelio import load_model
 

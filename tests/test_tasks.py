@@ -12,7 +12,7 @@ import pytest
 from ann2snn.cli import main
 from ann2snn.errors import ConfigError, DataError
 from ann2snn.runtime import SpikingSession
-from ann2snn.tasks import (
+from ann2snn.analysis.tasks import (
     ConfusionMatrix,
     Readout,
     WindowReader,

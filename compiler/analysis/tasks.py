@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .data import as_array_dict, check_arrays, input_specs
-from .errors import ConfigError, DataError
+from ..data.arrays import as_array_dict, check_arrays, input_specs
+from ..errors import ConfigError, DataError
+from ..ortsession import make_session, run_checked
+from ..progress import progress
+from ..resources import check_memory
 from .evaluate import open_pair
-from .ortsession import make_session, run_checked
-from .progress import progress
-from .resources import check_memory
 
 TASKS = ("classification", "segmentation", "detection")
 COCO_IOUS: tuple[float, ...] = tuple(float(t) for t in np.linspace(0.5, 0.95, 10))

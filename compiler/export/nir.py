@@ -29,16 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ann2snn.runtime.ops import COUNTING_OPS, DOMAIN, IF_OP
 
-from . import __version__
-from .clierrors import handle_errors
-from .errors import ConfigError, ModelLoadError, NodeProblem, PassError, UnsupportedModelError
+from ..errors import ConfigError, ModelLoadError, NodeProblem, PassError, UnsupportedModelError
+from ..version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -585,7 +583,7 @@ def to_nir(model, allow_approximation: bool = False):
     Raises ``UnsupportedModelError`` for nodes NIR cannot represent at all and
     ``NirExportError`` for parts it can only approximate, unless ``allow_approximation``.
     """
-    from .modelio import load_model
+    from ..modelio import load_model
 
     ex = _Exporter(load_model(model), allow_approximation)
     graph = ex.convert()
@@ -596,7 +594,7 @@ def to_nir(model, allow_approximation: bool = False):
 
 def export_nir(model, output: str | Path, allow_approximation: bool = False):
     """Write ``model`` (a compiled spiking model) as a NIR file, atomically; returns the graph."""
-    from .modelio import write_atomic
+    from ..modelio import write_atomic
 
     nir = _require_nir()
     graph = to_nir(model, allow_approximation)
@@ -606,24 +604,4 @@ def export_nir(model, output: str | Path, allow_approximation: bool = False):
     return graph
 
 
-@click.command("export")
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--to", "fmt", type=click.Choice(["nir"]), required=True, help="Target format.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the file.")
-@click.option("--allow-approximation", is_flag=True,
-              help="Export what NIR can only approximate (every IF neuron: NIR resets to a fixed potential and has "
-                   "no initial membrane; MaxPool as an AvgPool2d placeholder; the spiking part without the analog "
-                   "tail); the metadata marks each change.")
-@click.pass_context
-@handle_errors
-def export_cmd(ctx: click.Context, model: str, fmt: str, output: str, allow_approximation: bool) -> None:
-    """Export a compiled spiking MODEL to another format (NIR)."""
-    graph = export_nir(model, output, allow_approximation)
-    kinds = Counter(type(n).__name__ for n in graph.nodes.values())
-    click.echo(f"wrote {output}: NIR graph with {len(graph.nodes)} nodes "
-               f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}), {len(graph.edges)} edges")
-    click.echo("approximated: neurons reset by subtraction and start at v0*threshold, which NIR's IF cannot "
-               "express; the 'ann2snn.*' metadata of each node says what was changed", err=True)
-
-
-__all__ = ["ALLOW_FLAG", "LOST", "NirExportError", "export_cmd", "export_nir", "to_nir"]
+__all__ = ["ALLOW_FLAG", "LOST", "NirExportError", "export_nir", "to_nir"]

@@ -65,9 +65,9 @@ from onnx import helper, numpy_helper
 
 from ann2snn.runtime.ops import COUNTING_OPS, IF_OP, NEURON_OPS
 
-from .errors import Ann2SnnError, ConfigError, DataError, ModelLoadError
-from .modelio import load_model, write_atomic
-from .ortsession import make_session
+from ..errors import Ann2SnnError, ConfigError, DataError, ModelLoadError
+from ..modelio import load_model, write_atomic
+from ..ortsession import make_session
 
 log = logging.getLogger(__name__)
 
@@ -560,8 +560,8 @@ def _counting_session(model: onnx.ModelProto, counter_holder: list):
 def _simulate(session: Any, data: Any, Ts: Sequence[int], label_key: str, batch_size: int,
               t0: int | None, show_progress: bool) -> dict[str, Any]:
     """SNN accuracy without an ANN reference (the part of ``evaluate`` that needs no ANN)."""
-    from .data import as_array_dict, check_arrays
-    from .progress import progress
+    from ..data.arrays import as_array_dict, check_arrays
+    from ..progress import progress
 
     specs = session.input_specs
     arrays = as_array_dict(data, specs, "report data")
