@@ -18,7 +18,8 @@ from typing import Any
 import ann2snn
 import numpy as np
 from ann2snn.runtime import SpikingSession
-from ann2snn.analysis.tasks import Readout, detection_ap, evaluate_task, segmentation_metrics
+from ann2snn.analysis.metrics import detection_ap, segmentation_metrics
+from ann2snn.analysis.tasks import Readout, evaluate_task
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -16,6 +16,9 @@ Derived from the step graph at load time, each keeping that invariant:
 - ``session.py``: ``SpikingSession``, which picks a form by a fixed rule and guards it
   against the reference before first use.
 
+Around them, ``batches.py`` runs a whole data file (arrays or images) batch by batch, as
+``ann2snn run`` does.
+
 The tests in tests/runtime/ check the invariant (test_forms.py: every form against the
 reference on generated graphs, the reference models and the regression files).
 """

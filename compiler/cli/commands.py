@@ -126,48 +126,20 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int, T:
     """Run a compiled spiking MODEL for T timesteps and save the readout.
 
     The same command writes the same bytes every time."""
-    from ann2snn.runtime import SpikingSession
-    from ann2snn.runtime.session import check_T
+    from ann2snn.runtime.batches import run_file
 
-    from ..data.arrays import as_array_dict, check_arrays
-    from ..data.images import ImageSource, is_image_source, preprocess_from_config
     from ..modelio import npz_bytes, write_atomic
-    from ..progress import progress
-    from ..resources import GIB, check_memory
+    from ..resources import GIB
 
-    check_T(T)
-    if batch_size <= 0:
-        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
-    session = SpikingSession(model, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite)
-    limit = int(max_memory * GIB) if max_memory is not None else None
-    parts: dict[str, list[np.ndarray]] = {}
-    forms: list[str] = []
-    extra: dict[str, np.ndarray] = {}
     show = not ctx.obj["quiet"]
-    if is_image_source(input_path):  # decoded and simulated batch by batch
-        images = ImageSource(input_path, preprocess_from_config(session.meta.get("config", {})))
-        check_memory(session.model, min(batch_size, len(images)), limit)
-        name = session.input_specs[0].name
-        batches = ({name: x} for x, _ in images.chunks(batch_size))
-        n = len(images)
-        extra["files"] = np.array([str(f) for f in images.files])
-    else:
-        inputs = as_array_dict(input_path, session.input_specs, "input")
-        check_arrays(inputs, session.input_specs, "input")
-        n = len(inputs[session.input_specs[0].name])
-        check_memory(session.model, min(batch_size, n), limit)
-        batches = ({k: v[i:i + batch_size] for k, v in inputs.items()} for i in range(0, n, batch_size))
-    for feeds in progress(batches, -(-n // batch_size), "simulating", show):
-        for k, v in session.run(feeds, T, t0).items():
-            parts.setdefault(k, []).append(np.asarray(v))
-        if session.last_form not in forms:
-            forms.append(session.last_form)
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    info = {"model": str(model), "T": T, "t0": session.t0 if t0 is None else t0, "form_option": form,
-            "forms": forms, "batch_size": batch_size, "samples": n}
-    write_atomic(output, npz_bytes({**out, **extra, "ann2snn_run": np.array(json.dumps(info, sort_keys=True))}))
+    run = run_file(model, input_path, T, t0=t0, batch_size=batch_size, form=form, allow_nonfinite=allow_nonfinite,
+                   threads=threads or None, max_memory=int(max_memory * GIB) if max_memory is not None else None,
+                   show_progress=show)
+    info = np.array(json.dumps(run.info, sort_keys=True))
+    write_atomic(output, npz_bytes({**run.outputs, **run.extra, "ann2snn_run": info}))
     if show:
-        click.echo(f"wrote {output}: {', '.join(f'{k} {v.shape}' for k, v in out.items())} (form: {', '.join(forms)})")
+        click.echo(f"wrote {output}: {', '.join(f'{k} {v.shape}' for k, v in run.outputs.items())} "
+                   f"(form: {', '.join(run.info['forms'])})")
 
 
 @click.command("eval", epilog="""\b

@@ -45,7 +45,8 @@ def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | No
                sop_fj: float, flop_pj: float, flops_per_mac: float, ac_pj: float, mac_pj: float,
                json_path: str | None, plot_path: str | None, progress: bool) -> None:
     """What the SNN MODEL costs per input at each T: spikes, SOPs, MACs, energy, per layer."""
-    from ..analysis.report import cmos45_energy, format_report, paper_energy, plot_report, report, require_matplotlib
+    from ..analysis.report import cmos45_energy, paper_energy, report
+    from ..analysis.report_format import format_report, plot_report, require_matplotlib
     from ..errors import ConfigError
     from ..modelio import write_atomic
 
