@@ -30,8 +30,9 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "runtime"))
+from common import ROOT
+
+sys.path[:0] = [str(ROOT / "tests" / "runtime"), str(ROOT / "tests")]  # graphgen, test_forms; conftest
 
 from hypothesis import HealthCheck, Phase, find, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

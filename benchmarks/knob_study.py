@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -43,10 +42,9 @@ from ann2snn.analysis.evaluate import evaluate
 from ann2snn.runtime import SpikingSession
 from ann2snn.runtime.reference import window_start
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import MODELS as ACCURACY_MODELS
 from accuracy import ann_logits
+from common import ROOT, T_header, command_line
 
 #: the reference models of benchmarks/accuracy.py, and the digits CNN
 MODELS = {**ACCURACY_MODELS,
@@ -122,8 +120,7 @@ def tabulate_saved(folder: Path, model: str, T_max: int, rules: list[str]) -> No
         Ts = [T for T in TS if T <= min(T_max, cums.shape[1] - 1)]
         if not header:
             print(f"model: {model}, {len(y)} test samples\n")
-            print("| setting | readout start | " + " | ".join(f"T={T}" for T in Ts) + " |")
-            print("|---|---|" + "---|" * len(Ts))
+            print("\n".join(T_header(["setting", "readout start"], Ts)))
             header = True
         for rule, accs in accuracy_table(cums, y, Ts, t0, 4, rules).items():
             shown = f"{rule} (t0={t0})" if rule.startswith("auto") else rule
@@ -138,8 +135,7 @@ def fixed_delays(args: argparse.Namespace, command: str) -> None:
     Ts = [T for T in TS if T <= args.T]
     print(f"command: {command}")
     print(f"model: {MODELS[args.model][0]}, test samples: {len(data['label'])}\n")
-    print("| setting | t0 | " + " | ".join(f"T={T}" for T in Ts) + " | compile s |")
-    print("|---|---|" + "---|" * len(Ts) + "---|")
+    print("\n".join(T_header(["setting", "t0"], Ts, ["compile s"])))
     rows = []
     for setting in parse_settings(args.settings):
         start = time.perf_counter()
@@ -182,7 +178,7 @@ def main() -> None:
     if args.from_cums:
         tabulate_saved(args.from_cums, args.model, args.T, args.rules.split(","))
         return
-    command = f"python benchmarks/knob_study.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}"
+    command = command_line()
     if args.t0:
         fixed_delays(args, command)
         return
@@ -195,8 +191,7 @@ def main() -> None:
     print(f"command: `{command}`\n")
     print(f"model: {ann}, first {len(x)} test samples, ANN accuracy {ann_acc * 100:.2f}%. "
           f"Defaults: LTB channel-wise, K={DEFAULTS['iters']}, B={DEFAULTS['batch']}, v0={DEFAULTS['v0']}.\n")
-    print("| setting | readout start | " + " | ".join(f"T={T}" for T in Ts) + " |")
-    print("|---|---|" + "---|" * len(Ts), flush=True)
+    print("\n".join(T_header(["setting", "readout start"], Ts)), flush=True)
     rows = []
     for setting in parse_settings(args.settings):
         options = {**common, **setting}

@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -63,9 +61,9 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from common import ROOT, T_header, command_line
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "mobilenet_v2.onnx"
 DEAD = np.float32(1e30)
 CALIB = ROOT / "models" / "data" / "photos_calib.npz"
@@ -433,7 +431,7 @@ def load_results() -> dict[str, Any]:
 
 def save_results(res: dict[str, Any]) -> None:
     """Write the results JSON, with the command that wrote it added to its ``commands``."""
-    command = "python benchmarks/mobilenet_study.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     if command not in res.setdefault("commands", []):
         res["commands"].append(command)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -686,8 +684,7 @@ def stage_table(args: argparse.Namespace) -> None:
         v0s = sorted({k.split("_")[1] for r in lim.values() for k in r if k.startswith("quant_")})
         for v0 in v0s:
             lines += [f"## Quantised ANN ({v0.replace('v', 'v0 = ')}), all evaluation crops / confident crops", "",
-                      "| θ set | crops (confident) | clipped ANN (T → ∞) | " + " | ".join(f"T={T}" for T in Ts) + " |",
-                      "|---|---|---|" + "---|" * len(Ts)]
+                      *T_header(["θ set", "crops (confident)", "clipped ANN (T → ∞)"], Ts)]
             for k, r in lim.items():
                 if f"quant_{v0}_T{Ts[0]}" not in r:
                     continue
@@ -702,7 +699,7 @@ def stage_table(args: argparse.Namespace) -> None:
         for k, r in snn.items():
             Ts = sorted(next(iter(r["by_t0"].values())).keys(), key=int)
             lines += [f"`{k}` ({r['eval']} crops, simulated {r['tmax']} steps in {r['sim_s']} s, estimated t0 {r['t0_est']})",
-                      "", "| t0 | " + " | ".join(f"T={T}" for T in Ts) + " |", "|---|" + "---|" * len(Ts)]
+                      "", *T_header(["t0"], Ts)]
             for t0, row in r["by_t0"].items():
                 conf = r.get("by_t0_confident", {}).get(t0)
                 lines.append(f"| {t0} | " + " | ".join(f"{row[T]:.1f}" + (f" ({conf[T]:.0f})" if conf else "")
