@@ -1,4 +1,9 @@
-"""ann2snn: training-free conversion of pretrained ONNX ANNs into spiking ONNX graphs."""
+"""ann2snn: training-free conversion of pretrained ONNX ANNs into spiking ONNX graphs.
+
+This package is the compiler proper (``compile``, ``CompileConfig``, the pipeline and what
+it needs); ``cli``, ``data``, ``analysis`` and ``export`` are the tools around it, and
+``passes`` and ``runtime`` live in folders of their own (docs/architecture.md).
+"""
 from __future__ import annotations
 
 import onnxruntime as _ort
