@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,8 @@ import ann2snn
 import numpy as np
 import onnxruntime as ort
 from ann2snn.runtime import SpikingSession
+from common import ROOT, T_axis, T_header, command_line, pyplot, save_figure, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 # name: (ANN, calibration data, test data, calibration options common to all methods)
 MODELS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "mnist": ("models/mnist_cnn.onnx", "models/data/mnist_calib.npz", "models/data/mnist_test.npz", {}),
@@ -125,8 +124,7 @@ def markdown(name: str, res: dict[str, Any], Ts: list[int]) -> str:
             f"T > {split} over the first {res['large_T_samples']}. ANN accuracy "
             f"{res['ann_accuracy'] * 100:.2f}% (first {res['large_T_samples']}: {res['ann_accuracy_large_subset'] * 100:.2f}%)"
             + (" (labels are the ANN's answers)" if is_agree else "") + ".")
-    lines = [head, "", "| method | t0 | " + " | ".join(f"T={T}" for T in Ts) + " | compile s |",
-             "|---|---|" + "---|" * len(Ts) + "---|"]
+    lines = [head, "", *T_header(["method", "t0"], Ts, ["compile s"])]
     for method, m in res["methods"].items():
         cells = " | ".join(f"{m['T'][T]['accuracy'] * 100:.2f}" for T in Ts)
         lines.append(f"| {method} | {m['t0']} | {cells} | {m['compile_s']:.1f} |")
@@ -136,11 +134,8 @@ def markdown(name: str, res: dict[str, Any], Ts: list[int]) -> str:
 def plot(results: dict[str, Any], Ts: list[int], path: Path) -> bool:
     """SNN accuracy minus the ANN's on the same test images, against T, one panel per model
     (runs over different subsets stay comparable); False if matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
@@ -156,19 +151,12 @@ def plot(results: dict[str, Any], Ts: list[int], path: Path) -> bool:
                 ax.plot(ts, gap, marker="o", ms=3, label=f"{method} ({n} imgs)")
                 lows += [g for T, g in zip(ts, gap) if T >= 16]
         ax.axhline(100.0 if name == "mobilenet_v2" else 0.0, color="k", ls="--", lw=1, label="ANN")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(Ts, [str(T) for T in Ts])
-        ax.set_title(name)
-        ax.set_xlabel("T (timesteps)")
-        ax.set_ylabel("agreement with ANN (%)" if name == "mobilenet_v2" else "SNN - ANN accuracy (points)")
+        T_axis(ax, Ts, name, "agreement with ANN (%)" if name == "mobilenet_v2" else "SNN - ANN accuracy (points)")
         if name == "mobilenet_v2":
             ax.set_ylim(0.0, 101.0)
         else:
             ax.set_ylim(max(-100.0, min(lows, default=-5) - 1), max(1.0, max(lows, default=0) + 0.5))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     return True
 
 
@@ -192,7 +180,7 @@ def main() -> None:
                     help="do not simulate: combine earlier --json files (per model, methods are merged) into one table/plot")
     args = ap.parse_args()
     Ts = sorted(int(t) for t in args.T.split(","))
-    command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     results: dict[str, Any] = {}
     commands = []
     if args.merge:
@@ -213,11 +201,7 @@ def main() -> None:
     parts = [markdown(n, r, Ts) + "".join("\n\n" + markdown(n, p, Ts) for p in r.get("parts", []))
              for n, r in results.items()]
     text = "\n".join(f"command: `{c}`" for c in commands or [command]) + "\n\n" + "\n\n".join(parts)
-    print(text)
-    if args.md:
-        args.md.write_text(text + "\n")
-    if args.json:
-        args.json.write_text(json.dumps({"command": command, "T": Ts, "results": results}, indent=1) + "\n")
+    write_results(text, args.md, args.json, {"command": command, "T": Ts, "results": results})
     if args.png and not plot(results, Ts, args.png):
         print("matplotlib is not installed: no plot", file=sys.stderr)
 

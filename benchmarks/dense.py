@@ -4,7 +4,7 @@ readout window, next to the paper's SNN/ANN ratios.
 For each model: compile with the default options (LTB channel-wise, the default K and batch,
 ``--neuron`` IF or signed;
 the compile time is recorded), then evaluate the ANN once and the SNN at every T and readout
-window with ``ann2snn.tasks.evaluate_task`` on the first ``--limit`` scenes of
+window with ``ann2snn.analysis.tasks.evaluate_task`` on the first ``--limit`` scenes of
 ``models/data/scenes_test.npz``. Readouts: ``model`` (the compiled t0 estimate), fractions of T
 (``0.5`` = the paper's t0 = T/2 for segmentation) and fixed delays (``t0=0``). One simulation
 serves every T of a fixed t0; a fraction of T needs one simulation per T.
@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import ann2snn
+from ann2snn.analysis.tasks import Readout, evaluate_task
 from ann2snn.runtime import SpikingSession
-from ann2snn.tasks import Readout, evaluate_task
+from common import ROOT, T_axis, T_header, command_line, pyplot, save_figure, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 CALIB = "models/data/scenes_calib.npz"
 TEST = "models/data/scenes_test.npz"
 # name: (ANN, task, the paper's networks it is compared with)
@@ -102,8 +101,7 @@ def markdown(name: str, res: dict[str, Any]) -> str:
              f"{res['compile_s']:.1f} s ({res['neuron_layers']} neuron layers, {res['neurons']:,} neurons, "
              f"model t0 = {res['model_t0']}); evaluation {res['evaluate_s']:.0f} s. ANN: {ann_text}."), ""]
     for key, label in metrics:
-        lines += [f"| {label}: readout | " + " | ".join(f"T={T}" for T in Ts) + " |",
-                  "|---|" + "---|" * len(Ts)]
+        lines += T_header([f"{label}: readout"], Ts)
         for ro in readouts:
             cells = []
             for T in Ts:
@@ -112,7 +110,7 @@ def markdown(name: str, res: dict[str, Any]) -> str:
             lines.append(f"| {ro} | " + " | ".join(cells) + " |")
         lines.append("")
     metric, key = ("mIoU", "miou") if task == "segmentation" else ("mAP@[.5:.95]", "map")
-    lines += [f"| SNN/ANN {metric} | " + " | ".join(f"T={T}" for T in Ts) + " |", "|---|" + "---|" * len(Ts)]
+    lines += T_header([f"SNN/ANN {metric}"], Ts)
     for paper in MODELS[name][2]:
         p_ann, p_snn = PAPER[paper]
         cells = [f"{p_snn[T] / p_ann * 100:.1f}%" if T in p_snn else "-" for T in Ts]
@@ -124,11 +122,8 @@ def markdown(name: str, res: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> bool:
     """Metric against T, one panel per model and one line per readout; False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(results), figsize=(4.4 * len(results), 3.7), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
@@ -142,15 +137,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
                         label=f"SNN {label}, {ro}")
         for key, label, ls in keys:
             ax.axhline(res["ann"][key] * 100, color="k", ls="--" if ls == "-" else ":", lw=1, label=f"ANN {label}")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(Ts, [str(T) for T in Ts])
-        ax.set_title(f"{name} ({res['samples']} scenes)")
-        ax.set_xlabel("T (timesteps)")
-        ax.set_ylabel("mIoU (%)" if res["task"] == "segmentation" else "mAP (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        T_axis(ax, Ts, f"{name} ({res['samples']} scenes)", "mIoU (%)" if res["task"] == "segmentation" else "mAP (%)")
+    save_figure(fig, path)
     return True
 
 
@@ -171,7 +159,7 @@ def main() -> None:
     ap.add_argument("--save-snn", type=Path, default=None, help="write the compiled models here (for dense_pictures.py)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="do not run: combine earlier --json files")
     args = ap.parse_args()
-    command = "python benchmarks/dense.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     results: dict[str, Any] = {}
     commands: list[str] = []
     if args.merge:
@@ -191,11 +179,7 @@ def main() -> None:
         commands = [command]
     text = "\n".join(f"command: `{c}`" for c in commands) + "\n\n" + "\n\n".join(
         markdown(n, r) for n, r in results.items())
-    print(text)
-    if args.md:
-        args.md.write_text(text + "\n")
-    if args.json:
-        args.json.write_text(json.dumps({"command": command, "results": results}, indent=1) + "\n")
+    write_results(text, args.md, args.json, {"command": command, "results": results})
     if args.png and not plot(results, args.png):
         print("matplotlib is not installed: no plot", file=sys.stderr)
 

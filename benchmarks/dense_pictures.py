@@ -10,7 +10,6 @@ Needs matplotlib (e.g. /tmp/torchenv/bin/python, or pip install matplotlib).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,10 @@ from typing import Any
 import ann2snn
 import numpy as np
 from ann2snn.runtime import SpikingSession
-from ann2snn.tasks import Readout, detection_ap, evaluate_task, segmentation_metrics
+from ann2snn.analysis.metrics import detection_ap, segmentation_metrics
+from ann2snn.analysis.tasks import Readout, evaluate_task
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import ROOT, command_line, pyplot
 from dense import CALIB, MODELS, TEST
 
 FASHION = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
@@ -71,10 +70,9 @@ def picture(name: str, scenes: list[int], Ts: list[int], readout: Readout, score
             threads: int, snn_dir: Path | None = None) -> None:
     """Compile ``name`` (or load ``snn_dir/<name>.snn.onnx``), predict the chosen scenes with the
     ANN and the SNN, and save the grid."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        raise ImportError("dense_pictures.py needs matplotlib")
     ann, task, _ = MODELS[name]
     saved = snn_dir / f"{name}.snn.onnx" if snn_dir else None
     snn = saved if saved and saved.exists() else ann2snn.compile(ROOT / ann, ROOT / CALIB, threads=threads)
@@ -152,7 +150,7 @@ def main() -> None:
     scenes = [int(s) for s in args.scenes.split(",")]
     Ts = sorted(int(t) for t in args.T.split(","))
     readout = Readout(args.t0, args.t0_frac)
-    print("command: python benchmarks/dense_pictures.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print(f"command: {command_line()}")
     for name in args.models.split(","):
         if not (ROOT / MODELS[name][0]).exists():
             print(f"[{name}] {MODELS[name][0]} is not built: skipped", file=sys.stderr)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [  # (model, calibration data)
     ("models/digits_cnn.onnx", "models/data/digits_calib.npz"),
     ("models/sklearn_mlp.onnx", "models/data/sklearn_calib.npz"),

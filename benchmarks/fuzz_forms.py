@@ -1,6 +1,6 @@
 """Differential fuzzing of every runtime execution form against the reference, on generated graphs.
 
-The same generator (tests/graphgen.py) and checks (tests/test_forms.py) as the CI tests
+The same generator (tests/runtime/graphgen.py) and checks (tests/runtime/test_forms.py) as the CI tests
 ``test_forms_agree_on_generated_graphs`` and ``test_batches_agree_on_generated_graphs``, on
 thousands of graphs: hypothesis draws each graph (half of them as each CI test draws them)
 and a batch (1, 3, 5 or 17); the graph is compiled (iters=4, batch=8; an
@@ -8,7 +8,7 @@ Ann2SnnError is a clean refusal) and every form is read out at T = 1, 5, 9 again
 ``ann2snn.runtime.reference``. Outcomes are recorded, not asserted, so the run goes on;
 afterwards each distinct failure (first failing form and kind of failure) is shrunk by
 ``hypothesis.find`` to a minimal graph, written under --save as <sha>.onnx + <sha>.npz (the
-format of tests/regressions/forms/: copy a file there to make it a regression test).
+format of tests/runtime/regressions/forms/: copy a file there to make it a regression test).
 
 Prints the command line and markdown tables: graphs generated, compiled, refused (most
 common messages), what the compiled graphs hold (neurons, cumulative max pools, analog
@@ -30,8 +30,9 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from common import ROOT
+
+sys.path[:0] = [str(ROOT / "tests" / "runtime"), str(ROOT / "tests")]  # graphgen, test_forms; conftest
 
 from hypothesis import HealthCheck, Phase, find, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 DATA = {"digits_cnn": ("digits_calib", "digits_test"), "mnist_cnn": ("mnist_calib", "mnist_test"),
         "fashion_vgg": ("fashion_calib", "fashion_test"), "fashion_resnet": ("fashion_calib", "fashion_test")}

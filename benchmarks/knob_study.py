@@ -1,9 +1,11 @@
-"""The LTB knobs on one reference model: iterations K, batch size B, v(0) and the readout window t0.
+"""The compile and readout knobs on one reference model: why the defaults are what they are.
 
 Each setting changes the compile options (default: K=200, B=64, v0=0.5, channel-wise LTB),
 compiles once and simulates the first ``--limit`` test samples once, up to the largest T.
-The sum of the output over the steps [0, t) is kept for every t, so every T and every
-readout rule (where the averaging window starts) are read out of that one simulation:
+
+Readout rules (the default mode). The sum of the output over the steps [0, t) is kept for
+every t, so every T and every readout rule (where the averaging window starts) are read
+out of that one simulation:
 
 * ``auto``: the compiled estimate t0 (METHOD.md), or the last 4 steps when T < t0 + 4
   (what ``SpikingSession.run`` does);
@@ -11,16 +13,23 @@ readout rule (where the averaging window starts) are read out of that one simula
 * ``0``: no delay; ``T/16``, ``T/8``, ``T/4``, ``T/2``: a fixed fraction of T;
 * ``auto_max_T/8``, ``auto_max_T/4``: the ``auto`` start, but never later than T/8 or T/4.
 
-Run (``--settings`` is a ``;``-separated list of ``key=value,...`` option sets, empty = defaults):
+Fixed readout delays (``--t0 auto,0,2``; it was benchmarks/knobs.py): each setting is
+compiled with nothing but its own options and every delay is read out by
+``ann2snn.analysis.evaluate`` (the runtime's readout, as ``ann2snn eval`` prints it); one
+row per setting and delay, with the compile time. ``--settings calibration`` gives the
+settings of the README's first tables (K, B, max pooling, calibration method).
+
+Run (``--settings`` is a ``;``-separated list of ``key=value,...`` option sets, empty = defaults,
+or the name of a preset in ``PRESETS``):
 
     .venv/bin/python benchmarks/knob_study.py --model fashion_vgg --limit 1000 -T 128 \\
         --settings ";iters=10;iters=50;iters=1000;batch=16;batch=256;v0=0.0;v0=0.25"
+    .venv/bin/python benchmarks/knob_study.py --model mnist --limit 0 -T 64 --settings calibration --t0 auto,0,2
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -29,14 +38,24 @@ from typing import Any
 
 import ann2snn
 import numpy as np
+from ann2snn.analysis.evaluate import evaluate
 from ann2snn.runtime import SpikingSession
-from ann2snn.runtime.session import window_start
+from ann2snn.runtime.reference import window_start
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from accuracy import MODELS, ann_logits
+from accuracy import MODELS as ACCURACY_MODELS
+from accuracy import ann_logits
+from common import ROOT, T_header, command_line
 
+#: the reference models of benchmarks/accuracy.py, and the digits CNN
+MODELS = {**ACCURACY_MODELS,
+          "digits": ("models/digits_cnn.onnx", "models/data/digits_calib.npz", "models/data/digits_test.npz", {})}
 DEFAULTS = {"iters": 200, "batch": 64, "v0": 0.5}
+#: named --settings
+PRESETS = {
+    "ltb": ";iters=10;iters=50;iters=1000;batch=16;batch=256;v0=0.0;v0=0.25",
+    "calibration": ("iters=200,batch=64;iters=50,batch=64;iters=800,batch=64;iters=200,batch=16;"
+                    "iters=200,batch=64,maxpool=instant;method=max;method=percentile"),
+}
 TS = (4, 8, 16, 32, 64, 128, 256)
 RULES: dict[str, Callable[[int, int, int], int]] = {  # (T, compiled t0, min window) -> first step of the window
     "auto": lambda T, t0, w: window_start(T, t0, w),
@@ -53,9 +72,10 @@ RULES: dict[str, Callable[[int, int, int], int]] = {  # (T, compiled t0, min win
 
 
 def parse_settings(spec: str) -> list[dict[str, Any]]:
-    """``"iters=10;batch=16,iters=50;"`` -> [{"iters": 10}, {"batch": 16, "iters": 50}, {}]."""
+    """``"iters=10;batch=16,iters=50;"`` -> [{"iters": 10}, {"batch": 16, "iters": 50}, {}];
+    a name in PRESETS stands for its spec."""
     out = []
-    for part in spec.split(";"):
+    for part in PRESETS.get(spec, spec).split(";"):
         setting: dict[str, Any] = {}
         for kv in filter(None, (p.strip() for p in part.split(","))):
             key, value = kv.split("=")
@@ -100,12 +120,40 @@ def tabulate_saved(folder: Path, model: str, T_max: int, rules: list[str]) -> No
         Ts = [T for T in TS if T <= min(T_max, cums.shape[1] - 1)]
         if not header:
             print(f"model: {model}, {len(y)} test samples\n")
-            print("| setting | readout start | " + " | ".join(f"T={T}" for T in Ts) + " |")
-            print("|---|---|" + "---|" * len(Ts))
+            print("\n".join(T_header(["setting", "readout start"], Ts)))
             header = True
         for rule, accs in accuracy_table(cums, y, Ts, t0, 4, rules).items():
             shown = f"{rule} (t0={t0})" if rule.startswith("auto") else rule
             print(f"| {f.stem[len(model) + 1:]} | {shown} | " + " | ".join(f"{accs[T] * 100:.2f}" for T in Ts) + " |")
+
+
+def fixed_delays(args: argparse.Namespace, command: str) -> None:
+    """One row per setting and fixed readout delay (``--t0``), read out by ``evaluate``."""
+    ann, calib, test, _ = (ROOT / p if isinstance(p, str) else p for p in MODELS[args.model])
+    with np.load(test) as z:
+        data = {k: z[k][: args.limit or None] for k in z.files}
+    Ts = [T for T in TS if T <= args.T]
+    print(f"command: {command}")
+    print(f"model: {MODELS[args.model][0]}, test samples: {len(data['label'])}\n")
+    print("\n".join(T_header(["setting", "t0"], Ts, ["compile s"])))
+    rows = []
+    for setting in parse_settings(args.settings):
+        start = time.perf_counter()
+        session = SpikingSession(ann2snn.compile(ann, calib, **setting))
+        secs = time.perf_counter() - start
+        for t0 in args.t0.split(","):
+            res = evaluate(ann, session, data, Ts, batch_size=1000, t0=None if t0 == "auto" else int(t0))
+            label = ", ".join(f"{k}={v}" for k, v in setting.items()) or "defaults"
+            t0_txt = f"{res['t0']} (auto)" if t0 == "auto" else t0
+            accs = " | ".join(f"{r['accuracy'] * 100:.2f}" for r in res["snn"])
+            print(f"| {label} | {t0_txt} | {accs} | {secs:.1f} |", flush=True)
+            rows.append({"setting": setting, "t0": res["t0"], "t0_option": t0, "compile_s": secs,
+                         "accuracy": {r["T"]: r["accuracy"] for r in res["snn"]}})
+    print(f"\nANN accuracy: {res['ann_accuracy'] * 100:.2f}%")
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "model": args.model, "samples": len(data["label"]),
+                                         "ann_accuracy": res["ann_accuracy"], "T": Ts, "rows": rows},
+                                        indent=1) + "\n")
 
 
 def main() -> None:
@@ -114,8 +162,11 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="fashion_vgg")
     ap.add_argument("--limit", type=int, default=1000, help="first N test samples")
     ap.add_argument("-T", type=int, default=128, help="largest T; the table shows 4, 8, ... up to it")
-    ap.add_argument("--settings", default=";iters=10;iters=50;iters=1000;batch=16;batch=256;v0=0.0;v0=0.25")
+    ap.add_argument("--settings", default="ltb",
+                    help=f"option sets 'key=value,...;...' or a preset: {', '.join(PRESETS)}")
     ap.add_argument("--rules", default=",".join(RULES), help="readout rules to tabulate")
+    ap.add_argument("--t0", default=None,
+                    help="instead of --rules: fixed readout delays, e.g. auto,0,2 (auto = the compiled estimate)")
     ap.add_argument("--from-cums", type=Path, default=None,
                     help="no simulation: tabulate the --save-cums files of --model in this folder")
     ap.add_argument("--sim-batch", type=int, default=500)
@@ -127,18 +178,20 @@ def main() -> None:
     if args.from_cums:
         tabulate_saved(args.from_cums, args.model, args.T, args.rules.split(","))
         return
+    command = command_line()
+    if args.t0:
+        fixed_delays(args, command)
+        return
     ann, calib, test, common = MODELS[args.model]
     with np.load(ROOT / test) as z:
         x, y = z["input"][: args.limit or None], z["label"][: args.limit or None]
     ann_acc = float((ann_logits(ROOT / ann, x, args.sim_batch).argmax(1) == y).mean())
     Ts = [T for T in TS if T <= args.T]
     rules = args.rules.split(",")
-    command = f"python benchmarks/knob_study.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}"
     print(f"command: `{command}`\n")
     print(f"model: {ann}, first {len(x)} test samples, ANN accuracy {ann_acc * 100:.2f}%. "
           f"Defaults: LTB channel-wise, K={DEFAULTS['iters']}, B={DEFAULTS['batch']}, v0={DEFAULTS['v0']}.\n")
-    print("| setting | readout start | " + " | ".join(f"T={T}" for T in Ts) + " |")
-    print("|---|---|" + "---|" * len(Ts), flush=True)
+    print("\n".join(T_header(["setting", "readout start"], Ts)), flush=True)
     rows = []
     for setting in parse_settings(args.settings):
         options = {**common, **setting}

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 DATA = {"mnist_cnn": ("mnist_calib", "mnist_test"), "fashion_vgg": ("fashion_calib", "fashion_test"),
         "fashion_resnet": ("fashion_calib", "fashion_test"), "mobilenet_v2": ("photos_calib", "photos_eval")}
@@ -65,7 +65,7 @@ def main() -> None:
     import ann2snn
     import ann2snn.passes.calibrate_thresholds as calibration
     from ann2snn.runtime import SpikingSession
-    from ann2snn.runtime.fast import _subgraph_model
+    from ann2snn.runtime.forms import _subgraph_model
 
     tmp = Path(tempfile.mkdtemp(prefix="ann2snn_profile_"))
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
 
 from fetch_real_models import fetch  # noqa: E402

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 #: model -> (calibration data, test data)
 REFERENCE = {

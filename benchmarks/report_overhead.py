@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 import ann2snn
-from ann2snn.report import report
+from ann2snn.analysis.report import report
 from ann2snn.runtime import SpikingSession
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
     "mnist": ("models/mnist_cnn.onnx", "models/data/mnist_calib.npz", "models/data/mnist_test.npz"),
     "digits": ("models/digits_cnn.onnx", "models/data/digits_calib.npz", "models/data/digits_test.npz"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -23,8 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import ROOT, command_line
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 DATA = {"mnist_cnn": ("mnist_calib", "mnist_test"), "fashion_vgg": ("fashion_calib", "fashion_test"),
         "fashion_resnet": ("fashion_calib", "fashion_test"), "mobilenet_v2": ("photos_calib", "photos_eval")}
@@ -117,7 +116,7 @@ def main() -> None:
 
     import ann2snn
 
-    command = "python benchmarks/runtime_options.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     tmp = Path(tempfile.mkdtemp(prefix="ann2snn_options_"))
     lines = [f"command: `{command}`", "",
              "| model | B | T | " + " | ".join(c[0] + " (ms/step)" for c in configs)

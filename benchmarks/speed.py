@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import resource
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -40,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import ROOT, command_line
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 #: model -> (calibration data, test data, torch builder in the worker, input is 224² ImageNet)
 REFERENCE = {
@@ -449,7 +448,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.T = [int(t) for t in args.T.split(",")]
-    command = "python benchmarks/speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     worker = TorchWorker(args.torch_python) if args.torch_python and Path(args.torch_python).exists() else None
     results, notes = [], []
     tmp = Path(tempfile.mkdtemp(prefix="ann2snn_speed_models_"))

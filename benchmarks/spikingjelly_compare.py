@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
 from build_fashion import ARCHS, FASHION_MEAN, FASHION_STD, Normalised, export_onnx
 

@@ -1,9 +1,12 @@
-"""ann2snn: training-free conversion of pretrained ONNX ANNs into spiking ONNX graphs."""
+"""ann2snn: training-free conversion of pretrained ONNX ANNs into spiking ONNX graphs.
+
+This package is the compiler proper (``compile``, ``CompileConfig``, the pipeline and what
+it needs); ``cli``, ``data``, ``analysis`` and ``export`` are the tools around it, and
+``passes`` and ``runtime`` live in folders of their own (docs/architecture.md).
+"""
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-import onnxruntime as _ort  # noqa: E402
+import onnxruntime as _ort
 
 # onnxruntime logs its own errors to stderr before raising them; ann2snn turns every one it
 # expects into a single clean message, so only fatal onnxruntime logs remain visible.
@@ -21,6 +24,7 @@ from .errors import (  # noqa: E402
     ResourceError,
     UnsupportedModelError,
 )
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "Ann2SnnError",

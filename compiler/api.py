@@ -13,9 +13,8 @@ import numpy as np
 import onnx
 
 from .config import CompileConfig
-from .data import CalibrationSource, input_specs
+from .data.arrays import CalibrationSource, DataLike, input_specs
 from .errors import PassError
-from .data import DataLike
 from .modelio import load_model, save_model, serialize, write_atomic
 from .pipeline import run_pipeline
 
@@ -67,7 +66,7 @@ def build_report(model: Any, snn: onnx.ModelProto, output: Any, cfg: CompileConf
     import numpy
     import onnxruntime
 
-    from . import __version__
+    from .version import __version__
 
     if isinstance(model, (str, os.PathLike)):
         source = {"path": str(model), "sha256": hashlib.sha256(Path(model).read_bytes()).hexdigest()}

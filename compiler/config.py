@@ -50,7 +50,7 @@ class CompileConfig:
         is byte-identical whatever the value.
     resize, crop, crop_mode, mean, std, channel_order, layout: how image files (a class
         folder or list file given as data) become inputs; recorded in the compiled model so
-        that run and eval apply the same (see ann2snn.images.Preprocess).
+        that run and eval apply the same (see ann2snn.data.images.Preprocess).
     max_memory: refuse a calibration whose estimated memory exceeds this many GiB
         (0: 75% of physical memory).
     progress: show a progress bar on stderr during calibration.
@@ -135,8 +135,8 @@ class CompileConfig:
         return d
 
     def preprocess(self) -> Any:
-        """The image preprocessing these options declare (an ann2snn.images.Preprocess)."""
-        from .images import Preprocess
+        """The image preprocessing these options declare (an ann2snn.data.images.Preprocess)."""
+        from .data.images import Preprocess
 
         return Preprocess(self.resize, self.crop, self.crop_mode, tuple(self.mean), tuple(self.std),
                           self.channel_order, self.layout)

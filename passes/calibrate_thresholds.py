@@ -19,7 +19,7 @@ import time
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ann2snn.data import CalibrationSource, input_specs
+from ann2snn.data.arrays import CalibrationSource, input_specs
 from ann2snn.errors import DataError, PassError
 from ann2snn.ortsession import make_session, run_checked
 from ann2snn.progress import progress

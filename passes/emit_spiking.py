@@ -27,10 +27,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from ann2snn import __version__
+from ann2snn.version import __version__
 from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
-from ann2snn.runtime.fast import value_types
+from ann2snn.runtime.reference import value_types
 from ann2snn.runtime.ops import BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, IF_OP, neuron_function, neuron_op
 from ann2snn.runtime.unitform import unit_form
 

@@ -18,7 +18,7 @@ import logging
 import onnx_graphsurgeon as gs
 
 from ann2snn.errors import NodeProblem, UnsupportedModelError
-from ann2snn.cost import node_macs
+from ann2snn.macs import node_macs
 from ann2snn.state import PassState
 from ann2snn.support import NEGATIVE_SLOPE, PREPOOL, role, spike_safe
 
@@ -178,7 +178,7 @@ def partition_graph(state: PassState) -> PassState:
     state.spiking = [n.name for n in graph.nodes if n.name in spiking and n.name not in neurons]
     # an activation that stayed analog is in the tail when it reads a time-varying signal (then
     # _classify put it there); one in the time-constant prefix stays there, computed once per
-    # input (adding it to the tail made a tail function with no outputs: tests/regressions/forms)
+    # input (adding it to the tail made a tail function with no outputs: tests/runtime/regressions/forms)
     state.tail = [n.name for n in graph.nodes if n.name in tail]
     tail_set = set(state.tail)
     boundary: list[str] = []

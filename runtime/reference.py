@@ -5,11 +5,14 @@ layered chunks, unit-threshold neurons, the streaming ``step()`` API) is derived
 compiled step graph and must give the same outputs as this module, which does nothing
 clever: one stock onnxruntime session of the whole step graph, run once per timestep with
 the states passed through numpy, no prefix split, no rewriting, no bound buffers. The
-differential tests (tests/test_forms.py) and the runtime's guard compare against it.
+readout window (:func:`window_start`) is part of these semantics. The differential tests
+(tests/runtime/test_forms.py) and the runtime's guard compare against it.
 
 The invariant every form keeps: the same step outputs and states as :func:`reference_steps`
-to 1e-5 relative (in practice bit for bit: the compiled neurons already work in units of
-their thresholds, so no form changes the arithmetic, only how it is scheduled).
+to ``RTOL`` (1e-5) relative (in practice bit for bit: the compiled neurons already work in
+units of their thresholds, so no form changes the arithmetic, only how it is scheduled).
+This is the one place that states it; runtime/forms.py, runtime/unitform.py and
+runtime/session.py derive the faster forms, and the tests in tests/runtime/ check it.
 """
 from __future__ import annotations
 
@@ -28,6 +31,34 @@ from ann2snn.errors import ModelLoadError
 from ann2snn.modelio import load_model
 
 METADATA_KEY = "ann2snn"
+#: the invariant's tolerance: every form's outputs and states equal the reference's to this
+#: relative to their scale (the guard of SpikingSession and the differential tests use it)
+RTOL = 1e-5
+
+
+def window_start(T: int, t0: int, min_window: int = 4) -> int:
+    """First step (0-based) of the readout window for T steps: t0, or the last ``min_window`` steps."""
+    if T >= t0 + min_window:
+        return t0
+    return max(T - min_window, 0)
+
+
+def ai_onnx_opset(proto: onnx.ModelProto) -> int:
+    """The model's ai.onnx opset version (13 if it names none)."""
+    return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
+def value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """The types of ``proto``'s tensors, from onnx shape inference where it succeeds."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - types are a hint; symbolic float is the fallback
+        inferred = proto
+    types = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[vi.name] = onnx.TypeProto()
+        types[vi.name].CopyFrom(vi.type)  # a copy: a reference would keep the inferred model (weights) alive
+    return types
 
 
 def model_metadata(proto: onnx.ModelProto) -> dict[str, Any]:
@@ -103,8 +134,6 @@ def reference_run(model: str | os.PathLike[str] | onnx.ModelProto, inputs: Mappi
     """The model's outputs after T steps by the reference semantics: the float step outputs
     averaged (in float64) over the readout window, non-float ones taken from the last step,
     then the analog tail run once."""
-    from .session import window_start
-
     proto = load_model(model)
     meta = model_metadata(proto)
     start = window_start(T, int(meta["readout"]["t0"]) if t0 is None else int(t0),

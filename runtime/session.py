@@ -6,10 +6,12 @@ the steps ``[start, T)`` (delayed evaluation); the analog tail, if any, then run
 that average.
 
 ``run`` / ``run_many`` use faster forms derived from the step graph at load time
-(``runtime/fast.py``): the time-constant prefix (input normalisation, the first layer
+(``runtime/forms.py``): the time-constant prefix (input normalisation, the first layer
 under direct coding) runs once per input, IF neurons run in units of their threshold
 (``runtime/unitform.py``), and for small batches several timesteps run as one batch layer
-by layer. ``step`` and probes run the step graph itself.
+by layer. ``step`` and probes run the step graph itself. Every form keeps the invariant
+stated in runtime/reference.py (the reference's outputs); the guard checks it before a fast
+form is first used.
 """
 from __future__ import annotations
 
@@ -24,24 +26,17 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from ann2snn.data import InputSpec, as_array_dict, check_arrays, input_specs
+from ann2snn.data.arrays import InputSpec, as_array_dict, check_arrays, input_specs
 from ann2snn.errors import ConfigError, NonFiniteError
 from ann2snn.modelio import load_model
 
-from .fast import StepPlan, run_constant, run_layered, run_steps, value_types
-from .reference import METADATA_KEY, model_metadata, state_specs, tail_model
+from .forms import StepPlan, run_constant, run_layered, run_steps
+from .reference import METADATA_KEY, RTOL, model_metadata, state_specs, tail_model, value_types, window_start
 from .unitform import exact_unit_ops
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METADATA_KEY", "MODES", "SpikingSession", "check_T", "window_start"]
-
-
-def window_start(T: int, t0: int, min_window: int = 4) -> int:
-    """First step (0-based) of the readout window for T steps: t0, or the last ``min_window`` steps."""
-    if T >= t0 + min_window:
-        return t0
-    return max(T - min_window, 0)
+__all__ = ["METADATA_KEY", "MODES", "SpikingSession", "check_T"]
 
 
 def check_T(T: int) -> int:
@@ -58,8 +53,9 @@ def check_T(T: int) -> int:
 MODES = ("auto", "step", "layered", "reference", "timed")
 #: steps on which the guard compares a fast form with the reference before first using it
 GUARD_STEPS = 2
-#: relative tolerance of that comparison (the forms agree bit for bit in practice)
-GUARD_RTOL = 1e-5
+#: relative tolerance of that comparison: the invariant's (runtime/reference.py; the forms
+#: agree bit for bit in practice)
+GUARD_RTOL = RTOL
 #: in auto mode, the layered form runs chunks of about this many samples (timesteps × batch);
 #: it is used only for batches smaller than this, where one step alone is a small GEMM
 LAYERED_ROWS = 32

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .fast import ai_onnx_opset, value_types
 from .ops import DEAD_THRESHOLD, DOMAIN, IF_OP, UNIT_IF_OP, unit_if_neuron_function
+from .reference import ai_onnx_opset, value_types
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 def main() -> None:
     import ann2snn
+    import ann2snn.analysis.report  # noqa: F401  (every subpackage is in the wheel)
+    import ann2snn.cli  # noqa: F401
+    import ann2snn.data.images  # noqa: F401
+    import ann2snn.export.nir  # noqa: F401
     from ann2snn.runtime import SpikingSession
 
     where = Path(ann2snn.__file__).resolve()

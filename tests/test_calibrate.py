@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ann2snn.data import CalibrationSource, input_specs
+from ann2snn.data.arrays import CalibrationSource, input_specs
 from ann2snn.errors import DataError
 from ann2snn.passes.calibrate_thresholds import calibrate_thresholds
 from ann2snn.passes.find_activations import find_activations

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ann2snn
-from ann2snn.inspection import inspect_model
+from ann2snn.analysis.inspection import inspect_model
 from ann2snn.runtime import SpikingSession
 from conftest import build, run_ort
 

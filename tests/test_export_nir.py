@@ -22,7 +22,7 @@ from conftest import CNN_TEXT, MODELS, build, cnn_weights, digits_path
 
 nir = pytest.importorskip("nir")
 
-from ann2snn.export_nir import LOST, NirExportError, export_nir, to_nir  # noqa: E402
+from ann2snn.export.nir import LOST, NirExportError, export_nir, to_nir  # noqa: E402
 
 PLAIN = """
 g (float[N,2,6,6] x, float[4,2,3,3] W1, float[4] b1, float[6,4,3,3] W2, float[6] b2, float[3,6] W3, float[3] b3)

@@ -98,7 +98,7 @@ def thresholds(snn: onnx.ModelProto) -> list[np.ndarray]:
 
 
 def relative_error(y: np.ndarray, ref: np.ndarray) -> float:
-    """Mean absolute error over the mean absolute ANN output (as ann2snn.evaluate)."""
+    """Mean absolute error over the mean absolute ANN output (as ann2snn.analysis.evaluate)."""
     return float(np.abs(y - ref).mean() / np.abs(ref).mean())
 
 
@@ -203,7 +203,7 @@ def test_fashion_exports_converge_with_T(fashion: Case) -> None:
 
 def test_dynamo_resnet_global_pool_stays_spiking(torch: Any, tmp_path: Path) -> None:
     """All 7 ReLUs of the ResNet become neurons in its dynamo export, as in its legacy export."""
-    from ann2snn.inspection import inspect_model
+    from ann2snn.analysis.inspection import inspect_model
     from build_fashion import ARCHS, FASHION_MEAN, FASHION_STD, Normalised
 
     net = ARCHS["resnet"]()

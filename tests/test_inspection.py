@@ -8,7 +8,7 @@ import onnx
 from click.testing import CliRunner
 
 from ann2snn.cli import main
-from ann2snn.inspection import inspect_model
+from ann2snn.analysis.inspection import inspect_model
 from conftest import MODELS, build
 from test_swap_and_partition import MIDDLE
 

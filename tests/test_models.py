@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ann2snn
-from ann2snn.evaluate import evaluate
+from ann2snn.analysis.evaluate import evaluate
 from ann2snn.runtime import SpikingSession
 from conftest import MODELS, digits_path
 

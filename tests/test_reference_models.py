@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 import ann2snn
-from ann2snn.evaluate import evaluate
+from ann2snn.analysis.evaluate import evaluate
 from ann2snn.runtime import SpikingSession
 from conftest import MODELS
 

@@ -13,18 +13,17 @@ from onnx import helper
 
 import ann2snn
 from ann2snn.cli import main
-from ann2snn.report import (
+from ann2snn.analysis.cost import analyse, conv_fanout
+from ann2snn.analysis.report import (
     EnergyModel,
     SpikeCounter,
-    analyse,
     cmos45_energy,
-    conv_fanout,
-    format_report,
     paper_energy,
     report,
     sops_at_fraction,
     summarise,
 )
+from ann2snn.analysis.report_format import format_report
 from ann2snn.runtime import SpikingSession
 from conftest import CNN_TEXT, MODELS, build, cnn_weights
 
@@ -301,7 +300,7 @@ def test_sops90_and_sops95_on_a_hand_made_table() -> None:
 
 def test_summarise_from_hand_made_counts() -> None:
     """Energy and rates from known counts, without a simulation."""
-    from ann2snn.report import NetworkCost
+    from ann2snn.analysis.cost import NetworkCost
     cost = NetworkCost(neurons=[{"name": "n1", "spikes": "s", "units": 4, "shape": [4]}],
                        fanout={"s": {"fc": np.array([2.0, 2.0, 3.0, 0.0])}},
                        layers=[{"name": "conv", "op": "Conv", "part": "spiking", "ann_macs": 10, "analog_macs_per_step": 10},
@@ -400,7 +399,7 @@ def test_cli_plot_without_matplotlib(tiny, tmp_path: Path) -> None:
 
 def test_plot(tiny, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from ann2snn.report import plot_report
+    from ann2snn.analysis.report_format import plot_report
     ann, snn, data = tiny
     res = report(snn, data, [4, 8], ann=ann)
     plot_report(res, tmp_path / "p.png")
@@ -453,7 +452,7 @@ def test_global_pool_and_matmul_sops() -> None:
 
 def test_routing_through_transpose_concat_and_reshape() -> None:
     """Per-element fan-out follows each element to its own weight row (nonzero weights differ per row)."""
-    from ann2snn.report import _Graph, _Router, _static_shapes
+    from ann2snn.analysis.cost import _Graph, _Router, _static_shapes
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (float[N,2,3] s, float[N,3,2] other) => (float[N,4] y) {
       t = Transpose <perm=[0,2,1]> (s)
@@ -481,7 +480,7 @@ def test_routing_through_transpose_concat_and_reshape() -> None:
     (2, 2, 3, 1, 1, 0, 1, (5, 4)),
 ])
 def test_conv_transpose_fanout_matches_brute_force(cin, cout, k, stride, pad, outpad, groups, hw) -> None:
-    from ann2snn.report import conv_transpose_fanout
+    from ann2snn.analysis.cost import conv_transpose_fanout
     rng = np.random.default_rng(k + stride)
     w = rng.normal(size=(cin, cout // groups, k, k)).astype(np.float32)
     out_sp = [stride * (hw[d] - 1) + outpad + k - 2 * pad for d in range(2)]
@@ -499,7 +498,7 @@ def test_conv_transpose_fanout_matches_brute_force(cin, cout, k, stride, pad, ou
 
 
 def test_routing_through_pad() -> None:
-    from ann2snn.report import _Graph, _Router, _static_shapes
+    from ann2snn.analysis.cost import _Graph, _Router, _static_shapes
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (float[N,1,3,3] s) => (float[N,2,3,3] y) {
       p = Pad (s, pads)

@@ -136,7 +136,7 @@ def test_unknown_neuron_is_a_config_error() -> None:
 
 
 def test_report_counts_negative_spikes_as_operations(signed_snn: onnx.ModelProto, tmp_path) -> None:
-    from ann2snn.report import SpikeCounter
+    from ann2snn.analysis.report import SpikeCounter
     counter = SpikeCounter({"s": [3]}, [2], signed=True)
     counter.start()
     counter.on_step(0, {"s": np.array([[1.0, -1.0, 0.0]], np.float32)})
@@ -147,7 +147,7 @@ def test_report_counts_negative_spikes_as_operations(signed_snn: onnx.ModelProto
 def test_nir_export_names_the_signed_neuron_and_the_fix(signed_snn: onnx.ModelProto, tmp_path) -> None:
     pytest.importorskip("nir")
     from ann2snn.errors import UnsupportedModelError
-    from ann2snn.export_nir import export_nir
+    from ann2snn.export.nir import export_nir
     with pytest.raises(UnsupportedModelError, match="--neuron if"):
         export_nir(signed_snn, tmp_path / "m.nir")
 

@@ -11,19 +11,16 @@ import onnx
 import pytest
 from ann2snn.cli import main
 from ann2snn.errors import ConfigError, DataError
-from ann2snn.runtime import SpikingSession
-from ann2snn.tasks import (
+from ann2snn.analysis.metrics import (
     ConfusionMatrix,
-    Readout,
-    WindowReader,
     box_iou,
     detection_ap,
-    evaluate_task,
     interpolated_ap,
-    run_readouts,
     segmentation_labels,
     segmentation_metrics,
 )
+from ann2snn.analysis.tasks import Readout, WindowReader, evaluate_task, run_readouts
+from ann2snn.runtime import SpikingSession
 from click.testing import CliRunner
 from conftest import build, run_ort
 

@@ -33,7 +33,7 @@ Sizes are tiny (spatial 4-8, up to 16 after a Resize; channels 1-6, a few more a
 Concat; dense layers <= 32 features, a Flatten up to 512) and
 every graph input and output has the symbolic batch ``N``. Weights come from a seed drawn by
 hypothesis (He-like scale). Every model passes ``onnx.checker.check_model(full_check=True)``
-(checked in :func:`build_case`) and runs in onnxruntime (tests/test_forms.py checks it).
+(checked in :func:`build_case`) and runs in onnxruntime (tests/runtime/test_forms.py checks it).
 """
 from __future__ import annotations
 

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .data import as_array_dict, check_arrays, input_specs
-from .errors import DataError
-from .modelio import load_model
-from .ortsession import make_session, run_checked
-from .progress import progress
-from .resources import check_memory
+from ..data.arrays import as_array_dict, check_arrays, input_specs
+from ..errors import DataError
+from ..modelio import load_model
+from ..ortsession import make_session, run_checked
+from ..progress import progress
+from ..resources import check_memory
 
 
 def predictions(y: np.ndarray) -> np.ndarray:
@@ -99,7 +99,7 @@ def _chunks(data: Any, specs: list, session: Any, label_key: str,
             batch_size: int) -> tuple[int, np.ndarray | None, Iterator[dict[str, np.ndarray]]]:
     """(sample count, labels, batches of inputs): arrays are sliced; image folders are decoded
     batch by batch with the preprocessing recorded in the compiled model."""
-    from .images import ImageSource, is_image_source, preprocess_from_config
+    from ..data.images import ImageSource, is_image_source, preprocess_from_config
 
     if isinstance(data, (str, os.PathLike)) and is_image_source(data):
         images = ImageSource(data, preprocess_from_config(session.meta.get("config", {})))

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 import ann2snn
 from ann2snn.cli import main
 from ann2snn.runtime import SpikingSession
-from ann2snn.runtime import fast
+from ann2snn.runtime import forms
 from ann2snn.runtime.reference import reference_run
 from conftest import MODELS, build, residual_net
 
@@ -91,13 +91,13 @@ def test_guard_catches_a_broken_form(digits: dict[str, Path], monkeypatch: pytes
                                      caplog: pytest.LogCaptureFixture) -> None:
     """A fast form that returns garbage after its first step (the bug of issue 22) is caught by
     the guard, named in a warning, and not used: the run gives the reference's outputs."""
-    real = fast._run_bound
+    real = forms._run_bound
 
     def broken(plan, const, states, T):  # noqa: ANN001
         for t, outs in enumerate(real(plan, const, states, T)):
             yield [np.full_like(o, 1e25) for o in outs] if t else outs
 
-    monkeypatch.setattr(fast, "_run_bound", broken)
+    monkeypatch.setattr(forms, "_run_bound", broken)
     x = {k: v[:32] for k, v in np.load(digits["x"]).items()}
     with caplog.at_level(logging.WARNING):
         s = SpikingSession(digits["snn"], mode="step")

@@ -12,7 +12,7 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from .errors import DataError
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 

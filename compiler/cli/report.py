@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from .clierrors import handle_errors
+from .errors import handle_errors
+from .options import parse_ts
 
 
 @click.command("report")
@@ -44,17 +45,17 @@ def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | No
                sop_fj: float, flop_pj: float, flops_per_mac: float, ac_pj: float, mac_pj: float,
                json_path: str | None, plot_path: str | None, progress: bool) -> None:
     """What the SNN MODEL costs per input at each T: spikes, SOPs, MACs, energy, per layer."""
-    from .cli import _parse_ts
-    from .errors import ConfigError
-    from .modelio import write_atomic
-    from .report import cmos45_energy, format_report, paper_energy, plot_report, report, require_matplotlib
+    from ..analysis.report import cmos45_energy, paper_energy, report
+    from ..analysis.report_format import format_report, plot_report, require_matplotlib
+    from ..errors import ConfigError
+    from ..modelio import write_atomic
 
     values: dict[str, Any] = {"--sop-fj": sop_fj, "--flop-pj": flop_pj, "--flops-per-mac": flops_per_mac,
                               "--ac-pj": ac_pj, "--mac-pj": mac_pj}
     bad = [f"{k} {v}" for k, v in values.items() if not v >= 0]
     if bad:
         raise ConfigError(f"energy constants must be >= 0, got {', '.join(bad)}")
-    ts = _parse_ts(Ts)
+    ts = parse_ts(Ts)
     if layer_T is not None and layer_T not in ts:
         raise ConfigError(f"--layer-T {layer_T} is not one of the timesteps -T {Ts}")
     if plot_path:  # fail before a long simulation, not after

@@ -1,96 +1,23 @@
-"""The ``ann2snn`` command line: inspect, compile, run, eval, report, export.
+"""The commands that compile, inspect and run models: compile, inspect, run, eval.
 
-Errors are printed as one clean message on stderr with a non-zero exit code
-(2: bad option, 3: model cannot be read or converted, 4: bad data, 5: resource limit,
-130: interrupted, 1: other);
-``--verbose`` adds the traceback.
+Each is a thin layer over the library: it parses its options and calls one function of it.
 """
 from __future__ import annotations
 
 import json
-import logging
-import sys
-from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from . import __version__
-from .clierrors import handle_errors as _handle_errors
-from .config import GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, CompileConfig
-from .errors import ConfigError
-from .tasks import TASKS
-
-log = logging.getLogger("ann2snn")
+from ..analysis.tasks import TASKS
+from ..config import GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, CompileConfig
+from ..errors import ConfigError
+from .errors import handle_errors
+from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, config_option, parse_ts
 
 
-def _parse_ts(value: str) -> list[int]:
-    try:
-        Ts = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"-T takes comma-separated positive integers, got '{value}'") from None
-    if not Ts or any(T <= 0 for T in Ts):
-        raise ConfigError(f"T must be a positive number of timesteps, got '{value}' (-T)")
-    return Ts
-
-
-def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--config FILE: TOML whose keys are the command's flags (without dashes); flags override it.
-
-    Keys may stand at the top level or in a table named after the command ([compile], [eval]...).
-    """
-    if value is None:
-        return None
-    import tomllib
-
-    try:
-        data = tomllib.loads(Path(value).read_text())
-    except FileNotFoundError:
-        raise click.BadParameter(f"config file '{value}' does not exist", param=param) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise click.BadParameter(f"config file '{value}' is not valid TOML: {exc}", param=param) from None
-    table = data.get(ctx.command.name) if isinstance(data.get(ctx.command.name), dict) else data
-    flags: dict[str, str] = {}
-    for p in ctx.command.params:
-        if isinstance(p, click.Option) and p.name != "config":
-            for opt in p.opts:  # not the --no-x forms: their value would mean the opposite
-                flags[opt.lstrip("-").replace("-", "_")] = p.name
-            flags[p.name] = p.name
-    mapped = {}
-    for key, v in table.items():
-        if isinstance(v, dict):
-            continue  # another command's table
-        name = flags.get(key.replace("-", "_"))
-        if name is None:
-            valid = sorted({k.replace("_", "-") for k in flags if len(k) > 1})
-            raise click.BadParameter(f"config file '{value}' has key '{key}', which is no flag of "
-                                     f"'{ctx.command.name}'; valid keys: {', '.join(valid)}", param=param)
-        mapped[name] = tuple(v) if isinstance(v, list) else v
-    ctx.default_map = {**(ctx.default_map or {}), **mapped}
-    return value
-
-
-config_option = click.option(
-    "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
-    help="TOML file of this command's options (keys = flag names); flags given here override it.")
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="ann2snn")
-@click.option("--verbose", "-v", is_flag=True, help="Debug logging, and tracebacks with errors.")
-@click.option("--quiet", "-q", is_flag=True, help="Only errors on stderr.")
-@click.pass_context
-def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
-    """ann2snn: convert pretrained ONNX ANNs into spiking neural networks, training-free."""
-    ctx.ensure_object(dict)
-    ctx.obj["verbose"] = verbose
-    ctx.obj["quiet"] = quiet
-    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-@main.command("compile")
+@click.command("compile")
 @config_option
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the .snn.onnx model.")
@@ -141,11 +68,11 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
               help="Write a JSON report: versions, input hash, options, partition, thresholds, calibration, timings.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
-@_handle_errors
+@handle_errors
 def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_dir: str | None, report: str | None,
                 **options: Any) -> None:
     """Compile MODEL (an ONNX ANN) into a spiking ONNX model."""
-    from .api import compile as compile_model
+    from ..api import compile as compile_model
 
     options["progress"] = options["progress"] and not ctx.obj["quiet"]
     options["spiking_until"] = tuple(options["spiking_until"])
@@ -156,7 +83,7 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
                f"{sum(n['units'] for n in info['neurons'])} neurons, readout t0 = {info['readout']['t0']}")
 
 
-@main.command("inspect")
+@click.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--maxpool", type=click.Choice(MAXPOOL_MODES), default=CompileConfig.maxpool, show_default=True,
@@ -165,28 +92,18 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
 @click.option("--keep-clip-cap/--drop-clip-cap", default=CompileConfig.keep_clip_cap, show_default=True,
               help="As for compile (shown in the ReLU6 / Clip rows).")
 @click.pass_context
-@_handle_errors
+@handle_errors
 def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spiking_until: tuple[str, ...],
                 keep_clip_cap: bool) -> None:
     """Show, per node of MODEL, whether it spikes, becomes a neuron, is folded, or runs in the analog tail."""
-    from .inspection import format_inspection, inspect_model
+    from ..analysis.inspection import format_inspection, inspect_model
 
     info = inspect_model(model, CompileConfig(maxpool=maxpool, spiking_until=tuple(spiking_until),
                                               keep_clip_cap=keep_clip_cap))
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 
-#: --form: how the runtime executes the time loop (every form gives the reference's outputs)
-FORM_OPTION = click.option(
-    "--form", type=click.Choice(["auto", "step", "layered", "reference", "timed"]), default="auto", show_default=True,
-    help="Execution form of the time loop. Every form gives the same outputs as 'reference' (the step graph run "
-         "as written); auto picks step or layered by a fixed rule of batch and state sizes, timed by measuring both.")
-ALLOW_NONFINITE_OPTION = click.option(
-    "--allow-nonfinite", is_flag=True, default=False,
-    help="Keep NaN / inf outputs with a warning instead of stopping with an error that names the output and step.")
-
-
-@main.command("run")
+@click.command("run")
 @config_option
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--input", "input_path", required=True, type=click.Path(),
@@ -203,57 +120,29 @@ ALLOW_NONFINITE_OPTION = click.option(
 @click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
               "(default: 75% of physical memory).")
 @click.pass_context
-@_handle_errors
+@handle_errors
 def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int, T: int, output: str, t0: int | None,
             form: str, allow_nonfinite: bool, threads: int, max_memory: float | None) -> None:
     """Run a compiled spiking MODEL for T timesteps and save the readout.
 
     The same command writes the same bytes every time."""
-    from ann2snn.runtime import SpikingSession
-    from ann2snn.runtime.session import check_T
+    from ann2snn.runtime.batches import run_file
 
-    from .data import as_array_dict, check_arrays
-    from .images import ImageSource, is_image_source, preprocess_from_config
-    from .modelio import npz_bytes, write_atomic
-    from .progress import progress
-    from .resources import GIB, check_memory
+    from ..modelio import npz_bytes, write_atomic
+    from ..resources import GIB
 
-    check_T(T)
-    if batch_size <= 0:
-        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
-    session = SpikingSession(model, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite)
-    limit = int(max_memory * GIB) if max_memory is not None else None
-    parts: dict[str, list[np.ndarray]] = {}
-    forms: list[str] = []
-    extra: dict[str, np.ndarray] = {}
     show = not ctx.obj["quiet"]
-    if is_image_source(input_path):  # decoded and simulated batch by batch
-        images = ImageSource(input_path, preprocess_from_config(session.meta.get("config", {})))
-        check_memory(session.model, min(batch_size, len(images)), limit)
-        name = session.input_specs[0].name
-        batches = ({name: x} for x, _ in images.chunks(batch_size))
-        n = len(images)
-        extra["files"] = np.array([str(f) for f in images.files])
-    else:
-        inputs = as_array_dict(input_path, session.input_specs, "input")
-        check_arrays(inputs, session.input_specs, "input")
-        n = len(inputs[session.input_specs[0].name])
-        check_memory(session.model, min(batch_size, n), limit)
-        batches = ({k: v[i:i + batch_size] for k, v in inputs.items()} for i in range(0, n, batch_size))
-    for feeds in progress(batches, -(-n // batch_size), "simulating", show):
-        for k, v in session.run(feeds, T, t0).items():
-            parts.setdefault(k, []).append(np.asarray(v))
-        if session.last_form not in forms:
-            forms.append(session.last_form)
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    info = {"model": str(model), "T": T, "t0": session.t0 if t0 is None else t0, "form_option": form,
-            "forms": forms, "batch_size": batch_size, "samples": n}
-    write_atomic(output, npz_bytes({**out, **extra, "ann2snn_run": np.array(json.dumps(info, sort_keys=True))}))
+    run = run_file(model, input_path, T, t0=t0, batch_size=batch_size, form=form, allow_nonfinite=allow_nonfinite,
+                   threads=threads or None, max_memory=int(max_memory * GIB) if max_memory is not None else None,
+                   show_progress=show)
+    info = np.array(json.dumps(run.info, sort_keys=True))
+    write_atomic(output, npz_bytes({**run.outputs, **run.extra, "ann2snn_run": info}))
     if show:
-        click.echo(f"wrote {output}: {', '.join(f'{k} {v.shape}' for k, v in out.items())} (form: {', '.join(forms)})")
+        click.echo(f"wrote {output}: {', '.join(f'{k} {v.shape}' for k, v in run.outputs.items())} "
+                   f"(form: {', '.join(run.info['forms'])})")
 
 
-@main.command("eval", epilog="""\b
+@click.command("eval", epilog="""\b
 Data for --task segmentation: .npz with the model inputs keyed by input name and
   'mask' int [N,H,W] (class ids; 255 = ignore). The model outputs scores [N,C,H,W]
   (argmax over C, channel c = class c) or labels [N,H,W]. Reports mIoU (confusion
@@ -297,7 +186,7 @@ Data for --task detection: .npz with the model inputs, 'boxes' float [M,4]
               "(default: 75% of physical memory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
-@_handle_errors
+@handle_errors
 def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: str, label_key: str,
              batch_size: int | None, t0: int | None, t0_frac: float | None, output_name: str | None,
              num_classes: int | None, ignore_index: int, json_path: str | None, form: str, allow_nonfinite: bool,
@@ -305,10 +194,10 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
     """Print ANN vs SNN accuracy (or mIoU, or mAP) of a compiled SNN at several T."""
     from ann2snn.runtime import SpikingSession
 
-    from .evaluate import evaluate, format_table
-    from .modelio import write_atomic
-    from .resources import GIB
-    from .tasks import Readout, evaluate_task, format_task_table
+    from ..analysis.evaluate import evaluate, format_table
+    from ..modelio import write_atomic
+    from ..resources import GIB
+    from ..analysis.tasks import Readout, evaluate_task, format_task_table
 
     limit = int(max_memory * GIB) if max_memory is not None else None
     show = progress and not ctx.obj["quiet"]
@@ -316,11 +205,11 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
     if task == "classification":
         if t0_frac is not None:
             raise ConfigError("--t0-frac is for --task segmentation|detection; use --t0 for classification")
-        result = evaluate(ann, session, data, _parse_ts(Ts), label_key=label_key, threads=threads or None,
+        result = evaluate(ann, session, data, parse_ts(Ts), label_key=label_key, threads=threads or None,
                           batch_size=batch_size or 256, t0=t0, max_memory=limit, show_progress=show)
         table = format_table(result)
     else:
-        result = evaluate_task(ann, session, data, _parse_ts(Ts), task, readouts=[Readout(t0, t0_frac)],
+        result = evaluate_task(ann, session, data, parse_ts(Ts), task, readouts=[Readout(t0, t0_frac)],
                                batch_size=batch_size or 16, output=output_name, num_classes=num_classes,
                                ignore_index=ignore_index, threads=threads or None, max_memory=limit,
                                show_progress=show)
@@ -329,13 +218,3 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
     click.echo(table)
     if json_path:
         write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
-
-
-from .cli_report import report_cmd  # noqa: E402
-main.add_command(report_cmd)
-from .export_nir import export_cmd  # noqa: E402
-main.add_command(export_cmd)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

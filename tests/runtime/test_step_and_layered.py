@@ -18,7 +18,7 @@ from onnx import helper
 import ann2snn
 from ann2snn.errors import ConfigError
 from ann2snn.runtime import SpikingSession
-from ann2snn.runtime.fast import StepPlan
+from ann2snn.runtime.forms import StepPlan
 from ann2snn.runtime.ops import DOMAIN, if_neuron_function
 
 

@@ -1,6 +1,7 @@
 """Faster execution forms of a spiking step model, derived from it at load time.
 
-The stateful step graph stays the artifact; this module only reads it.
+The stateful step graph stays the artifact; this module only reads it. Each form keeps the
+invariant stated in runtime/reference.py: the reference's step outputs and states.
 
 * **Prefix split.** Nodes whose inputs are constant in time (input normalisation, the
   first convolution under direct coding) form a *prefix* model, run once per input. The
@@ -28,6 +29,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS, UNIT_IF_OP
+from .reference import ai_onnx_opset, value_types
 
 log = logging.getLogger(__name__)
 
@@ -83,24 +85,6 @@ def _subgraph_model(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs:
     model = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
     model.functions.extend(proto.functions)
     return model
-
-
-def ai_onnx_opset(proto: onnx.ModelProto) -> int:
-    """The model's ai.onnx opset version (13 if it names none)."""
-    return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
-
-
-def value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """The types of ``proto``'s tensors, from onnx shape inference where it succeeds."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # noqa: BLE001 - types are a hint; symbolic float is the fallback
-        inferred = proto
-    types = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        types[vi.name] = onnx.TypeProto()
-        types[vi.name].CopyFrom(vi.type)  # a copy: a reference would keep the inferred model (weights) alive
-    return types
 
 
 class StepPlan:

@@ -2,8 +2,9 @@
 
 The reference is :mod:`ann2snn.runtime.reference`: the compiled step graph run by plain
 onnxruntime one step at a time (no prefix split, no rewriting, no bound buffers, no unit
-conversion). Every form must give the same readouts to 1e-5 relative (max|a - b| /
-max(max|ref|, 1e-6), per output, with NaN in the same places):
+conversion). Every form must give the same readouts to ``RTOL`` (1e-5) relative, the
+invariant stated in runtime/reference.py (max|a - b| / max(max|ref|, 1e-6), per output,
+with NaN in the same places):
 
 * ``mode="step"`` with and without bound buffers (``bind``), with threads 1 and 2;
 * ``mode="layered"`` with the automatic chunk and chunks of 1, 3 and 7 steps (skipped
@@ -17,7 +18,7 @@ Graphs: (a) 200 drawn by the hypothesis strategy :func:`graphgen.cases` (determi
 ``derandomize=True``, no example database): 100 of any kind with every form at batch 3,
 100 mostly spiking ones (ReLU networks, mostly on images) with every form at batches 1
 and 17; (b) the reference models in models/ at batches 3 and 1; (c) the regression files
-in tests/regressions/forms/ at batches 1, 3 and 17. A graph the compiler refuses cleanly
+in tests/runtime/regressions/forms/ at batches 1, 3 and 17. A graph the compiler refuses cleanly
 (an Ann2SnnError) is rejected (``assume``); test_most_generated_graphs_compile checks
 that refusals stay rare. A model the reference itself cannot run counts as a failure.
 
@@ -25,7 +26,7 @@ Fast forms are tested as such: ``guard=False`` is passed when SpikingSession acc
 
 Regression files: when a generated graph fails and the environment has
 ``ANN2SNN_SAVE_REGRESSIONS=1``, the minimal failing ANN (hypothesis replays the shrunk
-example last) is written to ``tests/regressions/forms/<sha>.onnx`` with its calibration and
+example last) is written to ``tests/runtime/regressions/forms/<sha>.onnx`` with its calibration and
 test inputs in ``<sha>.npz`` (keys ``calib/<input>``, ``input/<input>``, ``recipe``);
 :func:`test_regressions_replay` then checks it on every run. Without the variable nothing is
 written (rerun with it: the run is deterministic). benchmarks/fuzz_forms.py runs the same
@@ -52,10 +53,9 @@ import ann2snn
 import graphgen
 from ann2snn.runtime import SpikingSession
 from conftest import MODELS
-from ann2snn.runtime.reference import reference_run, reference_steps
+from ann2snn.runtime.reference import RTOL, reference_run, reference_steps
 
 REGRESSIONS = Path(__file__).resolve().parent / "regressions" / "forms"
-RTOL = 1e-5
 #: readouts of one simulation: a single step; windows that start at max(T - 4, 0) or at t0
 TS = [1, 5, 9]
 COMPILE = {"iters": 4, "batch": 8}

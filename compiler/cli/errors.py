@@ -1,4 +1,5 @@
-"""The CLI's error handling, shared by every command module (cli, cli_report, export_nir)."""
+"""The CLI's error handling, shared by its command modules: an Ann2SnnError becomes one
+message on stderr and its exit code."""
 from __future__ import annotations
 
 import traceback
@@ -8,7 +9,7 @@ from typing import Any
 
 import click
 
-from .errors import Ann2SnnError
+from ..errors import Ann2SnnError
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -6,11 +6,11 @@ from typing import Any
 
 import onnx
 
-from .config import CompileConfig
-from .cost import node_macs
-from .errors import UnsupportedModelError
-from .modelio import load_model
-from .support import REJECTED, reject_reason, role
+from ..config import CompileConfig
+from ..errors import UnsupportedModelError
+from ..macs import node_macs
+from ..modelio import load_model
+from ..support import REJECTED, reject_reason, role
 
 ROLES = ("neuron", "spiking", "pooling", "prefix", "tail", "folded", "unsupported")
 
@@ -23,7 +23,7 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
     from ann2snn.passes.import_model import import_model
     from ann2snn.passes.partition_graph import partition_graph
 
-    from .pipeline import PIPELINE
+    from ..pipeline import PIPELINE
 
     cfg = config or CompileConfig()
     proto = load_model(model)

@@ -1,0 +1,70 @@
+"""Options shared by several commands: -T lists, --config files, --form, --allow-nonfinite."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError
+
+
+def parse_ts(value: str) -> list[int]:
+    """``-T 8,16,32`` as a list of positive timesteps."""
+    try:
+        Ts = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"-T takes comma-separated positive integers, got '{value}'") from None
+    if not Ts or any(T <= 0 for T in Ts):
+        raise ConfigError(f"T must be a positive number of timesteps, got '{value}' (-T)")
+    return Ts
+
+
+def load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE: TOML whose keys are the command's flags (without dashes); flags override it.
+
+    Keys may stand at the top level or in a table named after the command ([compile], [eval]...).
+    """
+    if value is None:
+        return None
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(value).read_text())
+    except FileNotFoundError:
+        raise click.BadParameter(f"config file '{value}' does not exist", param=param) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"config file '{value}' is not valid TOML: {exc}", param=param) from None
+    table = data.get(ctx.command.name) if isinstance(data.get(ctx.command.name), dict) else data
+    flags: dict[str, str] = {}
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and p.name != "config":
+            for opt in p.opts:  # not the --no-x forms: their value would mean the opposite
+                flags[opt.lstrip("-").replace("-", "_")] = p.name
+            flags[p.name] = p.name
+    mapped = {}
+    for key, v in table.items():
+        if isinstance(v, dict):
+            continue  # another command's table
+        name = flags.get(key.replace("-", "_"))
+        if name is None:
+            valid = sorted({k.replace("_", "-") for k in flags if len(k) > 1})
+            raise click.BadParameter(f"config file '{value}' has key '{key}', which is no flag of "
+                                     f"'{ctx.command.name}'; valid keys: {', '.join(valid)}", param=param)
+        mapped[name] = tuple(v) if isinstance(v, list) else v
+    ctx.default_map = {**(ctx.default_map or {}), **mapped}
+    return value
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=load_config,
+    help="TOML file of this command's options (keys = flag names); flags given here override it.")
+
+
+#: --form: how the runtime executes the time loop (every form gives the reference's outputs)
+FORM_OPTION = click.option(
+    "--form", type=click.Choice(["auto", "step", "layered", "reference", "timed"]), default="auto", show_default=True,
+    help="Execution form of the time loop. Every form gives the same outputs as 'reference' (the step graph run "
+         "as written); auto picks step or layered by a fixed rule of batch and state sizes, timed by measuring both.")
+ALLOW_NONFINITE_OPTION = click.option(
+    "--allow-nonfinite", is_flag=True, default=False,
+    help="Keep NaN / inf outputs with a warning instead of stopping with an error that names the output and step.")
