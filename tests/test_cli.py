@@ -180,3 +180,14 @@ def test_compile_signed_neurons_then_run_eval_report(files) -> None:
     assert json.loads((files["dir"] / "r.json").read_text())["snn"][0]["sops_per_input"] > 0
     r = invoke("compile", files["model"], "-o", files["dir"] / "x.onnx", "--calib", files["calib"], "--neuron", "lif")
     assert r.exit_code == 2 and "signed" in r.output
+
+
+def test_quiet_prints_nothing_but_results(files) -> None:
+    """-q: no 'wrote ...' lines, no progress; tables that are the command's result stay."""
+    out = files["dir"] / "q.snn.onnx"
+    r = invoke("-q", "compile", files["model"], "-o", out, "--calib", files["calib"], "--iters", "5")
+    assert r.exit_code == 0 and r.output == "", r.output
+    r = invoke("-q", "run", out, "--input", files["test"], "-T", "4", "-o", files["dir"] / "q.npz")
+    assert r.exit_code == 0 and r.output == "", r.output
+    r = invoke("-q", "eval", files["model"], out, "--data", files["test"], "-T", "4")
+    assert r.exit_code == 0 and "| 4 |" in r.stdout

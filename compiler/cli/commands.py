@@ -79,8 +79,9 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
     snn = compile_model(model, calib, output, dump_dir=dump_dir, report=report, **options)
     meta = {p.key: p.value for p in snn.metadata_props}
     info = json.loads(meta["ann2snn"])
-    click.echo(f"wrote {output}: {len(info['neurons'])} neuron layer(s), "
-               f"{sum(n['units'] for n in info['neurons'])} neurons, readout t0 = {info['readout']['t0']}")
+    if not ctx.obj["quiet"]:
+        click.echo(f"wrote {output}: {len(info['neurons'])} neuron layer(s), "
+                   f"{sum(n['units'] for n in info['neurons'])} neurons, readout t0 = {info['readout']['t0']}")
 
 
 @click.command("inspect")

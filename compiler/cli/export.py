@@ -23,6 +23,8 @@ def export_cmd(ctx: click.Context, model: str, fmt: str, output: str, allow_appr
     """Export a compiled spiking MODEL to another format (NIR)."""
     graph = export_nir(model, output, allow_approximation)
     kinds = Counter(type(n).__name__ for n in graph.nodes.values())
+    if ctx.obj["quiet"]:
+        return
     click.echo(f"wrote {output}: NIR graph with {len(graph.nodes)} nodes "
                f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}), {len(graph.edges)} edges")
     click.echo("approximated: neurons reset by subtraction and start at v0*threshold, which NIR's IF cannot "
