@@ -245,6 +245,9 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
 
     nodes = {n.name: n for n in graph.nodes}
     tensors = graph.tensors()
+    # constants that hold inf / NaN in the source (e.g. a Max against -inf): legitimate, left alone
+    nonfinite_before = {name for name, t in tensors.items() if isinstance(t, gs.Constant)
+                        and t.values.dtype.kind == "f" and not np.all(np.isfinite(t.values))}
     batch = _batch_dim(graph)
     folder = _ScaleFolder(graph, tail, boundary, state.opset)
     neurons = []
@@ -291,7 +294,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
             "theta_min": float(live.min()) if live.size else 0.0, "theta_max": float(live.max()) if live.size else 0.0,
         })
     for name, t in graph.tensors().items():  # θ folded into weights must stay finite in float32
-        if isinstance(t, gs.Constant) and t.values.dtype.kind == "f" and not np.all(np.isfinite(t.values)):
+        if isinstance(t, gs.Constant) and t.values.dtype.kind == "f" and name not in nonfinite_before \
+                and not np.all(np.isfinite(t.values)):
             raise DataError(f"folding the thresholds into '{name}' overflows float32; the calibration data drive "
                             "activations out of float32 range: check the data's scale")
     outs = graph.tensors()

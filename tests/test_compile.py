@@ -194,3 +194,25 @@ def test_fixed_batch_that_cannot_be_freed_is_a_clear_error(cnn_calib) -> None:
     model = build(text, {"W": np.ones((4, 3))}, ints={"ax": np.array([0], np.int64)})
     with pytest.raises(ann2snn.ModelLoadError, match="batch dimension is fixed at 2.*dynamic_axes"):
         ann2snn.compile(model, {"x": np.ones((4, 4), np.float32)})
+
+
+def test_infinite_constants_of_the_source_are_left_alone() -> None:
+    """A Max against a constant -inf (as jax2tf writes) is valid: it compiles, and the folding
+    check only blames constants that folding made non-finite."""
+    from ann2snn.runtime import SpikingSession
+    from ann2snn.runtime.reference import reference_run
+
+    rng = np.random.default_rng(0)
+    text = """
+    g (float[N,4] x) => (float[N,3] y) {
+      a = Gemm <transB=1> (x, W1, b1)
+      r = Relu (a)
+      m = Max (r, neginf)
+      y = Gemm <transB=1> (m, W2, b2)
+    }
+    """
+    w = {"W1": rng.normal(0, .5, (8, 4)), "b1": np.zeros(8), "W2": rng.normal(0, .5, (3, 8)), "b2": np.zeros(3),
+         "neginf": np.array(-np.inf)}
+    x = rng.normal(size=(32, 4)).astype(np.float32)
+    snn = ann2snn.compile(build(text, w), {"x": x}, iters=5, batch=8)
+    np.testing.assert_array_equal(SpikingSession(snn).run({"x": x[:3]}, 8)["y"], reference_run(snn, {"x": x[:3]}, 8)["y"])
