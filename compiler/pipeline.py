@@ -22,6 +22,7 @@ from ann2snn.passes.check_support import check_support
 from ann2snn.passes.emit_spiking import emit_spiking
 from ann2snn.passes.find_activations import find_activations
 from ann2snn.passes.fold_batchnorm import fold_batchnorm
+from ann2snn.passes.fix_input_sizes import fix_input_sizes
 from ann2snn.passes.fold_constants import fold_constants
 from ann2snn.passes.import_model import import_model
 from ann2snn.passes.make_batch_dynamic import make_batch_dynamic
@@ -54,7 +55,8 @@ def _p(run: Callable[[PassState], Any], requires: str = "", provides: str = "") 
 PIPELINE: list[Pass] = [
     # -- normalise: any exporter's output -> one canonical graph ----------------------
     _p(check_support, provides="supported"),
-    _p(remove_identity, requires="supported", provides="no-identity"),
+    _p(fix_input_sizes, requires="supported", provides="sample-sizes"),  # symbolic H x W: the calibration data's
+    _p(remove_identity, requires="sample-sizes", provides="no-identity"),
     _p(canonicalize_ops, requires="no-identity", provides="canonical-ops"),
     _p(fold_constants, requires="canonical-ops", provides="constants-folded"),
     _p(make_batch_dynamic, requires="constants-folded", provides="dynamic-batch"),

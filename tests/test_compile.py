@@ -10,7 +10,7 @@ import pytest
 import ann2snn
 from ann2snn.modelio import serialize
 from ann2snn.runtime import SpikingSession, window_start
-from conftest import build, run_ort
+from conftest import CNN_TEXT, build, cnn_weights, run_ort
 
 from test_swap_and_partition import TAIL
 
@@ -216,3 +216,27 @@ def test_infinite_constants_of_the_source_are_left_alone() -> None:
     x = rng.normal(size=(32, 4)).astype(np.float32)
     snn = ann2snn.compile(build(text, w), {"x": x}, iters=5, batch=8)
     np.testing.assert_array_equal(SpikingSession(snn).run({"x": x[:3]}, 8)["y"], reference_run(snn, {"x": x[:3]}, 8)["y"])
+
+
+@pytest.mark.parametrize("dims", [["N", 1, "h", "w"], [-1, 1, "?", "?"], [1, 1, "height", "width"]])
+def test_symbolic_input_sizes_come_from_the_calibration_data(dims: list, caplog: pytest.LogCaptureFixture) -> None:
+    """paddle2onnx ([-1, 3, ?, ?]) and Ultralytics ([1, 3, height, width]) leave the sizes
+    symbolic: the model compiles for the calibration data's size, says so, and runs there."""
+    import logging
+
+    from onnx import TensorProto, helper
+
+    from ann2snn.runtime import SpikingSession
+    from ann2snn.runtime.reference import reference_run
+
+    model = build(CNN_TEXT, cnn_weights())
+    for vi, shape in ((model.graph.input[0], dims), (model.graph.output[0], [dims[0], 3])):
+        vi.CopyFrom(helper.make_tensor_value_info(vi.name, TensorProto.FLOAT, shape))
+    x = np.random.default_rng(0).uniform(0, 1, (16, 1, 8, 8)).astype(np.float32)
+    with caplog.at_level(logging.WARNING):
+        snn = ann2snn.compile(model, {"x": x}, iters=5, batch=8)
+    assert "compiled for the calibration data's size" in caplog.text
+    session = SpikingSession(snn)
+    assert list(session.input_specs[0].shape[1:]) == [1, 8, 8]
+    n = 1 if dims[0] == 1 else 3
+    np.testing.assert_array_equal(session.run({"x": x[:n]}, 8)["y"], reference_run(snn, {"x": x[:n]}, 8)["y"])

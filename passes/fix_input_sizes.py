@@ -1,0 +1,58 @@
+"""Give inputs with symbolic per-sample sizes the calibration data's sizes.
+
+Exporters leave an input's height and width symbolic (paddle2onnx writes ``[-1, 3, ?, ?]``,
+Ultralytics ``[1, 3, height, width]``), but neurons need a per-sample shape to be laid out,
+and MACs a size to be counted. The calibration data fix it: the compiled model is built
+for their per-sample size (every other size is refused by the runtime with a clear
+message). A non-positive declared size (paddle's -1) counts as symbolic. The batch axis
+stays as it is (``make_batch_dynamic`` handles it). Iterable calibration data, whose first
+batch cannot be read twice, leave the shape as it is.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ann2snn.state import PassState
+
+from ._graph import with_shapes
+
+log = logging.getLogger(__name__)
+
+
+def _known(d: object) -> bool:
+    return isinstance(d, (int, np.integer)) and int(d) > 0
+
+
+def fix_input_sizes(state: PassState) -> PassState:
+    """Set symbolic or non-positive per-sample input sizes to those of the calibration data."""
+    graph = state.graph
+    changed = []
+    first = None
+    for t in graph.inputs:
+        if not t.shape or all(_known(d) for d in t.shape[1:]) and (_known(t.shape[0]) or not isinstance(
+                t.shape[0], (int, np.integer))):
+            continue
+        if first is None:
+            source = getattr(state, "calib", None)
+            first = source.first(1) if source is not None and hasattr(source, "first") else None
+            first = first or {}
+        sample = first.get(t.name)
+        batch = t.shape[0] if _known(t.shape[0]) or not isinstance(t.shape[0], (int, np.integer)) else "N"
+        if sample is None or np.ndim(sample) != len(t.shape):
+            if batch != t.shape[0]:  # at least the batch: -1 is not a size
+                t.shape = [batch] + list(t.shape[1:])
+            continue
+        new = [batch] + [int(d) if _known(d) else int(s) for d, s in zip(t.shape[1:], np.shape(sample)[1:])]
+        if new != list(t.shape):
+            changed.append(f"'{t.name}' {list(t.shape)} -> {new}")
+            t.shape = new
+    for t in graph.outputs:  # declared output sizes are re-inferred
+        if t.shape and not all(_known(d) or not isinstance(d, (int, np.integer)) for d in t.shape):
+            t.shape = [d if _known(d) or not isinstance(d, (int, np.integer)) else "?" for d in t.shape]
+    if changed:
+        log.warning("input size(s) were symbolic; the model is compiled for the calibration data's size: %s "
+                    "(the compiled model runs at that size only)", ", ".join(changed))
+        state.graph = with_shapes(graph, state.opset)
+    return state
