@@ -28,7 +28,7 @@ What the readers cannot read, and what the benchmark therefore configures (each 
 * neuron configuration per reader (``v0``: the initial membrane ``ann2snn.v_init``; ``floor``:
   sinabs's ``min_v_mem = -θ`` kept or removed; ``beta``: snnTorch's leak).
 
-Run (needs ``pip install 'ann2snn[nir-readers]'`` and a CPU torch):
+Run (needs ``pip install torch==2.13.0 nir==1.0.8 nirtorch==2.6 snntorch==1.0.0 norse==1.1.0 matplotlib && pip install --no-deps sinabs==3.1.3``):
 
     python benchmarks/nir_readers.py [--limit N] [-T 32,128] [--models mnist,digits,fashion]
         [--readers sinabs,snntorch,norse] [--markdown benchmarks/results/nir_readers.md]

@@ -2,7 +2,7 @@
 the exported file is loaded by each reader and simulated with its own neurons; the readout
 is compared with ann2snn's runtime on the same compiled model (benchmarks/nir_readers.py).
 
-Needs torch and the reader (``pip install 'ann2snn[nir-readers]'`` plus a torch build); each
+Needs torch and the reader (``pip install torch==2.13.0 nir==1.0.8 nirtorch==2.6 snntorch==1.0.0 norse==1.1.0 matplotlib && pip install --no-deps sinabs==3.1.3``); each
 test is skipped cleanly where one is missing. The fast tests use the digits CNN and few
 images; ``-m slow`` runs the MNIST CNN and the Fashion VGG at T = 128.
 """
