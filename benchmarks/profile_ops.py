@@ -116,15 +116,14 @@ def main() -> None:
     # one SNN step: the reduced step graph the runtime runs (unit-threshold neurons)
     session = SpikingSession(snn, threads=args.threads)
     plan = session._plan
-    model = _subgraph_model(plan.proto, plan.rest_nodes, plan.reduced_inputs,
-                            [o.name for o in plan.proto.graph.output], plan.types, "step")
+    model = _subgraph_model(plan.proto, plan.rest_nodes, plan.reduced_inputs, plan.reduced_outputs, plan.types,
+                            "step")
     so = options("step")
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     step = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     const = dict(zip(plan.prefix_outputs, plan.prefix.run(plan.prefix_outputs, {"input": x})))
     session.reset(args.batch)
-    states = {k: (v * plan.unit_factors[k] if k in plan.unit_factors else v).astype(np.float32)
-              for k, v in session._states.items()}
+    states = session._states
     feeds = {i.name: const[i.name] if i.name in const else states[i.name] for i in step.get_inputs()}
     for _ in range(args.runs):
         step.run(None, feeds)

@@ -10,7 +10,7 @@ where no weight can absorb it (residual adds, the analog tail, graph outputs). T
 tail is moved into the model-local function ``ann2snn.tail::AnalogTail``, which the
 runtime runs once on the readout.
 
-IF neurons are then put in units of their thresholds (runtime/unitform.py, ``keep_threshold``):
+IF neurons are then put in units of their thresholds (runtime/unitform.py, ``unit_form``):
 1/θ is folded into the weights that make each neuron's current and the threshold tensors
 hold ones, so the membrane is v/θ and v(0) = v0. The spikes are those of the calibrated
 neuron up to float rounding of the folded weights; the artifact is exactly what every
@@ -317,8 +317,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         # IF neurons in units of their thresholds: 1/θ folded into the weights that make each
         # neuron's current, thresholds of ones. The artifact itself is then what every fast
         # form of the runtime runs, so no form changes the arithmetic (runtime/reference.py)
-        model, _ = unit_form(model, {st["input"]: st["output"] for st in states}, value_types(model),
-                             keep_threshold=True)
+        model, _ = unit_form(model, {st["input"]: st["output"] for st in states}, value_types(model))
     model.producer_name, model.producer_version = "ann2snn", __version__
     model.graph.name = "ann2snn_step"
     thetas = np.concatenate([s.theta for s in state.sites]) if state.sites else np.zeros(0)

@@ -25,32 +25,35 @@ def _known(d: object) -> bool:
     return isinstance(d, (int, np.integer)) and int(d) > 0
 
 
+def _symbolic(d: object) -> object:
+    """``d``, or "N" when it is a non-positive integer (paddle's -1 is not a size)."""
+    return "N" if isinstance(d, (int, np.integer)) and int(d) <= 0 else d
+
+
 def fix_input_sizes(state: PassState) -> PassState:
     """Set symbolic or non-positive per-sample input sizes to those of the calibration data."""
     graph = state.graph
     changed = []
     first = None
     for t in graph.inputs:
-        if not t.shape or all(_known(d) for d in t.shape[1:]) and (_known(t.shape[0]) or not isinstance(
-                t.shape[0], (int, np.integer))):
+        if not t.shape:
+            continue
+        batch = _symbolic(t.shape[0])
+        if batch == t.shape[0] and all(_known(d) for d in t.shape[1:]):
             continue
         if first is None:
             source = getattr(state, "calib", None)
-            first = source.first(1) if source is not None and hasattr(source, "first") else None
-            first = first or {}
+            first = (source.first(1) if source is not None and hasattr(source, "first") else None) or {}
         sample = first.get(t.name)
-        batch = t.shape[0] if _known(t.shape[0]) or not isinstance(t.shape[0], (int, np.integer)) else "N"
         if sample is None or np.ndim(sample) != len(t.shape):
-            if batch != t.shape[0]:  # at least the batch: -1 is not a size
-                t.shape = [batch] + list(t.shape[1:])
+            t.shape = [batch] + list(t.shape[1:])  # at least the batch: -1 is not a size
             continue
         new = [batch] + [int(d) if _known(d) else int(s) for d, s in zip(t.shape[1:], np.shape(sample)[1:])]
-        if new != list(t.shape):
-            changed.append(f"'{t.name}' {list(t.shape)} -> {new}")
-            t.shape = new
+        changed.append(f"'{t.name}' {list(t.shape)} -> {new}")
+        t.shape = new
     for t in graph.outputs:  # declared output sizes are re-inferred
-        if t.shape and not all(_known(d) or not isinstance(d, (int, np.integer)) for d in t.shape):
-            t.shape = [d if _known(d) or not isinstance(d, (int, np.integer)) else "?" for d in t.shape]
+        if t.shape:
+            t.shape = ["?" if isinstance(d, (int, np.integer)) and int(d) <= 0 else d for d in t.shape]
     if changed:
         log.warning("input size(s) were symbolic; the model is compiled for the calibration data's size: %s "
                     "(the compiled model runs at that size only)", ", ".join(changed))

@@ -92,14 +92,11 @@ class StepPlan:
     plus, when the graph allows it, the stages of the layered form."""
 
     def __init__(self, proto: onnx.ModelProto, states: list[tuple[str, str, tuple[int, ...]]], step_outputs: list[str],
-                 session_options: ort.SessionOptions, unit_factors: dict[str, np.ndarray] | None = None,
-                 types: dict[str, onnx.TypeProto] | None = None) -> None:
-        """``states``: (state input, state output, sample shape) of every state. ``unit_factors``:
-        the states ``proto`` keeps in other units than the caller's (runtime/unitform.py), with the
-        factor that converts the caller's values into them. ``types``: the value types of
-        ``proto``'s tensors if already inferred (tensors without one are taken as float)."""
+                 session_options: ort.SessionOptions, types: dict[str, onnx.TypeProto] | None = None) -> None:
+        """``states``: (state input, state output, sample shape) of every state. ``types``: the
+        value types of ``proto``'s tensors if already inferred (tensors without one are taken as
+        float)."""
         self.proto, self.step_outputs, self.so = proto, list(step_outputs), session_options
-        self.unit_factors = dict(unit_factors or {})
         graph = proto.graph
         self.state_order = [i for i, _, _ in states]
         self.state_in = set(self.state_order)
@@ -447,39 +444,25 @@ class _Refuse(Exception):
 
 
 
-
-def _convert(plan: StepPlan, states: dict[str, np.ndarray], into_plan: bool) -> None:
-    """Convert ``states`` into the units of the plan's model (``into_plan``) or back."""
-    for name, factor in plan.unit_factors.items():
-        value = states[name] * factor if into_plan else states[name] / factor
-        states[name] = np.ascontiguousarray(value, dtype=np.float32)
-
-
 def run_layered(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray], T: int,
                 chunk: int) -> Iterator[list[np.ndarray]]:
     """Yield the step outputs of steps 0..T-1, running ``chunk`` steps per call.
 
-    ``states`` (state input -> array) is updated to the state after each chunk (in the plan's
-    units while the generator runs, in the caller's once it is finished or closed).
+    ``states`` (state input -> array) is updated to the state after each chunk.
     """
     every = _constant_values(plan, feeds)
     const = {k: v for k, v in every.items() if k in plan.reduced_inputs}
     batch = next(iter(feeds.values())).shape[0]
     k = len(plan.varying_outputs)
     done = 0
-    _convert(plan, states, True)
-    try:
-        while done < T:
-            n = min(chunk, T - done)
-            sess = plan.chunk_session(n)
-            results = sess.run(None, {**const, **states})
-            states.update(zip(plan.state_order, results[k:]))
-            outs = [r.reshape((n, batch) + r.shape[1:]) for r in results[:k]]
-            for t in range(n):
-                yield _assemble(plan, [o[t] for o in outs], every)
-            done += n
-    finally:
-        _convert(plan, states, False)
+    while done < T:
+        n = min(chunk, T - done)
+        results = plan.chunk_session(n).run(None, {**const, **states})
+        states.update(zip(plan.state_order, results[k:]))
+        outs = [r.reshape((n, batch) + r.shape[1:]) for r in results[:k]]
+        for t in range(n):
+            yield _assemble(plan, [o[t] for o in outs], every)
+        done += n
 
 
 def _owned(a: np.ndarray) -> np.ndarray:
@@ -527,20 +510,16 @@ def run_steps(plan: StepPlan, feeds: dict[str, np.ndarray], states: dict[str, np
     """
     assert plan.prefix is not None and plan.reduced is not None
     const = _constant_values(plan, feeds)
+    inputs = {n: v for n, v in const.items() if n in plan.reduced_inputs}
     k = len(plan.varying_outputs)
-    _convert(plan, states, True)
-    try:
-        if T <= 1 or not bind:
-            feeds_const = {n: v for n, v in const.items() if n in plan.reduced_inputs}
-            for _ in range(T):
-                results = plan.reduced.run(plan.reduced_outputs, {**feeds_const, **states})
-                states.update(zip(plan.state_order, results[k:]))
-                yield _assemble(plan, results[:k], const)
-        else:
-            for varying in _run_bound(plan, {n: v for n, v in const.items() if n in plan.reduced_inputs}, states, T):
-                yield _assemble(plan, varying, const)
-    finally:
-        _convert(plan, states, False)
+    if T <= 1 or not bind:
+        for _ in range(T):
+            results = plan.reduced.run(plan.reduced_outputs, {**inputs, **states})
+            states.update(zip(plan.state_order, results[k:]))
+            yield _assemble(plan, results[:k], const)
+    else:
+        for varying in _run_bound(plan, inputs, states, T):
+            yield _assemble(plan, varying, const)
 
 
 def _run_bound(plan: StepPlan, const: dict[str, np.ndarray], states: dict[str, np.ndarray],

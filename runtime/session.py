@@ -31,7 +31,8 @@ from ann2snn.errors import ConfigError, NonFiniteError
 from ann2snn.modelio import load_model
 
 from .forms import StepPlan, run_constant, run_layered, run_steps
-from .reference import METADATA_KEY, RTOL, model_metadata, state_specs, tail_model, value_types, window_start
+from .reference import (METADATA_KEY, RTOL, initial_states, model_metadata, state_specs, tail_model, value_types,
+                        window_start)
 from .unitform import exact_unit_ops
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class SpikingSession:
         fast_proto = exact_unit_ops(proto) if unit_thresholds else proto
         types = value_types(fast_proto)
         self._plan = StepPlan(fast_proto, [(s[0], s[1], s[3]) for s in self._state_specs], self.step_outputs,
-                              _session_options(threads), None, types)
+                              _session_options(threads), types)
         if self.guard or self.probes:  # the reference session: the guard's yardstick, built with the others
             self._sess  # noqa: B018
         if mode == "layered" and self._plan.cuts is None:
@@ -194,8 +195,7 @@ class SpikingSession:
     # -- streaming interface -------------------------------------------------------------
     def reset(self, batch_size: int) -> None:
         """Set every membrane potential to v(0) = v0·θ (other states to 0) for a batch of ``batch_size``."""
-        self._states = {name: np.ascontiguousarray(np.broadcast_to(init, (batch_size,) + shape), dtype=np.float32)
-                        for name, _, init, shape in self._state_specs}
+        self._states = initial_states(self._state_specs, batch_size)
         self._sums, self._last, self._t, self._counted = None, None, 0, 0
         self._recent: list[list[np.ndarray]] = []  # the last min_window step outputs (readout window)
         self._nonfinite_warned = False
@@ -276,8 +276,7 @@ class SpikingSession:
         if self.allow_nonfinite and self._nonfinite_warned:
             return
         saved = (self._states, self._t)
-        self._states = {name: np.ascontiguousarray(np.broadcast_to(init, (len(next(iter(feeds.values()))),) + shape),
-                                                   dtype=np.float32) for name, _, init, shape in self._state_specs}
+        self._states = initial_states(self._state_specs, len(next(iter(feeds.values()))))
         try:
             for t in range(T):
                 self._check_finite(self._advance(feeds), t)

@@ -1,19 +1,19 @@
-"""The unit-threshold form of a step model, derived at load time for the fast execution forms.
+"""IF neurons in units of their thresholds: the compile-time folding and the runtime's op swap.
 
 An IFNeuron compares its membrane with a per-channel threshold θ and subtracts θ·spikes: five
 elementwise kernels per step (Add, GreaterOrEqual, Cast, Mul, Sub). Measured in units of θ,
-the same neuron is ``UnitIFNeuron``: Add, a HardSigmoid that is exactly the step ``v' >= 1``,
-Sub: three. The division by θ is folded backwards into the weights that produce the neuron's
-input current (a Conv's or Gemm's output channels, the constants of a Mul or an Add, through
-Add / Sub / pooling / padding / resizing, which commute with a positive per-channel scale,
-and through the running sum and running max states of a cumulative max pool); where the
-chain holds anything else, one Mul by 1/θ is inserted instead (four kernels).
+the same neuron has θ = 1. :func:`unit_form`, which the compiler applies when it emits a
+model (passes/emit_spiking.py), folds the division by θ backwards into the weights that
+produce each neuron's input current (a Conv's or Gemm's output channels, the constants of a
+Mul or an Add, through Add / Sub / pooling / padding / resizing, which commute with a
+positive per-channel scale, and through the running sum and running max states of a
+cumulative max pool); where the chain holds anything else, one Mul by 1/θ is inserted. The
+threshold tensors then hold ones. The spikes are those of the calibrated neuron up to the
+float rounding of the folded weights (bit for bit when θ is a power of two).
 
-The spikes are the same 0/1 values; the membranes and the folded states are those of the step
-graph divided by θ. With θ a power of two the arithmetic is identical bit for bit; otherwise
-the folded weights round differently in the last bit, so the two forms agree up to float
-rounding (a spike can move by a step where the membrane lands within an ulp of θ).
-:func:`unit_form` returns the per-state factors that convert states between the two units.
+:func:`exact_unit_ops`, at load time, replaces each IFNeuron whose threshold is all ones by
+``UnitIFNeuron``: Add, a HardSigmoid that is exactly the step ``v' >= 1``, Sub: three kernels,
+the same arithmetic bit for bit.
 """
 from __future__ import annotations
 
@@ -184,14 +184,11 @@ def _channels(theta: np.ndarray, rank: int | None) -> np.ndarray | None:
 
 
 def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
-              types: dict[str, onnx.TypeProto] | None = None,
-              keep_threshold: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The step model with every IFNeuron (constant θ > 0, per channel) replaced by UnitIFNeuron.
+              types: dict[str, onnx.TypeProto] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The step model with every IFNeuron (constant θ > 0, per channel) in units of θ: 1/θ
+    folded into its current, its threshold initializer holding ones; channels with the
+    dead-channel threshold get their current multiplied by 0 (they never fire, as before).
     ``types``: the value types of ``proto``'s tensors if already inferred (ranks are read from them).
-
-    With ``keep_threshold`` (what the compiler emits), each neuron stays an IFNeuron whose
-    threshold initializer now holds ones, and channels with the dead-channel threshold get
-    their current multiplied by 0 (they never fire, as before).
 
     Returns the new model and, per state it rescales, the factor (broadcastable to a sample)
     that converts a state of the step graph into this form's units (multiply) and back (divide).
@@ -206,7 +203,7 @@ def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
     extra_inits: list[onnx.TensorProto] = []
     factors: dict[str, np.ndarray] = {}
     replaced: dict[int, list[onnx.NodeProto]] = {}
-    ones: dict[str, np.ndarray] = {}  # keep_threshold: threshold initializers that now hold ones
+    ones: dict[str, np.ndarray] = {}  # threshold initializers that now hold ones
     folded = 0
     for k, node in enumerate(original):
         if node.domain != DOMAIN or node.op_type != IF_OP or len(node.input) < 3:
@@ -215,9 +212,8 @@ def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
         dc = _channels(theta, folder.ranks.get(node.input[0])) if theta is not None else None
         if dc is None or not np.all(np.isfinite(dc)) or np.any(dc <= 0) or node.input[1] not in state_out_of:
             continue
-        d = (1.0 / dc).astype(np.float32)  # one value: a layer-wise threshold
-        if keep_threshold:  # a dead channel's current is dropped instead of divided by 1e30
-            d = np.where(dc >= np.float32(DEAD_THRESHOLD), np.float32(0), d).astype(np.float32)
+        # one value: a layer-wise threshold; a dead channel's current is dropped instead of divided by 1e30
+        d = np.where(dc >= np.float32(DEAD_THRESHOLD), np.float32(0), 1.0 / dc).astype(np.float32)
         edits = folder.fold(node, d)
         current, replacement = node.input[0], []
         if edits is not None:
@@ -237,15 +233,11 @@ def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
             replacement.append(helper.make_node("Mul", [current, name], [f"{current}/in_thresholds"],
                                                 name=f"{node.name}/to_unit"))
             current = f"{current}/in_thresholds"
-        if keep_threshold:
-            kept = onnx.NodeProto()
-            kept.CopyFrom(node)
-            kept.input[0] = current
-            replacement.append(kept)
-            ones[node.input[2]] = np.ones(theta.shape, np.float32)
-        else:
-            replacement.append(helper.make_node(UNIT_IF_OP, [current, node.input[1]], list(node.output),
-                                                domain=DOMAIN, name=node.name))
+        kept = onnx.NodeProto()
+        kept.CopyFrom(node)
+        kept.input[0] = current
+        replacement.append(kept)
+        ones[node.input[2]] = np.ones(theta.shape, np.float32)
         factors[node.input[1]] = d.reshape(theta.shape)
         replaced[k] = replacement
     if not replaced:
@@ -259,9 +251,6 @@ def unit_form(proto: onnx.ModelProto, state_out_of: dict[str, str],
     new.graph.initializer.extend(numpy_helper.from_array(ones[i.name], i.name) if i.name in ones else i
                                  for i in proto.graph.initializer if i.name in used)  # folded ones replaced
     new.graph.initializer.extend(extra_inits)
-    opset = ai_onnx_opset(new)
-    if not keep_threshold and not any(f.domain == DOMAIN and f.name == UNIT_IF_OP for f in new.functions):
-        new.functions.append(unit_if_neuron_function(opset))
     log.debug("unit-threshold form: %d IF neurons, %d with 1/θ folded into their inputs", len(replaced), folded)
     return new, factors
 

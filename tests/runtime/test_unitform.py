@@ -46,9 +46,8 @@ def test_every_if_neuron_is_compiled_in_units_of_its_threshold(net_snn) -> None:
     values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     assert all(np.all(values[n.input[2]] == 1) for n in graph.node if n.op_type == IF_OP)
     session = SpikingSession(net_snn)
-    # the runtime swaps in the three-kernel op, with no unit conversion of any state
+    # the runtime swaps in the three-kernel op; no state changes units
     assert [n.op_type for n in session._plan.proto.graph.node if n.domain == DOMAIN] == [UNIT_IF_OP] * 4
-    assert not session._plan.unit_factors
     assert not any(n.op_type == UNIT_IF_OP for n in session.model.graph.node)  # the artifact is untouched
     init = {s["input"]: s["init"] for s in session.meta["states"]}
     v0 = [st[2] for st in session._state_specs if isinstance(init[st[0]], dict)]
@@ -65,22 +64,6 @@ def test_unit_kernel_gives_identical_results(net_snn, mode: str, chunk: int | No
         np.testing.assert_array_equal(b[T]["y"], a[T]["y"])
     for name, value in exact._states.items():
         np.testing.assert_array_equal(unit._states[name], value)
-
-
-def test_compile_time_folding_is_exact_for_power_of_two_thresholds() -> None:
-    """unit_form(keep_threshold=True), what the compiler applies: same spikes, membranes / θ."""
-    model, states = _gemm_if_graph(False)
-    unit, factors = unit_form(model, states, keep_threshold=True)
-    assert [n.op_type for n in unit.graph.node if n.domain == DOMAIN] == [IF_OP]
-    theta = next(i for i in unit.graph.initializer if i.name == "theta")
-    np.testing.assert_array_equal(numpy_helper.to_array(theta), np.ones((1, 4), np.float32))
-    rng = np.random.default_rng(7)
-    for _ in range(10):
-        x, v = rng.normal(size=(3, 4)).astype(np.float32), rng.uniform(0, 1, (3, 4)).astype(np.float32)
-        ref = run_ort(model, {"x": x, "v": v})
-        got = run_ort(unit, {"x": x, "v": v * factors["v"]})
-        np.testing.assert_array_equal(got[0], ref[0])
-        np.testing.assert_array_equal(got[1] / factors["v"], ref[1])
 
 
 def _gemm_if_graph(current_also_out: bool) -> tuple[onnx.ModelProto, dict[str, str]]:
@@ -107,6 +90,10 @@ def test_a_current_read_elsewhere_is_scaled_by_a_mul_instead(shared: bool) -> No
     unit, factors = unit_form(model, states)
     names = [n.name for n in unit.graph.node]
     assert ("if/to_unit" in names) == shared  # folding would change the other reader's value
+    # the neuron stays an IFNeuron (what the compiler emits), with a threshold of ones
+    assert [n.op_type for n in unit.graph.node if n.domain == DOMAIN] == [IF_OP]
+    theta = next(i for i in unit.graph.initializer if i.name == "theta")
+    np.testing.assert_array_equal(numpy_helper.to_array(theta), np.ones((1, 4), np.float32))
     inits = {i.name for i in unit.graph.initializer}
     assert ("gemm/unit_input1" in inits) == (not shared)
     np.testing.assert_array_equal(factors["v"], [[2, 1, 0.5, 0.25]])
@@ -125,7 +112,6 @@ def test_signed_neurons_keep_their_own_arithmetic() -> None:
     with np.load(MODELS / "data" / "digits_calib.npz") as z:
         snn = ann2snn.compile(MODELS / "digits_cnn.onnx", z["input"][:64], iters=5, batch=32, neuron="signed")
     session = SpikingSession(snn)
-    assert not session._plan.unit_factors
     assert session._plan.proto is session.model
 
 
