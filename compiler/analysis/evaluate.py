@@ -45,7 +45,7 @@ def evaluate(
     Ts: Sequence[int],
     *,
     label_key: str = "label",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     t0: int | None = None,
     show_progress: bool = False,
     max_memory: int | None = None,
@@ -56,40 +56,59 @@ def evaluate(
     ``snn`` is a SpikingSession or a path to a compiled model. Without labels under
     ``label_key`` only agreement and error are reported. The simulation's memory estimate
     is checked against ``max_memory`` bytes (default: 75% of physical memory) first.
+    ``batch_size``: default :func:`ann2snn.runtime.batches.default_batch_size`.
     """
+    from ann2snn.runtime.batches import default_batch_size
+
     session, snn_proto, ann_model, specs = open_pair(ann, snn, threads)
+    batch_size = default_batch_size(session) if batch_size is None else batch_size
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, got {batch_size} (--batch-size)")
     n, labels, chunks = _chunks(data, specs, session, label_key, batch_size)
     check_memory(snn_proto, min(batch_size, n), max_memory)
     ann_sess = make_session(ann_model)
     Ts = sorted(set(Ts))
-    outs: dict[int, list[np.ndarray]] = {T: [] for T in Ts}
-    refs: list[np.ndarray] = []
     out_name = session.output_names[0]
+    # sums over the samples, batch by batch: memory does not grow with the number of samples
+    correct = {T: 0 for T in Ts}
+    agree = {T: 0 for T in Ts}
+    abs_error = {T: 0.0 for T in Ts}
+    ann_correct, ref_abs, values, start = 0, 0.0, 0, 0
+    scores = True
     for feeds in progress(chunks, math.ceil(n / batch_size), "simulating", show_progress):
-        refs.append(run_checked(ann_sess, None, feeds, "evaluation data")[0])
+        ref = run_checked(ann_sess, None, feeds, "evaluation data")[0]
+        ref_pred = predictions(ref)
+        truth = labels[start:start + len(ref_pred)] if labels is not None else None
+        start += len(ref_pred)
+        scores = ref.ndim > 1 and np.issubdtype(ref.dtype, np.floating)  # else the output is the label itself
+        if truth is not None:
+            ann_correct += int((ref_pred == truth).sum())
+        if scores:
+            ref_abs += float(np.abs(ref).sum(dtype=np.float64))
+            values += ref.size
         res = session.run_many(feeds, Ts, t0)
         for T in Ts:
-            outs[T].append(res[T][out_name])
-    ref = np.concatenate(refs)
-    ref_pred = predictions(ref)
-    scores = ref.ndim > 1 and np.issubdtype(ref.dtype, np.floating)  # else the output is the label itself
-    scale = (float(np.abs(ref).mean()) or 1.0) if scores else 1.0
+            y = res[T][out_name]
+            pred = predictions(y)
+            agree[T] += int((pred == ref_pred).sum())
+            if truth is not None:
+                correct[T] += int((pred == truth).sum())
+            if scores:
+                abs_error[T] += float(np.abs(y - ref).sum(dtype=np.float64))
+    scale = (ref_abs / values or 1.0) if scores and values else 1.0
     rows = []
     for T in Ts:
-        y = np.concatenate(outs[T])
-        pred = predictions(y)
+        mean_abs = abs_error[T] / values if scores and values else None
         rows.append({
             "T": T,
-            "accuracy": float((pred == labels).mean()) if labels is not None else None,
-            "agreement": float((pred == ref_pred).mean()),
-            "mean_abs_error": float(np.abs(y - ref).mean()) if scores else None,
-            "relative_error": float(np.abs(y - ref).mean() / scale) if scores else None,
+            "accuracy": correct[T] / n if labels is not None else None,
+            "agreement": agree[T] / n,
+            "mean_abs_error": mean_abs,
+            "relative_error": mean_abs / scale if mean_abs is not None else None,
         })
     return {
         "samples": int(n),
-        "ann_accuracy": float((ref_pred == labels).mean()) if labels is not None else None,
+        "ann_accuracy": ann_correct / n if labels is not None else None,
         "t0": session.t0 if t0 is None else int(t0),
         "snn": rows,
     }
@@ -108,7 +127,7 @@ def _chunks(data: Any, specs: list, session: Any, label_key: str,
         first = {specs[0].name: images.load([0])}
         check_arrays(first, specs, f"image data '{data}'")
         return len(images), images.labels, ({specs[0].name: x} for x, _ in images.chunks(batch_size))
-    arrays = as_array_dict(data, specs, "evaluation data")
+    arrays = as_array_dict(data, specs, "evaluation data", lazy=True)  # files are read a batch at a time
     check_arrays(arrays, specs, "evaluation data")
     n = next(iter(arrays[s.name] for s in specs)).shape[0]
     labels = arrays.get(label_key)

@@ -157,7 +157,7 @@ def _simulate(session: Any, data: Any, Ts: Sequence[int], label_key: str, batch_
     from ..progress import progress
 
     specs = session.input_specs
-    arrays = as_array_dict(data, specs, "report data")
+    arrays = as_array_dict(data, specs, "report data", lazy=True)  # read a batch at a time
     check_arrays(arrays, specs, "report data")
     n = arrays[specs[0].name].shape[0]
     labels = arrays.get(label_key)
@@ -196,7 +196,7 @@ def report(
     *,
     ann: str | os.PathLike[str] | onnx.ModelProto | None = None,
     label_key: str = "label",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     t0: int | None = None,
     energy: Sequence[EnergyModel] = DEFAULT_ENERGY,
     nonzero_weights: bool = False,
@@ -209,7 +209,9 @@ def report(
     One simulation of ``max(Ts)`` steps serves every T. With labels under ``label_key`` the
     SNN's accuracy is reported; with ``ann`` (the original ANN) also the ANN's accuracy, the
     agreement, and SOPs90 / SOPs95. The ANN's MACs always come from the compiled graph.
+    ``batch_size``: default :func:`ann2snn.runtime.batches.default_batch_size`.
     """
+    from ann2snn.runtime.batches import default_batch_size
     from ann2snn.runtime.session import check_T
 
     Ts = sorted({check_T(T) for T in Ts})
@@ -223,6 +225,7 @@ def report(
     session = _counting_session(proto, holder)
     signed = any(n["op"] in COUNTING_OPS for n in cost.neurons)
     holder.append(SpikeCounter({n["spikes"]: n["shape"] for n in cost.neurons}, Ts, signed=signed))
+    batch_size = batch_size or default_batch_size(session)
     if ann is not None:
         from .evaluate import evaluate
         acc = evaluate(ann, session, data, Ts, label_key=label_key, batch_size=batch_size, t0=t0,

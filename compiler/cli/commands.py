@@ -8,10 +8,8 @@ import json
 from typing import Any
 
 import click
-import numpy as np
 
-from ..analysis.tasks import TASKS
-from ..config import GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, CompileConfig
+from ..config import GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, TASKS, CompileConfig
 from ..errors import ConfigError
 from .errors import handle_errors
 from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, config_option, parse_ts
@@ -110,7 +108,8 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
 @click.option("--input", "input_path", required=True, type=click.Path(),
               help="Inputs: .npz keyed by input name, .npy, or images (folder or list file), preprocessed as "
                    "recorded at compile time.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Inputs simulated at once.")
+@click.option("--batch-size", type=int, default=None,
+              help="Inputs simulated at once [default: chosen from the model's size, see README 'Speed and memory'].")
 @click.option("-T", "T", required=True, type=int, help="Number of timesteps.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the outputs (.npz; the entry 'ann2snn_run' holds how they were made, as JSON).")
@@ -122,24 +121,29 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
               "(default: 75% of physical memory).")
 @click.pass_context
 @handle_errors
-def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int, T: int, output: str, t0: int | None,
+def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int | None, T: int, output: str, t0: int | None,
             form: str, allow_nonfinite: bool, threads: int, max_memory: float | None) -> None:
     """Run a compiled spiking MODEL for T timesteps and save the readout.
 
     The same command writes the same bytes every time."""
+    import numpy as np
+
     from ann2snn.runtime.batches import run_file
 
-    from ..modelio import npz_bytes, write_atomic
+    from ..data.npyfile import NpzWriter
     from ..resources import GIB
 
     show = not ctx.obj["quiet"]
-    run = run_file(model, input_path, T, t0=t0, batch_size=batch_size, form=form, allow_nonfinite=allow_nonfinite,
-                   threads=threads or None, max_memory=int(max_memory * GIB) if max_memory is not None else None,
-                   show_progress=show)
-    info = np.array(json.dumps(run.info, sort_keys=True))
-    write_atomic(output, npz_bytes({**run.outputs, **run.extra, "ann2snn_run": info}))
+    with NpzWriter(output) as out:  # outputs written batch by batch; the file appears only when complete
+        run = run_file(model, input_path, T, t0=t0, batch_size=batch_size, form=form,
+                       allow_nonfinite=allow_nonfinite, threads=threads or None,
+                       max_memory=int(max_memory * GIB) if max_memory is not None else None, show_progress=show,
+                       sink=out.append)
+        for k, v in run.extra.items():
+            out.put(k, v)
+        out.put("ann2snn_run", np.array(json.dumps(run.info, sort_keys=True)))
     if show:
-        click.echo(f"wrote {output}: {', '.join(f'{k} {v.shape}' for k, v in run.outputs.items())} "
+        click.echo(f"wrote {output}: {', '.join(f'{k} {v}' for k, v in run.shapes.items())} "
                    f"(form: {', '.join(run.info['forms'])})")
 
 
@@ -168,7 +172,7 @@ Data for --task detection: .npz with the model inputs, 'boxes' float [M,4]
               help="What the outputs are scored as: top-1 accuracy, mIoU, or mAP.")
 @click.option("-T", "Ts", default="8,16,32,64,128", show_default=True, help="Comma-separated timesteps.")
 @click.option("--label-key", default="label", show_default=True, help="Key of the labels in the .npz (classification).")
-@click.option("--batch-size", type=int, default=None, help="Samples simulated at once [default: 256 for "
+@click.option("--batch-size", type=int, default=None, help="Samples simulated at once [default: chosen from the model's size for "
               "classification, 16 for segmentation and detection].")
 @click.option("--t0", type=int, default=None, help="Readout delay in steps (default: the model's).")
 @click.option("--t0-frac", type=float, default=None,
@@ -194,6 +198,7 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
              threads: int, max_memory: float | None, progress: bool) -> None:
     """Print ANN vs SNN accuracy (or mIoU, or mAP) of a compiled SNN at several T."""
     from ann2snn.runtime import SpikingSession
+    from ann2snn.runtime.batches import default_batch_size
 
     from ..analysis.evaluate import evaluate, format_table
     from ..modelio import write_atomic
@@ -207,7 +212,7 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
         if t0_frac is not None:
             raise ConfigError("--t0-frac is for --task segmentation|detection; use --t0 for classification")
         result = evaluate(ann, session, data, parse_ts(Ts), label_key=label_key, threads=threads or None,
-                          batch_size=batch_size or 256, t0=t0, max_memory=limit, show_progress=show)
+                          batch_size=batch_size or default_batch_size(session), t0=t0, max_memory=limit, show_progress=show)
         table = format_table(result)
     else:
         result = evaluate_task(ann, session, data, parse_ts(Ts), task, readouts=[Readout(t0, t0_frac)],

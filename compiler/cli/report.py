@@ -19,7 +19,8 @@ from .options import parse_ts
               help="The original ANN: adds its accuracy, the agreement and SOPs90/SOPs95. "
                    "(The ANN's MACs always come from the compiled graph.)")
 @click.option("--label-key", default="label", show_default=True, help="Key of the labels in the .npz.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Samples simulated at once.")
+@click.option("--batch-size", type=int, default=None,
+              help="Samples simulated at once [default: chosen from the model's size, as for run].")
 @click.option("--t0", type=int, default=None, help="Readout delay (default: the model's).")
 @click.option("--layer-T", "layer_T", type=int, default=None, help="T of the per-layer tables (default: the largest).")
 @click.option("--weights", type=click.Choice(["dense", "nonzero"]), default="dense", show_default=True,
@@ -40,7 +41,7 @@ from .options import parse_ts
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
 @handle_errors
-def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | None, label_key: str, batch_size: int,
+def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | None, label_key: str, batch_size: int | None,
                t0: int | None, layer_T: int | None, weights: str, analog_macs: str, mac_count: str,
                sop_fj: float, flop_pj: float, flops_per_mac: float, ac_pj: float, mac_pj: float,
                json_path: str | None, plot_path: str | None, progress: bool) -> None:
