@@ -244,15 +244,15 @@ class AlexNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 5, 1, 2), nn.ReLU(), LRN(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(16, 16, 5, 1, 2), nn.ReLU(), LRN(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(16, 24, 3, 1, 1), nn.ReLU(), nn.Conv2d(24, 24, 3, 1, 1), nn.ReLU(),
-            nn.Conv2d(24, 16, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(3, 2))
-        self.classifier = nn.Sequential(nn.Linear(16 * 3 * 3, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
+            nn.Conv2d(3, 16, 5, 2, 2), nn.ReLU(), LRN(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(16, 24, 5, 1, 2), nn.ReLU(), LRN(), nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.Conv2d(24, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(),
+            nn.Conv2d(32, 24, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(3, 2))
+        self.classifier = nn.Sequential(nn.Linear(24, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
                                         nn.Linear(48, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).reshape(nb(x), 16 * 3 * 3))
+        return self.classifier(self.features(x).reshape(nb(x), 24))
 
 
 FAMILIES: dict[str, type[nn.Module]] = {

@@ -65,7 +65,8 @@ def import_model(model: onnx.ModelProto, config: CompileConfig) -> PassState:
         )
     if opset < OLDEST_OPSET:
         raise ModelLoadError(
-            f"the model uses opset {opset}, older than ann2snn reads ({OLDEST_OPSET}); re-export it with opset >= 11"
+            f"the model uses opset {opset}, older than ann2snn reads ({OLDEST_OPSET}); re-export it with opset >= 11, "
+            "or take the opset 7, 8 or 9 version of the same network (the ONNX model zoo ships them)"
         )
     if opset < MIN_OPSET:
         log.info("upgrading the model from opset %d to %d", opset, MIN_OPSET)
