@@ -233,3 +233,17 @@ def test_lrn_at_the_end_stays_in_the_tail() -> None:
     info = inspect_model(_graph_model(nodes, inits, [1, 3, 8, 8], [1, 8, 8, 8], 9))
     roles = {r["node"]: r["role"] for r in info["nodes"]}
     assert roles == {"conv1": "prefix", "relu1": "neuron", "conv2": "spiking", "relu2": "tail", "lrn": "tail"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_conversion_is_exact_once_no_threshold_clips(name: str, test_images: np.ndarray) -> None:
+    """Max-norm thresholds over calibration data that include the test images: no test
+    activation is clipped, so the SNN must converge to the ANN itself (the floor of the
+    default LTB thresholds is their clipping, not the handling of the old export)."""
+    data = np.concatenate([np.load(OLD / "calib.npz")["input"], test_images])
+    snn = ann2snn.compile(OLD / f"{name}.onnx", {"input": data}, method="max")
+    ref = ann_outputs(OLD / f"{name}.onnx", test_images)
+    runs = SpikingSession(snn).run_many({"input": test_images}, [128, 512, 2048])
+    errors = [rel_error(runs[T]["logits"], ref) for T in (128, 512, 2048)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.01, errors
