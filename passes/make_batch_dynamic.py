@@ -6,10 +6,11 @@ spell the old batch size out become 0 ("copy the input's batch"). The result is 
 numerically: at batch 2 each sample's output must equal its output alone, and for a fixed
 batch of 1 the rewritten graph must agree with the original.
 
-A fixed batch of 1 that the check refutes (a Reshape that folds the batch into other axes,
-so the batch dimension cannot be proven) is kept: the model is compiled for batch 1, with a
-warning, and calibration runs on batches of one sample (``batch`` is set to 1). A compiled
-model of batch 1 declares it on its inputs; onnxruntime refuses other batch sizes.
+A fixed batch of 1 that the check refutes (e.g. a Slice or Gather of the first sample) is
+kept when every tensor still has a leading axis of 1, which then stands for the batch: the
+model is compiled for batch 1, with a warning, and calibration runs on batches of one sample
+(``batch`` is set to 1). A compiled model of batch 1 declares it on its inputs; onnxruntime
+refuses other batch sizes. A Reshape that folds the batch into another axis is an error.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def make_batch_dynamic(state: PassState) -> PassState:
         ok = False
     if not ok and b == 1 and _leading_one(before):
         log.warning("the model's batch is fixed at 1 and the graph depends on it beyond its inputs and Reshape "
-                    "shapes that spell it out (e.g. a Reshape that folds the batch into another axis): it is compiled "
+                    "shapes that spell it out (e.g. a Slice of the first sample): it is compiled "
                     "for batch 1, calibration runs on single samples (--batch 1), and the compiled model takes one "
                     "sample at a time; re-export it with a dynamic batch axis to run batches")
         state.graph = before
