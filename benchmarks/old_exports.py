@@ -25,7 +25,7 @@ from ann2snn.analysis.inspection import inspect_model
 from ann2snn.runtime import SpikingSession
 
 OLD = ROOT / "models" / "old_exports"
-FAMILIES = ("squeezenet", "shufflenet", "inception", "densenet", "alexnet")
+FAMILIES = ("squeezenet", "shufflenet", "inception", "densenet", "alexnet", "googlenet")
 TS = (8, 32, 128, 512, 2048)
 #: (label, method, whether the test images join the calibration data): the last shows the
 #: conversion itself is exact once no threshold clips a test activation

@@ -9,11 +9,12 @@ at batch 1, then stamped IR version 3 (onnxruntime still loads them; checked her
 
 Families: SqueezeNet-1.1 fire modules, ShuffleNet channel shuffle (Reshape / Transpose /
 Reshape with batch 1 spelled out), Inception concat branches, DenseNet dense concat,
-AlexNet with LRN (and an opset-9 Dropout node with a ratio, as Caffe2 conversions keep).
+AlexNet with LRN (and an opset-9 Dropout node with a ratio, as Caffe2 conversions keep),
+GoogLeNet (Inception-v1: LRN in the stem, then concat branches).
 
 Weights: He-initialised at random (seeded), then made "alive" from data: BatchNorm running
 statistics are the data's (train-mode passes with cumulative averages, so each layer sees
-normalised inputs), and layers without BatchNorm (SqueezeNet, AlexNet) get their weights
+normalised inputs), and layers without BatchNorm (SqueezeNet, AlexNet, GoogLeNet) get their weights
 rescaled layer by layer (LSUV-style) so each pre-activation has mean 0 and std 1 per channel.
 No layer is dead or exploding (printed per model).
 
@@ -65,9 +66,12 @@ def images(seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
     return rgb[:N_CALIB].astype(np.float32), rgb[N_CALIB:].astype(np.float32)
 
 
-def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
-    """Conv (no bias) -> BatchNorm [-> ReLU]."""
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True,
+            bn: bool = True) -> nn.Sequential:
+    """Conv (no bias) -> BatchNorm [-> ReLU]; with ``bn=False`` Conv (with bias) [-> ReLU]."""
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=not bn)]
+    if bn:
+        layers.append(nn.BatchNorm2d(cout))
     if relu:
         layers.append(nn.ReLU())
     return nn.Sequential(*layers)
@@ -149,12 +153,12 @@ class ShuffleNet(nn.Module):
 class InceptionBlock(nn.Module):
     """Four branches concatenated: 1x1; 1x1 -> 3x3; 1x1 -> 3x3 -> 3x3; max pool 3x3 -> 1x1."""
 
-    def __init__(self, cin: int, c: int) -> None:
+    def __init__(self, cin: int, c: int, bn: bool = True) -> None:
         super().__init__()
-        self.b1 = conv_bn(cin, c, 1)
-        self.b2 = nn.Sequential(conv_bn(cin, c, 1), conv_bn(c, c, 3))
-        self.b3 = nn.Sequential(conv_bn(cin, c // 2, 1), conv_bn(c // 2, c, 3), conv_bn(c, c, 3))
-        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn(cin, c, 1))
+        self.b1 = conv_bn(cin, c, 1, bn=bn)
+        self.b2 = nn.Sequential(conv_bn(cin, c, 1, bn=bn), conv_bn(c, c, 3, bn=bn))
+        self.b3 = nn.Sequential(conv_bn(cin, c // 2, 1, bn=bn), conv_bn(c // 2, c, 3, bn=bn), conv_bn(c, c, 3, bn=bn))
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn(cin, c, 1, bn=bn))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
@@ -255,9 +259,29 @@ class AlexNet(nn.Module):
         return self.classifier(self.features(x).reshape(nb(x), 24))
 
 
+class GoogLeNet(nn.Module):
+    """Inception-v1 layout: conv s2, pool, LRN, 1x1 and 3x3 convs, LRN (the stem with both
+    LRNs), two inception blocks without BatchNorm (a pool between), GAP, Reshape [1, -1],
+    Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 5, 2, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1), LRN(), nn.Conv2d(16, 16, 1), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(), LRN())
+        self.a = InceptionBlock(16, 12, bn=False)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.b = InceptionBlock(48, 12, bn=False)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b(self.pool(self.a(self.stem(x))))
+        return self.fc(nn.functional.adaptive_avg_pool2d(x, 1).reshape(nb(x), 48))
+
+
 FAMILIES: dict[str, type[nn.Module]] = {
     "squeezenet": SqueezeNet, "shufflenet": ShuffleNet, "inception": Inception,
-    "densenet": DenseNet, "alexnet": AlexNet,
+    "densenet": DenseNet, "alexnet": AlexNet, "googlenet": GoogLeNet,
 }
 
 

@@ -1,6 +1,6 @@
 """Old exports (issue 15): the ONNX model zoo's Caffe/Caffe2-era files compile.
 
-The five families in ``models/old_exports/`` (built by ``models/build_old_exports.py``) are
+The six families in ``models/old_exports/`` (built by ``models/build_old_exports.py``) are
 IR 3, opset 9, list every initializer in ``graph.input`` and bake batch 1 into their Reshape
 shapes. Each compiles with the default options, runs at batch 1 and at a larger batch, is
 inspectable, and its output error against the ANN falls with T. Tiny hand-written graphs
@@ -23,7 +23,7 @@ from ann2snn.errors import ModelLoadError
 from ann2snn.runtime import SpikingSession
 
 OLD = Path(__file__).resolve().parents[1] / "models" / "old_exports"
-FAMILIES = ("squeezenet", "shufflenet", "inception", "densenet", "alexnet")
+FAMILIES = ("squeezenet", "shufflenet", "inception", "densenet", "alexnet", "googlenet")
 TS = (8, 32, 128)
 #: relative output error bound at T = 128 (measured 0.06-0.26; see README "Which graphs convert")
 BOUND_128 = 0.35
@@ -103,6 +103,16 @@ def test_lrn_runs_in_the_analog_prefix_and_the_spiking_part_starts_after_it(capl
     assert "not correct on spikes and sit(s) behind the first layers" in caplog.text
 
 
+def test_googlenet_stem_with_two_lrns_is_prefix_and_the_inception_blocks_spike() -> None:
+    info = inspect_model(OLD / "googlenet.onnx")
+    roles = {r["node"]: r["role"] for r in info["nodes"]}
+    stem = [r for r in info["nodes"] if r["node"].startswith("/stem/")]
+    assert stem and all(r["role"] == "prefix" for r in stem)
+    assert sum(r["op"] == "ai.onnx::LRN" for r in stem) == 2
+    assert roles["/a/b1/b1.1/Relu"] == "neuron" and roles["/b/Concat"] == "spiking"
+    assert not [r for r in info["nodes"] if r["role"] == "tail"]
+
+
 def _graph_model(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], shape: list[int], out: list[int],
                  opset: int) -> onnx.ModelProto:
     """An IR-3 model with input ``x`` and output ``y``, initializers listed as inputs."""
@@ -152,7 +162,7 @@ def _old_ops(opset: int) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("opset", [6, 7, 8, 9])
-def test_old_opset_ops_are_upgraded_and_converge(opset: int) -> None:
+def test_old_opset_ops_are_upgraded_and_converge(opset: int, caplog) -> None:
     model = _old_ops(opset)
     rng = np.random.default_rng(1)
     calib = rng.uniform(0, 1, (64, 3, 16, 16)).astype(np.float32)
@@ -161,7 +171,10 @@ def test_old_opset_ops_are_upgraded_and_converge(opset: int) -> None:
     ann_model = version_converter.convert_version(model, 13) if opset < 7 else model
     ann = ort.InferenceSession(ann_model.SerializeToString(), providers=["CPUExecutionProvider"])
     ref = np.concatenate([ann.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
-    snn = ann2snn.compile(model, {"x": calib}, iters=50)
+    with caplog.at_level(logging.WARNING):
+        snn = ann2snn.compile(model, {"x": calib}, iters=50)
+    n = len(model.graph.initializer)
+    assert f"{n} initializer(s) are also listed as graph inputs (an old export: IR 3, opset {opset})" in caplog.text
     assert {i.name for i in snn.graph.input} >= {"x"} and "w1" not in {i.name for i in snn.graph.input}
     runs = SpikingSession(snn).run_many({"x": x}, [8, 64, 512])
     errors = [rel_error(runs[T]["y"], ref) for T in (8, 64, 512)]
