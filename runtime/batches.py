@@ -93,7 +93,8 @@ BATCH_RANGE = (16, 256)
 
 def default_batch_size(session: SpikingSession) -> int:
     """The batch ``run``, ``eval`` and ``report`` use when none is given: the largest power of two
-    in :data:`BATCH_RANGE` whose per-step tensors and states fit :data:`BATCH_WORKING_SET`.
+    in :data:`BATCH_RANGE` whose per-step tensors and states fit :data:`BATCH_WORKING_SET`;
+    a model compiled for a fixed batch gets that batch.
 
     Measured (benchmarks/cli_profile.py, README "Speed and memory"): a batch whose step
     spills out of the cache runs each image slower; the MNIST CNN (650 KB of tensors per
@@ -101,6 +102,9 @@ def default_batch_size(session: SpikingSession) -> int:
     fastest at 256."""
     from ann2snn.resources import estimate_simulation_bytes
 
+    fixed = {s.shape[0] for s in session.input_specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    if fixed:  # compiled for a fixed batch (an old export whose batch could not be made dynamic)
+        return min(fixed)
     est = estimate_simulation_bytes(session.model, 1)
     per_sample = max(1, est["states"] + est["activations"])
     low, high = BATCH_RANGE

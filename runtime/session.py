@@ -27,7 +27,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ann2snn.data.arrays import InputSpec, as_array_dict, check_arrays, input_specs
-from ann2snn.errors import ConfigError, NonFiniteError
+from ann2snn.errors import ConfigError, DataError, NonFiniteError
 from ann2snn.modelio import load_model
 
 from .forms import StepPlan, run_constant, run_layered, run_steps
@@ -207,6 +207,12 @@ class SpikingSession:
     def _feeds(self, inputs: Any) -> dict[str, np.ndarray]:
         arrays = as_array_dict(inputs, self.input_specs, "input")
         check_arrays(arrays, self.input_specs, "input")
+        for s in self.input_specs:
+            fixed = s.shape[0] if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 else None
+            if fixed is not None and arrays[s.name].shape[0] != fixed:
+                raise DataError(f"input '{s.name}' has {arrays[s.name].shape[0]} samples but the model was compiled "
+                                f"for a batch of {fixed} (its export fixes the batch and the compiler could not make it "
+                                f"dynamic; see the compile warning): feed {fixed} at a time (--batch-size {fixed})")
         return {s.name: arrays[s.name] for s in self.input_specs}
 
     def _advance(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

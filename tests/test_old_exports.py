@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 import ann2snn
 from ann2snn.analysis.inspection import format_inspection, inspect_model
-from ann2snn.errors import ModelLoadError
+from ann2snn.errors import DataError, ModelLoadError
 from ann2snn.runtime import SpikingSession
 
 OLD = Path(__file__).resolve().parents[1] / "models" / "old_exports"
@@ -222,9 +222,13 @@ def test_batch_that_cannot_be_generalised_compiles_for_batch_1(caplog) -> None:
     sess = SpikingSession(snn)
     errors = [rel_error(sess.run({"x": x[:1]}, T)["y"], ann.run(None, {"x": x[:1]})[0]) for T in (8, 64, 512)]
     assert errors[0] > errors[2] and errors[2] < 0.05, errors
-    # a batch of 2 is refused by onnxruntime, naming the input and the batch it expects
-    with pytest.raises(Exception, match=r"invalid dimensions for input: x(.|\n)*Got: 2 Expected: 1"):
+    # a batch of 2 is refused, naming the input, the batch it expects and the remedy
+    with pytest.raises(DataError, match=r"input 'x' has 2 samples but the model was compiled for a batch of 1.*"
+                                        r"--batch-size 1"):
         sess.run({"x": x[:2]}, 8)
+    # the CLI's default batch is the fixed one, so `run` works as it is
+    from ann2snn.runtime.batches import default_batch_size
+    assert default_batch_size(sess) == 1
 
 
 def test_batch_folded_into_another_axis_is_a_clear_error() -> None:
