@@ -16,6 +16,7 @@ from .errors import (
     NonFiniteError,
     PassError,
     ResourceError,
+    SearchError,
     UnsupportedModelError,
 )
 from .version import __version__
@@ -47,6 +48,7 @@ __all__ = [
     "NonFiniteError",
     "PassError",
     "ResourceError",
+    "SearchError",
     "UnsupportedModelError",
     "__version__",
     "compile",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -17,6 +18,11 @@ from .data.arrays import CalibrationSource, DataLike, input_specs
 from .errors import PassError
 from .modelio import load_model, save_model, serialize, write_atomic
 from .pipeline import run_pipeline
+
+log = logging.getLogger(__name__)
+
+#: metadata key of the recipe search's record (the candidates, their figures, the choice)
+SEARCH_KEY = "ann2snn.search"
 
 
 def compile(  # noqa: A001 - the public name the issue asks for
@@ -33,7 +39,10 @@ def compile(  # noqa: A001 - the public name the issue asks for
 
     ``calib`` is a .npz/.npy path, an array (single-input models), a mapping of input name
     to array, or an iterable of such batches. ``options`` are CompileConfig fields
-    (method, iters, batch, granularity, ...). With ``output`` the model is also written,
+    (method, iters, batch, granularity, ...). With ``target_T`` the recipe (method, granularity,
+    neuron, burst, clip cap) is chosen from the data within ``search_budget`` seconds
+    (ann2snn.search); the model's metadata and the report record the search, and the chosen
+    options alone give the same model. With ``output`` the model is also written,
     atomically; with ``report`` a JSON report of the run (versions, hashes, options,
     partition, thresholds, calibration statistics, timings).
     """
@@ -43,7 +52,20 @@ def compile(  # noqa: A001 - the public name the issue asks for
     if not isinstance(calib, CalibrationSource) and isinstance(calib, (str, os.PathLike, Mapping, np.ndarray)):
         # check the data against the model's inputs before any work is done
         calib = CalibrationSource(calib, input_specs(proto), cfg.preprocess())
+    search: dict[str, Any] | None = None
+    if cfg.target_T:
+        from .search import budget_note, model_record, search_recipe
+
+        if not isinstance(calib, CalibrationSource):
+            calib = CalibrationSource(calib, input_specs(proto), cfg.preprocess())
+        cfg, search = search_recipe(proto, cfg, calib)
+        note = budget_note(search)
+        if note:
+            log.warning("%s; the best of those tried was chosen (a larger --search-budget tries more)", note)
     snn = run_pipeline(proto, cfg, calib, dump_dir=dump_dir, stats=stats)
+    if search is not None:  # the chosen options are in the ann2snn metadata; the search under its own key
+        stats["search"] = search
+        snn.metadata_props.add(key=SEARCH_KEY, value=json.dumps(model_record(search), sort_keys=True))
     try:  # a last guard: never write a model the ONNX checker rejects
         onnx.checker.check_model(snn, full_check=True)
     except Exception as exc:

@@ -56,6 +56,16 @@ class CompileConfig:
     max_memory: refuse a calibration whose estimated memory exceeds this many GiB
         (0: 75% of physical memory).
     progress: show a progress bar on stderr during calibration.
+    target_T: with T > 0, choose the recipe (method, granularity, neuron, burst, clip cap) from
+        the data: part of the calibration set is held out, candidate recipes are compiled on
+        the rest and simulated on it for T steps, and the best (top-1 agreement with the ANN,
+        then relative output error) is compiled on the whole set (ann2snn.search). 0: no search,
+        the options as given.
+    search_budget: seconds the recipe search may spend; the first candidate always runs, a
+        later one only if it is expected to finish within the budget.
+    min_agreement: a search whose best candidate agrees with the ANN on fewer than this
+        fraction of the held-out samples stops with an error naming the figures and the best
+        recipe instead of writing a poor model (0: write the best whatever it scores).
     """
 
     method: str = "ltb"
@@ -82,6 +92,9 @@ class CompileConfig:
     channel_order: str = "RGB"
     layout: str = "NCHW"
     progress: bool = False
+    target_T: int = 0
+    search_budget: float = 120.0
+    min_agreement: float = 0.5
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -124,6 +137,13 @@ class CompileConfig:
             raise ConfigError(f"max_memory is a size in GiB (0: the default), got {self.max_memory} (--max-memory)")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: onnxruntime's default), got {self.threads} (--threads)")
+        if isinstance(self.target_T, bool) or int(self.target_T) != self.target_T or self.target_T < 0:
+            raise ConfigError(f"target_T is the number of timesteps the recipe search scores at (0: no search), "
+                              f"got {self.target_T!r} (--target-T)")
+        if not self.search_budget > 0:
+            raise ConfigError(f"search_budget is a number of seconds > 0, got {self.search_budget} (--search-budget)")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ConfigError(f"min_agreement is a fraction in [0, 1], got {self.min_agreement} (--min-agreement)")
         if self.eta <= 0:
             raise ConfigError(f"eta must be positive, got {self.eta} (--eta)")
 
@@ -132,6 +152,10 @@ class CompileConfig:
         d = asdict(self)
         for runtime_only in ("progress", "threads", "max_memory"):  # they do not change the output
             d.pop(runtime_only)
+        # the search chooses the recipe, which these options then state in full: the model records the
+        # search under its own key (ann2snn.search), so compiling the chosen options gives the same bytes
+        for search_only in ("target_T", "search_budget", "min_agreement"):
+            d.pop(search_only)
         d["spiking_until"] = list(d["spiking_until"])
         d["mean"], d["std"] = list(d["mean"]), list(d["std"])
         return d

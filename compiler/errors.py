@@ -73,3 +73,14 @@ class NonFiniteError(Ann2SnnError):
     """A run produced NaN or inf in an output; the message names the output and the step."""
 
     exit_code = 4
+
+
+class SearchError(Ann2SnnError):
+    """The recipe search found no candidate good enough; the message gives the figures and the
+    best recipe, and ``record`` the whole search (what ``--report`` would hold)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, record: dict | None = None) -> None:
+        super().__init__(message)
+        self.record = record or {}

@@ -82,13 +82,34 @@ def run_pipeline(model: onnx.ModelProto, config: CompileConfig, calib: Any,
     """
     total = time.perf_counter()
     timings: dict[str, float] = {}
+    state, result = _run_passes(model, config, calib, PIPELINE, dump_dir, timings)
+    assert isinstance(result, onnx.ModelProto)
+    if stats is not None:
+        timings["total"] = time.perf_counter() - total
+        stats.update(_statistics(state, timings))
+    return result
+
+
+def run_until(model: onnx.ModelProto, config: CompileConfig, calib: Any, last: str) -> PassState:
+    """Run the passes of PIPELINE up to and including the one named ``last``; return the state
+    (the graph with its sites, thresholds once calibration has run). For analyses that need the
+    calibrated graph before emission (ann2snn.analysis.probe)."""
+    names = [p.name for p in PIPELINE]
+    if last not in names:
+        raise PassError(f"no pass named '{last}'; the passes are {', '.join(names)}")
+    state, _ = _run_passes(model, config, calib, PIPELINE[:names.index(last) + 1], None, {})
+    return state
+
+
+def _run_passes(model: onnx.ModelProto, config: CompileConfig, calib: Any, passes: list[Pass],
+                dump_dir: str | Path | None, timings: dict[str, float]) -> tuple[PassState, Any]:
     start = time.perf_counter()
     state = import_model(model, config)
     timings["import_model"] = time.perf_counter() - start
     state.calib = calib
     have: set[str] = set()
     result: Any = state
-    for i, p in enumerate(PIPELINE):
+    for i, p in enumerate(passes):
         missing = p.requires - have
         if missing:
             raise PassError(f"pass '{p.name}' needs {', '.join(sorted(missing))}, which no earlier pass provides")
@@ -112,11 +133,7 @@ def run_pipeline(model: onnx.ModelProto, config: CompileConfig, calib: Any,
 
             save_model(export(state.graph.copy().cleanup().toposort(), state.opset),
                        Path(dump_dir) / f"{i:02d}_{p.name}.onnx")
-    assert isinstance(result, onnx.ModelProto)
-    if stats is not None:
-        timings["total"] = time.perf_counter() - total
-        stats.update(_statistics(state, timings))
-    return result
+    return state, result
 
 
 def _statistics(state: PassState, timings: dict[str, float]) -> dict[str, Any]:

@@ -62,8 +62,17 @@ from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, config_option, parse_t
               help="Images: channel order (L: grayscale).")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
               help="Images: tensor layout of the model's input.")
+@click.option("--target-T", "target_T", type=int, default=CompileConfig.target_T, show_default=True,
+              help="Choose the recipe (method, granularity, neuron, burst, clip cap) for this many timesteps: "
+                   "candidates are calibrated on part of --calib and scored on the rest (0: no search).")
+@click.option("--search-budget", type=float, default=CompileConfig.search_budget, show_default=True,
+              help="Seconds the recipe search (--target-T) may spend; the first candidate always runs.")
+@click.option("--min-agreement", type=float, default=CompileConfig.min_agreement, show_default=True,
+              help="With --target-T: stop with an error, writing nothing, when the best recipe agrees with the ANN on "
+                   "fewer held-out samples than this fraction (0: write the best whatever it scores).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
-              help="Write a JSON report: versions, input hash, options, partition, thresholds, calibration, timings.")
+              help="Write a JSON report: versions, input hash, options, partition, thresholds, calibration, timings, "
+                   "and the recipe search.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
 @handle_errors
@@ -77,6 +86,10 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
     snn = compile_model(model, calib, output, dump_dir=dump_dir, report=report, **options)
     meta = {p.key: p.value for p in snn.metadata_props}
     info = json.loads(meta["ann2snn"])
+    if not ctx.obj["quiet"] and "ann2snn.search" in meta:
+        from ..search import format_search
+
+        click.echo(format_search(json.loads(meta["ann2snn.search"])))
     if not ctx.obj["quiet"]:
         click.echo(f"wrote {output}: {len(info['neurons'])} neuron layer(s), "
                    f"{sum(n['units'] for n in info['neurons'])} neurons, readout t0 = {info['readout']['t0']}")

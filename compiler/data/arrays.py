@@ -179,6 +179,20 @@ class CalibrationSource:
             return None
         return {k: v[:n] for k, v in self._arrays.items()}
 
+    def take(self, indices: Sequence[int]) -> ArrayDict:
+        """The samples at ``indices`` as arrays (array and image data; an iterable cannot be indexed)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if self._images is not None:
+            return {self.specs[0].name: self._images.load(idx)}
+        if self._arrays is None:
+            raise DataError("this needs calibration data as arrays, a .npz/.npy file or images, not an iterable of "
+                            "batches (its samples cannot be indexed)")
+        order = np.argsort(idx, kind="stable")  # files are read in order; the result keeps the order asked for
+        out = {k: np.asarray(v[idx[order]]) for k, v in self._arrays.items()}
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return {k: v[inverse] for k, v in out.items()}
+
     def batches(self, iters: int, batch: int, seed: int) -> Iterator[ArrayDict]:
         """Yield ``iters`` batches of (at most) ``batch`` samples, deterministically for a seed."""
         if self._arrays is not None or self._images is not None:
