@@ -3,7 +3,8 @@
 A part of the calibration set is held out (a seeded split); candidate recipes (threshold
 method and granularity, neuron, burst, ReLU6 cap kept or dropped) are compiled on the rest
 and simulated on the held-out part for ``target_T`` steps; each is scored by its top-1
-agreement with the ANN, then by its relative output error (mean |SNN - ANN| / mean |ANN|).
+agreement with the ANN, then by its relative output error (mean |SNN - ANN| / mean |ANN|);
+agreements within one held-out sample of the best count as equal (:func:`choose`).
 The best recipe is then compiled on the whole calibration set by the caller (ann2snn.api),
 with the options the search recorded: those options alone give the same model.
 
@@ -213,7 +214,7 @@ def search_recipe(proto: onnx.ModelProto, cfg: CompileConfig,
         raise SearchError(f"recipe search at T = {T}: no candidate could be compiled and scored:\n"
                           f"{format_search(record)}\nfix the first failure above, or compile without --target-T",
                           record)
-    best = min(scored, key=lambda c: (-c["agreement"], c["relative_error"] if c["relative_error"] is not None else 0.0))
+    best = choose(scored, len(held_idx))
     chosen = dataclasses.replace(cfg, target_T=0, **best["options"])
     record["chosen_recipe"] = best["recipe"]
     record["chosen"] = chosen.to_dict()
@@ -225,6 +226,17 @@ def search_recipe(proto: onnx.ModelProto, cfg: CompileConfig,
             f"{format_search(record)}\ntry a larger --target-T, a longer --search-budget or more calibration data; "
             f"--min-agreement 0 writes the best recipe anyway (its options: {_cli(best['options'])})", record)
     return chosen, record
+
+
+def choose(scored: list[dict[str, Any]], held_out: int) -> dict[str, Any]:
+    """The best scored candidate: the highest top-1 agreement, then the lowest relative error.
+
+    Agreements within one held-out sample of the best count as equal (on a few dozen held-out
+    samples one answer is noise), so the output error decides between them; the earlier
+    candidate wins a full tie."""
+    top = max(c["agreement"] for c in scored)
+    near = [c for c in scored if c["agreement"] >= top - 1.0 / held_out - 1e-9]
+    return min(near, key=lambda c: c["relative_error"] if c["relative_error"] is not None else 0.0)
 
 
 def model_record(record: dict[str, Any]) -> dict[str, Any]:
