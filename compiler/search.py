@@ -41,6 +41,11 @@ MIN_HOLDOUT = 16
 MAX_HOLDOUT = 256
 #: samples left to calibrate each candidate on, at least
 MIN_CALIBRATION = 16
+#: multiply-accumulates per second a simulation was assumed to reach on 2 cores (the MobileNetV2
+#: SNN ran at about 2.9x the ANN's time per step, README "Speed and memory"); with it the held-out
+#: part is sized so that scoring one candidate takes about a quarter of the budget. A constant, not
+#: a timing: the split must not depend on the machine's load
+SCORE_MACS_PER_S = 5e9
 #: samples simulated at once when scoring (a model compiled for a fixed batch takes that batch)
 SCORE_BATCH = 64
 #: the options a recipe sets; every other option is the caller's
@@ -75,12 +80,15 @@ def candidates(target_T: int, has_cap: bool) -> list[Recipe]:
     (MobileNetV2: README "Accuracy"), LTB channel-wise is best on the shallow ones at small T.
     Large T: thresholds that do not clip (max-norm, a high percentile) let the error keep
     falling, where LTB's clipping leaves a floor (benchmarks/results/old_exports.md).
-    Recipes that drop the ReLU6 cap come last and only when the model has a cap.
+    Recipes that drop the ReLU6 cap come last and only when the model has a cap; a capped
+    (mobile) network starts with percentile thresholds, the recipe measured on MobileNetV2.
     """
     ltb, pct, mx, layer = ("ltb", "channel"), ("percentile", "channel"), ("max", "channel"), ("ltb", "layer")
     s2, if_, s1 = ("signed", 2), ("if", 1), ("signed", 1)
     if target_T < 128:
         order = [(ltb, s2), (pct, s2), (ltb, if_), (mx, s2), (pct, if_), (ltb, s1), (pct, s1), (mx, if_), (mx, s1)]
+        if has_cap:
+            order[0], order[1] = order[1], order[0]
     else:
         order = [(mx, s2), (pct, s2), (mx, if_), (ltb, s2), (pct, if_), (ltb, if_), (mx, s1), (pct, s1), (ltb, s1)]
     order += [(layer, s2), (layer, if_), (layer, s1)]
@@ -90,14 +98,25 @@ def candidates(target_T: int, has_cap: bool) -> list[Recipe]:
     return recipes
 
 
-def split_calibration(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(calibration indices, held-out indices), sorted, for ``n`` samples: a seeded split."""
-    held = min(MAX_HOLDOUT, max(MIN_HOLDOUT, int(round(n * HOLDOUT_FRACTION))))
+def holdout_size(n: int, macs_per_sample: int, target_T: int, budget: float) -> int:
+    """How many of ``n`` calibration samples the search holds out: a quarter (at most
+    MAX_HOLDOUT), fewer when simulating them at ``target_T`` would take more than a quarter of
+    the budget (see SCORE_MACS_PER_S), never fewer than MIN_HOLDOUT."""
+    held = min(MAX_HOLDOUT, int(round(n * HOLDOUT_FRACTION)))
+    if macs_per_sample > 0:
+        held = min(held, int(budget / 4 * SCORE_MACS_PER_S / (macs_per_sample * max(1, target_T))))
+    return max(MIN_HOLDOUT, held)
+
+
+def split_calibration(n: int, seed: int, held: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration indices, held-out indices), sorted, for ``n`` samples: a seeded split that
+    holds out ``held`` samples (default: :func:`holdout_size` without a cost limit)."""
+    held = holdout_size(n, 0, 0, 0.0) if held is None else held
     if n - held < MIN_CALIBRATION:
         raise DataError(
             f"the calibration data has {n} samples, too few for the recipe search (--target-T): it holds out "
-            f"{MIN_HOLDOUT} or more to score the candidates and calibrates on at least {MIN_CALIBRATION} others, "
-            f"so it needs {MIN_HOLDOUT + MIN_CALIBRATION} or more; pass more calibration samples (--calib) or "
+            f"{held} to score the candidates and calibrates on at least {MIN_CALIBRATION} others, "
+            f"so it needs {held + MIN_CALIBRATION} or more; pass more calibration samples (--calib) or "
             "compile without --target-T")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[held:]), np.sort(order[:held])
@@ -175,17 +194,17 @@ def search_recipe(proto: onnx.ModelProto, cfg: CompileConfig,
         raise DataError("the recipe search (--target-T) needs calibration data as a .npz/.npy file, arrays or "
                         "images, not an iterable of batches (it holds a part out); pass arrays or compile without "
                         "--target-T")
-    calib_idx, held_idx = split_calibration(n, cfg.seed)
+    structure = run_until(proto, cfg, source, "partition_graph")
+    macs = int(structure.metadata.get("macs", {}).get("total", 0))
+    calib_idx, held_idx = split_calibration(n, cfg.seed, holdout_size(n, macs, T, cfg.search_budget))
     calib, held = source.take(calib_idx), source.take(held_idx)
-    structure = run_until(proto, cfg, calib, "partition_graph")
     has_cap = any(s.cap is not None for s in structure.sites)
     recipes = candidates(T, has_cap) if structure.sites else [Recipe(cfg.method, cfg.granularity, cfg.neuron,
                                                                      cfg.burst, cfg.keep_clip_cap)]
     name, ref = _ann_reference(proto, held)
     record: dict[str, Any] = {
         "target_T": T, "budget_s": cfg.search_budget, "min_agreement": cfg.min_agreement,
-        "holdout": {"seed": cfg.seed, "held_out": len(held_idx), "calibration": len(calib_idx),
-                    "fraction": HOLDOUT_FRACTION},
+        "holdout": {"seed": cfg.seed, "held_out": len(held_idx), "calibration": len(calib_idx)},
         "scored_output": name, "candidates": [],
     }
     base = dataclasses.replace(cfg, target_T=0, progress=False, batch=min(cfg.batch, len(calib_idx)))

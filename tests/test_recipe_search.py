@@ -19,7 +19,7 @@ from ann2snn.analysis.probe import format_probe, probe_layers
 from ann2snn.cli import main
 from ann2snn.errors import DataError, SearchError
 from ann2snn.modelio import serialize
-from ann2snn.search import Recipe, candidates, choose, split_calibration
+from ann2snn.search import Recipe, candidates, choose, holdout_size, split_calibration
 
 DIGITS = MODELS / "digits_cnn.onnx"
 DIGITS_CALIB = MODELS / "data" / "digits_calib.npz"
@@ -51,7 +51,7 @@ def test_search_records_every_candidate_and_the_choice(searched) -> None:
     snn, report = searched
     record = search_record(snn)
     assert record["target_T"] == 16
-    assert record["holdout"] == {"seed": 0, "held_out": 75, "calibration": 225, "fraction": 0.25}
+    assert record["holdout"] == {"seed": 0, "held_out": 75, "calibration": 225}
     tried = [c for c in record["candidates"] if c["status"] == "scored"]
     assert len(tried) >= 3
     for c in tried:
@@ -85,7 +85,8 @@ def test_tiny_budget_stops_after_the_first_candidate() -> None:
 
 def test_too_small_calibration_set_is_an_error_naming_the_fix() -> None:
     x = np.load(DIGITS_CALIB)["input"][:20]
-    with pytest.raises(DataError, match=r"has 20 samples, too few for the recipe search.*needs 32 or more.*--calib"):
+    with pytest.raises(DataError, match=r"has 20 samples, too few for the recipe search.*holds out 16.*needs 32 or "
+                                       r"more.*--calib"):
         ann2snn.compile(DIGITS, {"input": x}, target_T=16)
     snn = ann2snn.compile(DIGITS, {"input": x}, **FAST)  # without a search the same data compile
     assert not any(p.key == "ann2snn.search" for p in snn.metadata_props)
@@ -118,7 +119,8 @@ def test_cli_prints_the_table_and_checks_the_floor_option(tmp_path) -> None:
             "--target-T", "8", "--search-budget", "0.001", "--no-progress"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert "recipe search at T = 8: 75 held-out samples" in r.output and "(chosen)" in r.output
+    # a budget this small also holds out the fewest samples (scoring must fit the budget)
+    assert "recipe search at T = 8: 16 held-out samples" in r.output and "(chosen)" in r.output
     assert "skipped (budget)" in r.output
     r = CliRunner().invoke(main, [*args[:-1], "--min-agreement", "1.01"])
     assert r.exit_code == 2 and "min_agreement is a fraction in [0, 1]" in r.output
@@ -133,12 +135,19 @@ def test_split_is_seeded_disjoint_and_complete() -> None:
     assert len(split_calibration(5000, 0)[1]) == 256  # capped: scoring time does not grow with the set
 
 
+def test_holdout_shrinks_for_costly_models_but_not_below_the_minimum() -> None:
+    assert holdout_size(300, 100_000, 64, 120.0) == 75  # the digits CNN: a quarter
+    assert holdout_size(256, 300_000_000, 64, 120.0) == 16  # MobileNetV2-sized: the minimum
+    assert 16 < holdout_size(1000, 20_000_000, 64, 120.0) < 250
+
+
 def test_candidates_skip_what_cannot_differ_and_order_by_T() -> None:
     small, large = candidates(64, has_cap=False), candidates(256, has_cap=False)
     assert all(r.keep_clip_cap for r in small) and len(small) == len(set(small)) == 12
     capped = candidates(64, has_cap=True)
     assert len(capped) == 24 and sum(not r.keep_clip_cap for r in capped) == 12
     assert small[0] == Recipe("ltb", "channel", "signed", 2)
+    assert capped[0] == Recipe("percentile", "channel", "signed", 2)  # the recipe measured on MobileNetV2
     assert large[0] == Recipe("max", "channel", "signed", 2)
     assert Recipe("percentile", "channel", "signed", 2, False).label == "percentile/channel signed burst 2, cap dropped"
 
