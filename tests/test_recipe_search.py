@@ -198,3 +198,14 @@ def test_old_export_converges_with_the_chosen_recipe(name: str) -> None:
     runs = SpikingSession(snn).run_many({"input": x}, [64, 256])
     err = {T: float(np.abs(runs[T]["logits"] - ref).mean() / np.abs(ref).mean()) for T in (64, 256)}
     assert err[256] <= 0.5 * err[64], err
+
+
+def test_probe_command_prints_a_row_per_layer_and_writes_json(tmp_path) -> None:
+    data = tmp_path / "x.npy"
+    np.save(data, np.load(OLD / "test.npz")["input"][:4])
+    r = CliRunner().invoke(main, ["probe", str(OLD / "squeezenet.onnx"), "--calib", str(OLD / "calib.npz"),
+                                  "--data", str(data), "-T", "8,32", "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("| /features/") == 13 and "output `logits`" in r.output
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert set(result["output"]["snn_error"]) == {"8", "32"}

@@ -1,4 +1,4 @@
-"""The ``ann2snn`` command line: inspect, compile, run, eval, report, export.
+"""The ``ann2snn`` command line: inspect, compile, run, eval, report, export, probe.
 
 Errors are printed as one clean message on stderr with a non-zero exit code
 (2: bad option, 3: model cannot be read or converted, 4: bad data, 5: resource limit,
@@ -18,6 +18,7 @@ import click
 from ..version import __version__
 from .commands import compile_cmd, eval_cmd, inspect_cmd, run_cmd
 from .export import export_cmd
+from .probe import probe_cmd
 from .report import report_cmd
 
 
@@ -35,5 +36,5 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-for _command in (compile_cmd, inspect_cmd, run_cmd, eval_cmd, report_cmd, export_cmd):
+for _command in (compile_cmd, inspect_cmd, run_cmd, eval_cmd, report_cmd, export_cmd, probe_cmd):
     main.add_command(_command)
