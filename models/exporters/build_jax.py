@@ -5,8 +5,9 @@ as JAX/Flax code is, with the torch-trained weights: BatchNorm written out, max 
 out, ``jax.nn.softmax``, ``jax.nn.gelu`` (its default: the tanh approximation), and the token
 embedding as a one-hot matrix product (``jax.nn.one_hot(tokens, 17) @ table``) on int32 tokens.
 
-Toolchain: jax 0.10.2, tensorflow 2.21.0, tf2onnx 1.17.0 (see README.md). Run:
-``/work/exporters-tf/bin/python models/exporters/build_jax.py``
+Toolchain: jax 0.4.30, tensorflow 2.17, tf2onnx 1.17.0 (see README.md; jax 0.10.2 always serialises
+to StableHLO (an XlaCallModule op), which tf2onnx cannot convert). Run:
+``/work/exporters-jax/bin/python models/exporters/build_jax.py``
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def main() -> None:
     print("jax", jax.__version__, "tensorflow", tf.__version__, "tf2onnx", tf2onnx.__version__)
     for name in NETS:
         shape, dtype = SPECS[name]
-        fn = jax2tf.convert(globals()[name], polymorphic_shapes=["(b, ...)"], native_serialization=False)
+        fn = jax2tf.convert(globals()[name], polymorphic_shapes=["(b, ...)"], native_serialization=False,
+                            enable_xla=False)  # plain TF ops (MaxPool, Conv2D) that tf2onnx knows
         spec = [tf.TensorSpec((None,) + shape, dtype, name="input")]
         tf_fn = tf.function(lambda x, f=fn: {"logits": f(x)}, input_signature=spec, autograph=False)
         proto, _ = tf2onnx.convert.from_function(tf_fn, input_signature=spec, opset=15)
