@@ -2,23 +2,53 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import onnx
 
 from ..config import CompileConfig
 from ..errors import UnsupportedModelError
 from ..macs import node_macs
 from ..modelio import load_model
-from ..support import REJECTED, reject_reason, role
+from ..support import REJECTED, analog_reason, reject_reason, role
 
 ROLES = ("neuron", "spiking", "pooling", "prefix", "tail", "folded", "unsupported")
 
 
-def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: CompileConfig | None = None) -> dict[str, Any]:
+class _Sizes:
+    """Stands in for calibration data where only the input sizes are known (fix_input_sizes)."""
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, Any]) -> None:
+        self.shapes, self.dtypes = shapes, dtypes
+
+    def first(self, n: int) -> dict[str, np.ndarray]:
+        return {k: np.zeros([n] + [int(d) for d in v[1:]], self.dtypes.get(k, np.float32))
+                for k, v in self.shapes.items()}
+
+
+def compiled_input_shapes(compiled: str | os.PathLike[str] | onnx.ModelProto) -> dict[str, list[int]]:
+    """The per-sample input sizes a compiled model was built for (its data inputs, batch first)."""
+    proto = load_model(compiled)
+    init = {i.name for i in proto.graph.initializer}
+    shapes = {}
+    for i in proto.graph.input:
+        if i.name in init or i.name.endswith(("/v", "/count")):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in i.type.tensor_type.shape.dim]
+        shapes[i.name] = dims
+    return shapes
+
+
+def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: CompileConfig | None = None,
+                  input_shapes: Mapping[str, Sequence[int]] | None = None,
+                  compiled: str | os.PathLike[str] | onnx.ModelProto | None = None) -> dict[str, Any]:
     """Per node of the original model: its role in the SNN, MACs, and why (see ROLES).
 
-    Runs the compiler's passes up to the partition (no calibration data needed).
+    Runs the compiler's passes up to the partition (no calibration data needed). Inputs with
+    symbolic sizes (e.g. H x W) take ``input_shapes`` (input name -> shape, batch first), or
+    the sizes of ``compiled``, the model compiled from it, so that MACs can be counted.
     """
     from ann2snn.passes.import_model import import_model
     from ann2snn.passes.partition_graph import partition_graph
@@ -29,6 +59,12 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
     proto = load_model(model)
     original = [(n.name, n.domain or "ai.onnx", n.op_type) for n in proto.graph.node]
     state = import_model(proto, cfg)
+    if compiled is not None and input_shapes is None:
+        input_shapes = compiled_input_shapes(compiled)
+    if input_shapes:
+        dtypes = {t.name: t.dtype for t in state.graph.inputs if t.dtype is not None}
+        state.calib = _Sizes({k: v for k, v in input_shapes.items() if k in dtypes or k in
+                              {t.name for t in state.graph.inputs}}, dtypes)
     # import_model names unnamed nodes in order, so original and imported lists align
     names = [n.name for n in state.graph.nodes]
     original = [(names[i], d, op) for i, (_, d, op) in enumerate(original)]
@@ -46,10 +82,66 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
     nodes = {n.name: n for n in state.graph.nodes}
     sites = {s.node: s for s in state.sites}
     spiking, tail, pools = set(state.spiking), set(state.tail), set(state.varying_pools)
+    absorbed: dict[str, str] = state.metadata.get("absorbed", {})
+    reasons = _tail_reasons(state.graph, tail, spiking | set(sites))
     rows = []
     for name, domain, op in original:
         node = nodes.get(name)
+        part_of = absorbed.get(name)
+        if node is None and part_of in nodes:  # one of the ops of a written-out activation
+            name_for_role, node = part_of, None
+            canon = nodes[part_of]
+        else:
+            name_for_role, canon = name, node
         macs = node_macs(node) if node is not None else 0
+        recognised = ""
+        if canon is not None and (canon.op != op or part_of):
+            label = f"{canon.domain}::{canon.op}" if canon.domain else canon.op
+            recognised = (f"part of {label} written out, recognised as one op '{canon.name}'; " if part_of
+                          else f"{op} recognised as {label}; ")
+        kind, why = _classify_row(name_for_role, op, domain, canon, state, cfg, sites, pools, spiking, tail, reasons)
+        rows.append({"node": name, "op": f"{domain}::{op}", "role": kind, "macs": macs, "detail": recognised + why})
+    macs = {k: sum(r["macs"] for r in rows if r["role"] == k) for k in ROLES}
+    total = sum(macs.values())
+    return {
+        "nodes": rows,
+        "neuron_layers": len(state.sites),
+        "neurons": sum(int(_prod(s.shape)) for s in state.sites),
+        "macs": {"total": total, "spiking": macs["spiking"], "prefix": macs["prefix"], "tail": macs["tail"]},
+        "boundary": list(state.boundary),
+        "problems": problems,
+    }
+
+
+def _tail_reasons(graph: Any, tail: set[str], spiking: set[str]) -> dict[str, str]:
+    """Why each tail node is analog: the nodes that end the spiking part give their op's reason,
+    the nodes after them name where the spiking part ended."""
+    reasons: dict[str, str] = {}
+    producers = {t.name: n for n in graph.nodes for t in n.outputs}
+    ends: dict[str, str] = {}  # tensor -> the tail node it descends from
+    for n in graph.nodes:
+        if n.name not in tail:
+            continue
+        ins = [t for t in n.inputs if t.name]
+        from_spikes = [bool(t.name in producers and producers[t.name].name in spiking) for t in ins]
+        upstream = [ends[t.name] for t in ins if t.name in ends]
+        if any(from_spikes):
+            varying = [bool(t.name in producers and (producers[t.name].name in spiking or producers[t.name].name
+                                                     in tail)) for t in n.inputs]
+            reasons[n.name] = "ends the spiking part: " + analog_reason(n.op, n.domain or "", varying)
+            origin = n.name
+        else:
+            origin = upstream[0] if upstream else n.name
+            reasons[n.name] = f"analog, runs once on the readout (in the tail after '{origin}')"
+        for t in n.outputs:
+            ends[t.name] = origin
+    return reasons
+
+
+def _classify_row(name: str, op: str, domain: str, node: Any, state: Any, cfg: CompileConfig, sites: dict,
+                  pools: set[str], spiking: set[str], tail: set[str], reasons: dict[str, str]) -> tuple[str, str]:
+    """(role, detail) of one row."""
+    if True:
         if role(op, "" if domain == "ai.onnx" else domain) == REJECTED:
             kind, why = "unsupported", "; ".join(reject_reason(op, "" if domain == "ai.onnx" else domain))
         elif node is None:
@@ -68,20 +160,10 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         elif name in spiking:
             kind, why = "spiking", "affine op on spikes"
         elif name in tail:
-            kind, why = "tail", "analog, runs once on the readout"
+            kind, why = "tail", reasons.get(name, "analog, runs once on the readout")
         else:
             kind, why = "prefix", "analog, input is constant in time (direct coding)"
-        rows.append({"node": name, "op": f"{domain}::{op}", "role": kind, "macs": macs, "detail": why})
-    macs = {k: sum(r["macs"] for r in rows if r["role"] == k) for k in ROLES}
-    total = sum(macs.values())
-    return {
-        "nodes": rows,
-        "neuron_layers": len(state.sites),
-        "neurons": sum(int(_prod(s.shape)) for s in state.sites),
-        "macs": {"total": total, "spiking": macs["spiking"], "prefix": macs["prefix"], "tail": macs["tail"]},
-        "boundary": list(state.boundary),
-        "problems": problems,
-    }
+    return kind, why
 
 
 def _prod(shape: tuple[int, ...]) -> int:
