@@ -125,7 +125,7 @@ def _tail_reasons(graph: Any, tail: set[str], spiking: set[str]) -> dict[str, st
         ins = [t for t in n.inputs if t.name]
         from_spikes = [bool(t.name in producers and producers[t.name].name in spiking) for t in ins]
         upstream = [ends[t.name] for t in ins if t.name in ends]
-        if any(from_spikes):
+        if any(from_spikes) and not upstream:
             varying = [bool(t.name in producers and (producers[t.name].name in spiking or producers[t.name].name
                                                      in tail)) for t in n.inputs]
             reasons[n.name] = "ends the spiking part: " + analog_reason(n.op, n.domain or "", varying)
