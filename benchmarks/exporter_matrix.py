@@ -36,7 +36,7 @@ def run_cell(matrix: Any, net: str, exporter: str, Ts: tuple[int, ...] = (32, 64
     try:
         snn = ann2snn.compile(path, matrix.cell_inputs(path, "calib"))
     except ann2snn.Ann2SnnError as exc:
-        return {"net": net, "exporter": exporter, "error": str(exc).splitlines()[0]}
+        return {"net": net, "exporter": exporter, "error": " ".join(str(exc).splitlines()[:2])}
     data = matrix.cell_inputs(path, "test")
     data["label"] = matrix.labels()
     res = evaluate(path, SpikingSession(snn), data, list(Ts), batch_size=300)
@@ -61,10 +61,13 @@ def main() -> None:
             if r is None:
                 row.append("-")
             elif "error" in r:
-                row.append("refused")
+                row.append("refused*")
             else:
                 row.append(" / ".join(f"{r['snn'][T]['agreement'] * 100:.1f}" for T in (32, 64)))
         lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("Each cell: top-1 agreement (%) of the SNN with its ANN at T = 32 / T = 64 on the 300 test images; "
+                 "'-': the toolchain has no such network; refused*: see below.")
     print("\n".join(lines))
     if not args.markdown:
         print()
@@ -72,8 +75,8 @@ def main() -> None:
             if "error" in r:
                 print(f"{net} / {exp}: refused: {r['error']}")
             else:
-                errs = ", ".join(f"T={T}: agreement {v['agreement'] * 100:.1f}%, rel. error {v['relative_error']:.3f}"
-                                 if v["relative_error"] is not None else f"T={T}: agreement {v['agreement'] * 100:.1f}%"
+                errs = ", ".join(f"T={T}: accuracy {v['accuracy'] * 100:.1f}%, agreement {v['agreement'] * 100:.1f}%"
+                                 + (f", rel. error {v['relative_error']:.3f}" if v["relative_error"] is not None else "")
                                  for T, v in r["snn"].items())
                 print(f"{net} / {exp}: ANN accuracy {r['ann_accuracy'] * 100:.1f}%, {r['neuron_layers']} neuron "
                       f"layer(s); {errs}")

@@ -168,11 +168,14 @@ def _test_input(x: gs.Tensor, nodes: list[gs.Node]) -> np.ndarray | None:
         shape = [512]
     if shape is None:
         return None
+    elementwise = all(n.op in ELEMENTWISE for n in nodes)
+    far = np.geomspace(10.0, 1e4, 24)  # far from 0 too: Min(Max(x, 0), 64) is no ReLU
+    sweep = np.concatenate([np.linspace(-8.0, 8.0, 401), far, -far]).astype(np.float32)
+    if elementwise:  # a batch large enough for the whole sweep
+        shape[0] = max(2, -(-sweep.size // int(np.prod(shape[1:]))))
     xv = (rng.standard_normal(shape) * 3.0).astype(np.float32)
-    if all(n.op in ELEMENTWISE for n in nodes):  # a sweep through the kinks of piecewise activations
-        flat = xv.reshape(-1)
-        sweep = np.linspace(-8.0, 8.0, min(flat.size, 401), dtype=np.float32)
-        flat[:sweep.size] = sweep
+    if elementwise:  # through the kinks of piecewise activations
+        xv.reshape(-1)[:sweep.size] = sweep
     return xv
 
 
@@ -210,7 +213,8 @@ def _identify(nodes: list[gs.Node], x: gs.Tensor, y: gs.Tensor, opset: int) -> t
     xv = _test_input(x, nodes)
     if xv is None:
         return None
-    yv = _evaluate(nodes, x, y, xv, opset)
+    with np.errstate(over="ignore"):
+        yv = _evaluate(nodes, x, y, xv, opset)
     if yv is None or yv.shape != xv.shape:
         return None
     ops = {n.op for n in nodes}
@@ -219,7 +223,9 @@ def _identify(nodes: list[gs.Node], x: gs.Tensor, y: gs.Tensor, opset: int) -> t
         for name, f in ELEMENTWISE_ACTIVATIONS.items():
             if name == "Relu" and ops <= {"Relu"}:
                 continue
-            if _close(yv, f(x64)):
+            with np.errstate(over="ignore", invalid="ignore"):
+                ref = f(x64)
+            if _close(yv, ref):
                 return name, {}
         return _piecewise_linear(x64, yv)
     if xv.ndim >= 2:

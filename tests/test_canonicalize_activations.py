@@ -17,11 +17,12 @@ from ann2snn.passes.import_model import import_model
 from conftest import build, run_ort
 
 C = {"zero": 0.0, "three": 3.0, "six": 6.0, "sixth": 1.0 / 6.0, "half": 0.5, "one": 1.0, "rt2": float(np.sqrt(2.0)),
-     "k": float(np.sqrt(2.0 / np.pi)), "cubic": 0.044715, "p3": 3.0, "two": 2.0, "eps": 1e-5}
+     "k": float(np.sqrt(2.0 / np.pi)), "cubic": 0.044715, "p3": 3.0, "two": 2.0, "eps": 1e-5, "c64": 64.0}
 
 #: (name, body with input x [N, 8] and output y, opset, the op it must become)
 SPELLINGS = [
     ("relu as Max (jax2tf)", "y = Max (x, zero)", 17, "Relu"),
+    ("a clamp Min(Max(x, 0), 64) is a Clip, not a ReLU", "m = Max (x, zero)\n y = Min (m, c64)", 17, "Clip"),
     ("SiLU x*Sigmoid(x) (ultralytics)", "s = Sigmoid (x)\n y = Mul (x, s)", 17, f"{DOMAIN}::SiLU"),
     ("HardSigmoid Clip/Div (torch opset 9)", "a = Add (x, three)\n c = Clip (a, zero, six)\n y = Div (c, six)", 17,
      "HardSigmoid"),
