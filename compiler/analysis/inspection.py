@@ -65,9 +65,7 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         dtypes = {t.name: t.dtype for t in state.graph.inputs if t.dtype is not None}
         state.calib = _Sizes({k: v for k, v in input_shapes.items() if k in dtypes or k in
                               {t.name for t in state.graph.inputs}}, dtypes)
-    # import_model names unnamed nodes in order, so original and imported lists align
-    names = [n.name for n in state.graph.nodes]
-    original = [(names[i], d, op) for i, (_, d, op) in enumerate(original)]
+    original = _align(original, [(n.name, n.op) for n in state.graph.nodes])
     problems: list[str] = []
     # the compiler's own passes from after check_support (unsupported ops are listed here
     # instead of raised) up to the partition
@@ -111,6 +109,29 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         "boundary": list(state.boundary),
         "problems": problems,
     }
+
+
+def _align(original: list[tuple[str, str, str]], imported: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """The imported name of each original node: its own name where it kept it, else (unnamed
+    nodes, named by import_model) the next unused imported node of the same op. Positions alone
+    do not do: upgrading an old opset adds nodes (e.g. the Constant axes of Squeeze)."""
+    names = {n for n, _ in imported}
+    used: set[str] = {name for name, _, _ in original if name and name in names}
+    out, i = [], 0
+    for name, domain, op in original:
+        if name and name in names:
+            out.append((name, domain, op))
+            continue
+        j = i
+        while j < len(imported) and (imported[j][0] in used or imported[j][1] != op):
+            j += 1
+        if j < len(imported):
+            used.add(imported[j][0])
+            out.append((imported[j][0], domain, op))
+            i = j + 1
+        else:
+            out.append((name or f"{op}_unnamed", domain, op))
+    return out
 
 
 def _tail_reasons(graph: Any, tail: set[str], spiking: set[str]) -> dict[str, str]:
