@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from ann2snn.errors import ModelLoadError, NodeProblem, UnsupportedModelError
 from ann2snn.ortsession import make_session
@@ -35,7 +36,7 @@ def check_support(state: PassState) -> PassState:
     return state
 
 
-def _training_mode(node) -> bool:  # noqa: ANN001 - a gs.Node
+def _training_mode(node: gs.Node) -> bool:
     """A Dropout whose training_mode input is a constant true, or a BatchNormalization with training_mode=1."""
     if node.op == "BatchNormalization":
         return bool(node.attrs.get("training_mode", 0)) or len(node.outputs) > 1 and any(t.outputs for t in node.outputs[1:])

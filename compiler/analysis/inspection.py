@@ -151,9 +151,12 @@ def _tail_reasons(graph: Any, tail: set[str], spiking: set[str]) -> dict[str, st
                                                      in tail)) for t in n.inputs]
             reasons[n.name] = "ends the spiking part: " + analog_reason(n.op, n.domain or "", varying)
             origin = n.name
-        else:
-            origin = upstream[0] if upstream else n.name
+        elif upstream:
+            origin = upstream[0]
             reasons[n.name] = f"analog, runs once on the readout (in the tail after '{origin}')"
+        else:
+            origin = n.name
+            reasons[n.name] = "analog, runs once on the readout"
         for t in n.outputs:
             ends[t.name] = origin
     return reasons
@@ -162,29 +165,25 @@ def _tail_reasons(graph: Any, tail: set[str], spiking: set[str]) -> dict[str, st
 def _classify_row(name: str, op: str, domain: str, node: Any, state: Any, cfg: CompileConfig, sites: dict,
                   pools: set[str], spiking: set[str], tail: set[str], reasons: dict[str, str]) -> tuple[str, str]:
     """(role, detail) of one row."""
-    if True:
-        if role(op, "" if domain == "ai.onnx" else domain) == REJECTED:
-            kind, why = "unsupported", "; ".join(reject_reason(op, "" if domain == "ai.onnx" else domain))
-        elif node is None:
-            kind, why = "folded", state.removed.get(name, "folded into a constant")
-        elif name in sites:
-            s = sites[name]
-            units = 1
-            for d in s.shape:
-                units *= d
-            kind, why = "neuron", f"IF neurons, {units} units, integrates '{s.pre}'"
-            if s.cap is not None:
-                why += (f"; clip cap {s.cap:g} kept (thresholds <= {s.cap:g})" if cfg.keep_clip_cap
-                        else f"; clip cap {s.cap:g} dropped (--drop-clip-cap)")
-        elif name in pools:
-            kind, why = "pooling", "max pool of the running sum of its input (cumulative)"
-        elif name in spiking:
-            kind, why = "spiking", "affine op on spikes"
-        elif name in tail:
-            kind, why = "tail", reasons.get(name, "analog, runs once on the readout")
-        else:
-            kind, why = "prefix", "analog, input is constant in time (direct coding)"
-    return kind, why
+    plain = "" if domain == "ai.onnx" else domain
+    if role(op, plain) == REJECTED:
+        return "unsupported", "; ".join(reject_reason(op, plain))
+    if node is None:
+        return "folded", state.removed.get(name, "folded into a constant")
+    if name in sites:
+        s = sites[name]
+        why = f"IF neurons, {_prod(s.shape)} units, integrates '{s.pre}'"
+        if s.cap is not None:
+            why += (f"; clip cap {s.cap:g} kept (thresholds <= {s.cap:g})" if cfg.keep_clip_cap
+                    else f"; clip cap {s.cap:g} dropped (--drop-clip-cap)")
+        return "neuron", why
+    if name in pools:
+        return "pooling", "max pool of the running sum of its input (cumulative)"
+    if name in spiking:
+        return "spiking", "affine op on spikes"
+    if name in tail:
+        return "tail", reasons.get(name, "analog, runs once on the readout")
+    return "prefix", "analog, input is constant in time (direct coding)"
 
 
 def _prod(shape: tuple[int, ...]) -> int:
