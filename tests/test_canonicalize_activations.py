@@ -168,3 +168,25 @@ def test_gs_function_round_trip_keeps_the_body() -> None:
     assert [f.name for f in state.graph.functions] == ["SiLU"]
     assert isinstance(state.graph.functions[0], gs.Function)
     assert [n.op for n in state.graph.functions[0].nodes] == ["Sigmoid", "Mul"]
+
+
+def test_function_in_the_time_constant_prefix_runs() -> None:
+    """A canonical function op before the first neuron (the prefix, in the step graph itself)."""
+    import ann2snn
+    from ann2snn.runtime import SpikingSession
+    from ann2snn.runtime.reference import reference_run
+
+    rng = np.random.default_rng(0)
+    text = """g (float[N, 8] x, float[16, 8] W1, float[16] b1, float[4, 16] W2, float[4] b2) => (float[N, 4] y) {
+      s = Sigmoid (x)
+      u = Mul (x, s)
+      a = Gemm <transB=1> (u, W1, b1)
+      r = Relu (a)
+      y = Gemm <transB=1> (r, W2, b2)
+    }"""
+    model = build(text, {"W1": rng.normal(0, .5, (16, 8)), "b1": np.zeros(16), "W2": rng.normal(0, .5, (4, 16)),
+                         "b2": np.zeros(4)})
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    snn = ann2snn.compile(model, {"x": x}, iters=10, batch=16)
+    assert any(n.domain == DOMAIN and n.op_type == "SiLU" for n in snn.graph.node)
+    np.testing.assert_array_equal(SpikingSession(snn).run({"x": x[:4]}, 16)["y"], reference_run(snn, {"x": x[:4]}, 16)["y"])
