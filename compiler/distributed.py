@@ -1,4 +1,4 @@
-"""Data-parallel ``run`` and ``eval`` on a Ray cluster (``pip install 'ann2snn[ray]'``).
+"""Data-parallel ``run``, ``eval`` and ``report`` on a Ray cluster (``pip install 'ann2snn[ray]'``).
 
 The data are cut into shards of whole batches (the batches one process would run). Each Ray
 task opens the data file or image folder itself and reads only its shard's samples, so the
@@ -13,7 +13,9 @@ Results merge exactly as one process would compute them:
   and the auto form is a rule of the batch, not a timing);
 - ``eval`` (classification): each batch returns the sums of ``analysis.evaluate.batch_sums``;
   the driver adds them in batch order (``merge_sums``), the same float64 additions in the
-  same order as in one process.
+  same order as in one process;
+- ``report``: spike counts are sums of integers (exact in any order), its accuracies merge as
+  ``eval``'s.
 
 A worker process that dies (killed, out of memory, its node lost) makes Ray run its shard
 again (``max_retries``); the driver takes each shard's result exactly once, so nothing is
@@ -260,3 +262,96 @@ def evaluate_ray(ann: str, snn: str, data: str, Ts: Sequence[int], *, address: s
     sums: list[dict[str, Any]] = []
     _gather(ray, futures, [b - a for a, b in ranges], "simulating", show_progress, lambda _, r: sums.extend(r))
     return merge_sums(sums, Ts, labels is not None, session.t0 if t0 is None else int(t0))
+
+
+def _report_shard(snn: str, data: str, ann: str | None, labels: np.ndarray | None, start: int, stop: int,
+                  batch_size: int, Ts: Sequence[int], t0: int | None, threads: int) -> tuple[Any, int, list[Any]]:
+    """One shard of ``report``: spike counts per T and layer (sums of integers, exact in any
+    order), the samples counted, and the per-batch accuracy sums."""
+    from .analysis.cost import analyse
+    from .analysis.evaluate import batch_sums, predictions
+    from .analysis.report import SpikeCounter, _counting_session
+    from .modelio import load_model
+    from .ortsession import make_session
+    from ann2snn.runtime.ops import COUNTING_OPS
+
+    _maybe_die()
+    key = ("report", snn, os.path.getmtime(snn), threads)
+    if key not in _SESSIONS:
+        proto = load_model(snn)
+        holder: list[Any] = []
+        neurons = analyse(proto).neurons
+        _SESSIONS[key] = (_counting_session(proto, holder), holder, neurons)
+    session, holder, neurons = _SESSIONS[key]
+    counter = SpikeCounter({n["spikes"]: n["shape"] for n in neurons}, Ts,
+                           signed=any(n["op"] in COUNTING_OPS for n in neurons))
+    holder[:] = [counter]
+    ann_sess = None
+    if ann is not None:
+        akey = ("ann", ann, os.path.getmtime(ann), threads)
+        if akey not in _SESSIONS:
+            _SESSIONS[akey] = make_session(load_model(ann), threads)
+        ann_sess = _SESSIONS[akey]
+    sums: list[Any] = []
+    pos = start
+    for feeds in _batches(session, data, start, stop, batch_size):
+        if ann_sess is not None:
+            sums.append(batch_sums(ann_sess, session, feeds, labels, pos, Ts, t0))
+        else:
+            res = session.run_many(feeds, Ts, t0)
+            out = session.output_names[0]
+            b = len(next(iter(feeds.values())))
+            truth = labels[pos:pos + b] if labels is not None else None
+            sums.append({"samples": b, "correct": {T: int((predictions(res[T][out]) == truth).sum())
+                                                   if truth is not None else 0 for T in Ts}})
+        pos += sums[-1]["samples"]
+    return counter.totals, counter.samples, sums
+
+
+def report_counts_ray(snn: str, data: str, Ts: Sequence[int], *, specs: Sequence[Any], address: str | None,
+                      ann: str | None, label_key: str, batch_size: int, t0: int | None, t0_default: int,
+                      threads: int | None, show_progress: bool) -> tuple[Any, int, dict[str, Any]]:
+    """The spike counts (by T and layer), the samples counted and the accuracy part of
+    ``analysis.report.report``, with the shards on Ray workers: the counts are sums of integers
+    and the accuracies merge as in ``evaluate_ray``, so the report is that of one process."""
+    from .analysis.evaluate import merge_sums
+    from .data.arrays import as_array_dict, check_arrays
+    from .errors import DataError
+
+    ray = connect(address)
+    arrays = as_array_dict(data, specs, "report data", lazy=True)
+    check_arrays(arrays, specs, "report data")
+    n = len(arrays[specs[0].name])
+    labels = np.asarray(arrays[label_key]).reshape(-1) if label_key in arrays else None
+    if labels is not None and labels.shape[0] != n:
+        raise DataError(f"report data has {labels.shape[0]} labels under '{label_key}' for {n} samples")
+    Ts = sorted({int(T) for T in Ts})
+    threads = threads or 1
+    task = ray.remote(num_cpus=threads, max_retries=MAX_RETRIES)(_report_shard)
+    ranges = shards(n, batch_size, _workers(ray, threads))
+    labels_ref = ray.put(labels)
+    paths = [os.path.abspath(snn), os.path.abspath(data), os.path.abspath(ann) if ann else None]
+    futures = [task.remote(*paths, labels_ref, a, b, batch_size, Ts, t0, threads) for a, b in ranges]
+    totals: dict[int, dict[str, np.ndarray]] = {}
+    samples = 0
+    sums: list[dict[str, Any]] = []
+
+    def take(_: int, result: tuple[Any, int, list[Any]]) -> None:
+        nonlocal samples
+        shard_totals, shard_samples, shard_sums = result
+        for T, by_layer in shard_totals.items():
+            for name, v in by_layer.items():
+                totals.setdefault(T, {}).setdefault(name, np.zeros_like(v))
+                totals[T][name] += v
+        samples += shard_samples
+        sums.extend(shard_sums)
+
+    _gather(ray, futures, [b - a for a, b in ranges], "simulating", show_progress, take)
+    t0_used = t0_default if t0 is None else int(t0)
+    if ann is not None:
+        acc = merge_sums(sums, Ts, labels is not None, t0_used)
+    else:
+        acc = {"samples": n, "ann_accuracy": None, "t0": t0_used,
+               "snn": [{"T": T, "accuracy": sum(b["correct"][T] for b in sums) / n if labels is not None else None}
+                       for T in Ts]}
+    return totals, samples, acc

@@ -93,7 +93,7 @@ def test_ray_refuses_what_it_does_not_shard(cluster: dict[str, Path]) -> None:
     result = CliRunner().invoke(main, ["eval", str(MODELS / "digits_cnn.onnx"), str(cluster["snn"]), "--data",
                                        str(cluster["data"]), "--task", "segmentation", "--ray"])
     assert result.exit_code == 2
-    assert "--ray shards classification eval (and run) for now" in result.output
+    assert "--ray shards run, report and classification eval for now" in result.output
 
 
 @pytest.mark.ray
@@ -109,3 +109,15 @@ def test_an_ann2snn_error_in_a_worker_reaches_the_driver_as_itself(cluster: dict
     futures = [task.remote(str(cluster["snn"]), str(cluster["dir"] / "gone.npz"), 0, 8, 8, 4, None, "auto", False, 1)]
     with pytest.raises(DataError, match="gone.npz' does not exist"):
         _gather(ray, futures, [8], "simulating", False, lambda i, r: None)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("with_ann", [False, True])
+def test_report_with_ray_gives_the_one_process_report(cluster: dict[str, Path], with_ann: bool) -> None:
+    d = cluster["dir"]
+    extra = ["--ann", str(MODELS / "digits_cnn.onnx")] if with_ann else []
+    for name, ray in (("one", []), ("ray", ["--ray"])):
+        invoke("report", cluster["snn"], "--data", cluster["data"], "-T", "4,16", "--batch-size", "24",
+               "--no-progress", "--json", d / f"{name}.json", *extra, *ray)
+    one, ray = json.loads((d / "one.json").read_text()), json.loads((d / "ray.json").read_text())
+    assert ray == one

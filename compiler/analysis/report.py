@@ -203,13 +203,16 @@ def report(
     analog_once: bool = True,
     mac_count: str = "dense",
     show_progress: bool = False,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Firing rates, SOPs, MACs and energy per input, per layer and in total, at each T.
 
     One simulation of ``max(Ts)`` steps serves every T. With labels under ``label_key`` the
     SNN's accuracy is reported; with ``ann`` (the original ANN) also the ANN's accuracy, the
     agreement, and SOPs90 / SOPs95. The ANN's MACs always come from the compiled graph.
-    ``batch_size``: default :func:`ann2snn.runtime.batches.default_batch_size`.
+    ``batch_size``: default :func:`ann2snn.runtime.batches.default_batch_size`. With
+    ``ray_address`` the simulation is sharded over Ray workers (``ann2snn.distributed``; ``snn``,
+    ``data`` and ``ann`` must then be paths): the same report.
     """
     from ann2snn.runtime.batches import default_batch_size
     from ann2snn.runtime.session import check_T
@@ -226,7 +229,17 @@ def report(
     signed = any(n["op"] in COUNTING_OPS for n in cost.neurons)
     holder.append(SpikeCounter({n["spikes"]: n["shape"] for n in cost.neurons}, Ts, signed=signed))
     batch_size = batch_size or default_batch_size(session)
-    if ann is not None:
+    if ray_address is not None:
+        if not all(isinstance(p, (str, os.PathLike)) for p in (snn, data, *([ann] if ann is not None else []))):
+            raise ConfigError("report with Ray reads the model, the data and the ANN on the workers: pass them as paths")
+        from ..distributed import report_counts_ray
+
+        totals, samples, acc = report_counts_ray(
+            os.fspath(snn), os.fspath(data), Ts, specs=session.input_specs, address=ray_address, ann=os.fspath(ann) if ann is not None else None,
+            label_key=label_key, batch_size=batch_size, t0=t0, t0_default=session.t0, threads=None,
+            show_progress=show_progress)
+        holder[0].totals, holder[0].samples = totals, samples
+    elif ann is not None:
         from .evaluate import evaluate
         acc = evaluate(ann, session, data, Ts, label_key=label_key, batch_size=batch_size, t0=t0,
                        show_progress=show_progress)

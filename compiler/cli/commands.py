@@ -218,7 +218,7 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
     show = progress and not ctx.obj["quiet"]
     if ray_address is not None:
         if task != "classification" or t0_frac is not None or allow_nonfinite:
-            raise ConfigError("--ray shards classification eval (and run) for now; drop --ray for --task "
+            raise ConfigError("--ray shards run, report and classification eval for now; drop --ray for --task "
                               f"{task}, --t0-frac or --allow-nonfinite")
         from ..distributed import evaluate_ray
 

@@ -67,7 +67,7 @@ FORM_OPTION = click.option(
          "as written); auto picks step or layered by a fixed rule of batch and state sizes, timed by measuring both.")
 RAY_OPTION = click.option(
     "--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-    help="Shard the data over Ray workers (pip install 'ann2snn[ray]'): --ray alone starts a cluster on this machine "
+    help="Shard the data (run, report, classification eval) over Ray workers (pip install 'ann2snn[ray]'): --ray alone starts a cluster on this machine "
          "(one worker per core), --ray ADDRESS joins one (e.g. auto). Results are those of one process; the data "
          "path must be readable on every node. --threads sets each worker's threads (default 1).")
 ALLOW_NONFINITE_OPTION = click.option(
