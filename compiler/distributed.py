@@ -71,6 +71,28 @@ def _workers(ray: Any, threads: int) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, threads))
 
 
+def open_labelled(data: str, specs: Sequence[Any], label_key: str, what: str) -> tuple[int, np.ndarray | None]:
+    """The sample count and the labels (or None) of an array data file, checked on the driver."""
+    from .data.arrays import as_array_dict, check_arrays
+    from .errors import DataError
+
+    arrays = as_array_dict(data, specs, what, lazy=True)
+    check_arrays(arrays, specs, what)
+    n = len(arrays[specs[0].name])
+    labels = np.asarray(arrays[label_key]).reshape(-1) if label_key in arrays else None
+    if labels is not None and labels.shape[0] != n:
+        raise DataError(f"{what} has {labels.shape[0]} labels under '{label_key}' for {n} samples")
+    return n, labels
+
+
+def submit(ray: Any, fn: Callable[..., Any], n: int, batch_size: int, threads: int,
+           args: Callable[[int, int], tuple[Any, ...]]) -> tuple[list[Any], list[int]]:
+    """One Ray task ``fn(*args(start, stop))`` per shard: the futures and the shards' sizes."""
+    task = ray.remote(num_cpus=threads, max_retries=MAX_RETRIES)(fn)
+    ranges = shards(n, batch_size, _workers(ray, threads))
+    return [task.remote(*args(a, b)) for a, b in ranges], [b - a for a, b in ranges]
+
+
 _SESSIONS: dict[tuple[Any, ...], Any] = {}
 
 
@@ -203,10 +225,9 @@ def run_file_ray(model: str, inputs: str, T: int, *, address: str | None, t0: in
         check_arrays(arrays, session.input_specs, "input")
         n = len(arrays[session.input_specs[0].name])
     threads = threads or 1
-    task = ray.remote(num_cpus=threads, max_retries=MAX_RETRIES)(_run_shard)
-    ranges = shards(n, batch_size, _workers(ray, threads))
     path, data = os.path.abspath(model), os.path.abspath(inputs)
-    futures = [task.remote(path, data, a, b, batch_size, T, t0, form, allow_nonfinite, threads) for a, b in ranges]
+    futures, sizes = submit(ray, _run_shard, n, batch_size, threads,
+                            lambda a, b: (path, data, a, b, batch_size, T, t0, form, allow_nonfinite, threads))
     forms: list[str] = []
     rows: dict[str, tuple[int, tuple[int, ...]]] = {}
 
@@ -218,7 +239,7 @@ def run_file_ray(model: str, inputs: str, T: int, *, address: str | None, t0: in
             sink(k, v)
         forms.extend(f for f in used if f not in forms)
 
-    _gather(ray, futures, [b - a for a, b in ranges], "simulating", show_progress, take)
+    _gather(ray, futures, sizes, "simulating", show_progress, take)
     info = {"model": str(model), "T": T, "t0": session.t0 if t0 is None else t0, "form_option": form,
             "forms": forms, "batch_size": batch_size, "samples": n}
     return FileRun({}, extra, info, {k: (c, *tail) for k, (c, tail) in rows.items()})
@@ -233,7 +254,6 @@ def evaluate_ray(ann: str, snn: str, data: str, Ts: Sequence[int], *, address: s
     from ann2snn.runtime.batches import default_batch_size
 
     from .analysis.evaluate import merge_sums
-    from .data.arrays import as_array_dict, check_arrays
     from .data.images import ImageSource, is_image_source, preprocess_from_config
     from .errors import DataError
 
@@ -246,20 +266,14 @@ def evaluate_ray(ann: str, snn: str, data: str, Ts: Sequence[int], *, address: s
         images = ImageSource(data, preprocess_from_config(session.meta.get("config", {})))
         n, labels = len(images), images.labels
     else:
-        arrays = as_array_dict(data, session.input_specs, "evaluation data", lazy=True)
-        check_arrays(arrays, session.input_specs, "evaluation data")
-        n = len(arrays[session.input_specs[0].name])
-        labels = np.asarray(arrays[label_key]).reshape(-1) if label_key in arrays else None
-        if labels is not None and labels.shape[0] != n:
-            raise DataError(f"evaluation data has {labels.shape[0]} labels under '{label_key}' for {n} samples")
+        n, labels = open_labelled(data, session.input_specs, label_key, "evaluation data")
     Ts = sorted({int(T) for T in Ts})
     threads = threads or 1
-    task = ray.remote(num_cpus=threads, max_retries=MAX_RETRIES)(_eval_shard)
-    ranges = shards(n, batch_size, _workers(ray, threads))
     labels_ref = ray.put(labels)
     paths = [os.path.abspath(p) for p in (ann, snn, data)]
-    futures = [task.remote(*paths, labels_ref, a, b, batch_size, Ts, t0, form, threads) for a, b in ranges]
+    futures, sizes = submit(ray, _eval_shard, n, batch_size, threads,
+                            lambda a, b: (*paths, labels_ref, a, b, batch_size, Ts, t0, form, threads))
     sums: list[dict[str, Any]] = []
-    _gather(ray, futures, [b - a for a, b in ranges], "simulating", show_progress, lambda _, r: sums.extend(r))
+    _gather(ray, futures, sizes, "simulating", show_progress, lambda _, r: sums.extend(r))
     return merge_sums(sums, Ts, labels is not None, session.t0 if t0 is None else int(t0))
 

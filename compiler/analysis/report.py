@@ -367,24 +367,17 @@ def report_counts_ray(snn: str, data: str, Ts: Sequence[int], *, specs: Sequence
     """The spike counts (by T and layer), the samples counted and the accuracy part of
     ``analysis.report.report``, with the shards on Ray workers: the counts are sums of integers
     and the accuracies merge as in ``evaluate_ray``, so the report is that of one process."""
-    from ..data.arrays import as_array_dict, check_arrays
-    from ..distributed import MAX_RETRIES, _gather, _workers, connect, shards
+    from ..distributed import _gather, connect, open_labelled, submit
     from .evaluate import merge_sums
 
     ray = connect(address)
-    arrays = as_array_dict(data, specs, "report data", lazy=True)
-    check_arrays(arrays, specs, "report data")
-    n = len(arrays[specs[0].name])
-    labels = np.asarray(arrays[label_key]).reshape(-1) if label_key in arrays else None
-    if labels is not None and labels.shape[0] != n:
-        raise DataError(f"report data has {labels.shape[0]} labels under '{label_key}' for {n} samples")
+    n, labels = open_labelled(data, specs, label_key, "report data")
     Ts = sorted({int(T) for T in Ts})
     threads = threads or 1
-    task = ray.remote(num_cpus=threads, max_retries=MAX_RETRIES)(report_shard)
-    ranges = shards(n, batch_size, _workers(ray, threads))
     labels_ref = ray.put(labels)
     paths = [os.path.abspath(snn), os.path.abspath(data), os.path.abspath(ann) if ann else None]
-    futures = [task.remote(*paths, labels_ref, a, b, batch_size, Ts, t0, threads) for a, b in ranges]
+    futures, sizes = submit(ray, report_shard, n, batch_size, threads,
+                            lambda a, b: (*paths, labels_ref, a, b, batch_size, Ts, t0, threads))
     totals: dict[int, dict[str, np.ndarray]] = {}
     samples = 0
     sums: list[dict[str, Any]] = []
@@ -399,7 +392,7 @@ def report_counts_ray(snn: str, data: str, Ts: Sequence[int], *, specs: Sequence
         samples += shard_samples
         sums.extend(shard_sums)
 
-    _gather(ray, futures, [b - a for a, b in ranges], "simulating", show_progress, take)
+    _gather(ray, futures, sizes, "simulating", show_progress, take)
     t0_used = t0_default if t0 is None else int(t0)
     if ann is not None:
         acc = merge_sums(sums, Ts, labels is not None, t0_used)
