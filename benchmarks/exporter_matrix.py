@@ -39,7 +39,7 @@ def run_cell(matrix: Any, net: str, exporter: str, Ts: tuple[int, ...] = (32, 64
         return {"net": net, "exporter": exporter, "error": " ".join(str(exc).splitlines()[:2])}
     data = matrix.cell_inputs(path, "test")
     data["label"] = matrix.labels()
-    res = evaluate(path, SpikingSession(snn), data, list(Ts), batch_size=300)
+    res = evaluate(path, SpikingSession(snn), data, list(Ts), batch_size=matrix.batch_size(path, 300))
     neurons = sum(1 for n in snn.graph.node if n.op_type.endswith("IFNeuron"))
     return {"net": net, "exporter": exporter, "ann_accuracy": res["ann_accuracy"], "neuron_layers": neurons,
             "snn": {r["T"]: r for r in res["snn"]}}
@@ -67,7 +67,7 @@ def main() -> None:
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append("Each cell: top-1 agreement (%) of the SNN with its ANN at T = 32 / T = 64 on the 300 test images; "
-                 "'-': the toolchain has no such network; refused*: see below.")
+                 "'-': the toolchain has no such network; refused*: compile refused it (printed below).")
     print("\n".join(lines))
     if not args.markdown:
         print()

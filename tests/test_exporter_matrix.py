@@ -22,8 +22,7 @@ _spec = importlib.util.spec_from_file_location("exporter_matrix_cells", MODELS /
 matrix = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(matrix)
 
-OLD = pytest.mark.xfail(strict=False, reason="old exports: branch oldexports")
-CELLS = [pytest.param(n, e, id=f"{n}-{e}", marks=[OLD] if e == "zoo_ir3" else []) for n, e in matrix.cells()]
+CELLS = [pytest.param(n, e, id=f"{n}-{e}") for n, e in matrix.cells()]
 #: the activations that stay analog in each network, as inspect names them once recognised
 ANALOG = {"mbv3": ("HardSwish",), "transformer": ("LayerNormalization", "Softmax", "Gelu")}
 
@@ -40,7 +39,7 @@ def _run(net: str, exporter: str, cache: dict) -> dict:
         data = matrix.cell_inputs(path, "test")
         data["label"] = matrix.labels()
         cache[(net, exporter)] = {"snn": snn, "eval": evaluate(path, SpikingSession(snn), data, [8, 32, 64],
-                                                                batch_size=300)}
+                                                                batch_size=matrix.batch_size(path, 300))}
     return cache[(net, exporter)]
 
 

@@ -50,6 +50,7 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
     symbolic sizes (e.g. H x W) take ``input_shapes`` (input name -> shape, batch first), or
     the sizes of ``compiled``, the model compiled from it, so that MACs can be counted.
     """
+    from ann2snn.passes._graph import unique_name
     from ann2snn.passes.import_model import import_model
     from ann2snn.passes.partition_graph import partition_graph
 
@@ -57,6 +58,9 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
 
     cfg = config or CompileConfig()
     proto = load_model(model)
+    taken: set[str] = set()
+    for n in proto.graph.node:  # the names import_model would give; they survive an opset upgrade,
+        n.name = unique_name(taken, n.name or f"{n.op_type}_{len(taken)}")  # which may add nodes
     original = [(n.name, n.domain or "ai.onnx", n.op_type) for n in proto.graph.node]
     state = import_model(proto, cfg)
     if compiled is not None and input_shapes is None:
@@ -65,7 +69,6 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         dtypes = {t.name: t.dtype for t in state.graph.inputs if t.dtype is not None}
         state.calib = _Sizes({k: v for k, v in input_shapes.items() if k in dtypes or k in
                               {t.name for t in state.graph.inputs}}, dtypes)
-    original = _align(original, [(n.name, n.op) for n in state.graph.nodes])
     problems: list[str] = []
     # the compiler's own passes from after check_support (unsupported ops are listed here
     # instead of raised) up to the partition
@@ -108,30 +111,8 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         "macs": {"total": total, "spiking": macs["spiking"], "prefix": macs["prefix"], "tail": macs["tail"]},
         "boundary": list(state.boundary),
         "problems": problems,
+        "notes": _model_notes(state.metadata),
     }
-
-
-def _align(original: list[tuple[str, str, str]], imported: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
-    """The imported name of each original node: its own name where it kept it, else (unnamed
-    nodes, named by import_model) the next unused imported node of the same op. Positions alone
-    do not do: upgrading an old opset adds nodes (e.g. the Constant axes of Squeeze)."""
-    names = {n for n, _ in imported}
-    used: set[str] = {name for name, _, _ in original if name and name in names}
-    out, i = [], 0
-    for name, domain, op in original:
-        if name and name in names:
-            out.append((name, domain, op))
-            continue
-        j = i
-        while j < len(imported) and (imported[j][0] in used or imported[j][1] != op):
-            j += 1
-        if j < len(imported):
-            used.add(imported[j][0])
-            out.append((imported[j][0], domain, op))
-            i = j + 1
-        else:
-            out.append((name or f"{op}_unnamed", domain, op))
-    return out
 
 
 def _tail_reasons(graph: Any, tail: set[str], spiking: set[str]) -> dict[str, str]:
@@ -183,7 +164,22 @@ def _classify_row(name: str, op: str, domain: str, node: Any, state: Any, cfg: C
         return "spiking", "affine op on spikes"
     if name in tail:
         return "tail", reasons.get(name, "analog, runs once on the readout")
+    notes = state.metadata.get("prefix_notes", {})
+    if name in notes:
+        return "prefix", notes[name]
     return "prefix", "analog, input is constant in time (direct coding)"
+
+
+def _model_notes(meta: dict[str, Any]) -> list[str]:
+    """What the compiler does to the model as a whole: old-export quirks, the batch."""
+    notes = []
+    src = meta.get("source", {})
+    if src.get("initializers_as_inputs"):
+        notes.append(f"{src['initializers_as_inputs']} initializer(s) are also listed as graph inputs (old export: "
+                     f"IR {src['ir_version']}, opset {src['opset']}); compiled as constants, not inputs")
+    if "batch" in meta:
+        notes.append(f"batch: {meta['batch']}")
+    return notes
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -206,6 +202,7 @@ def format_inspection(info: dict[str, Any]) -> str:
               f"MACs per sample: {m['total']:,} (spiking part {m['spiking']:,} = {share('spiking')}, "
               f"analog prefix {m['prefix']:,} = {share('prefix')}, tail {m['tail']:,} = {share('tail')})",
               f"boundary (read out): {', '.join(info['boundary'])}"]
+    lines += [f"note: {n}" for n in info.get("notes", [])]
     if info["problems"]:
         lines += ["", "problems:"] + [f"  - {p}" for p in info["problems"]]
     return "\n".join(lines)

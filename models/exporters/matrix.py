@@ -43,6 +43,15 @@ def labels() -> np.ndarray:
         return z["label"]
 
 
+def batch_size(path: str | Path, wanted: int) -> int:
+    """``wanted``, or 1 when the model's batch is fixed at 1 (the old zoo-style exports)."""
+    model = onnx.load(str(path), load_external_data=False)
+    init = {i.name for i in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in init)
+    first = inp.type.tensor_type.shape.dim[0]
+    return 1 if first.HasField("dim_value") and first.dim_value == 1 else wanted
+
+
 def cell_inputs(path: str | Path, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
     """The model's single input for the digits images of ``split``, in its layout and type:
     tokens 0..16 for integer inputs, NHWC for channels-last image inputs, rows as tokens
