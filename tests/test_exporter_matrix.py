@@ -6,6 +6,7 @@ infinities, empty initializers and symbolic sizes."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import onnx
@@ -179,7 +180,19 @@ def test_symbolic_sizes_inspect_report_and_run(tmp_path) -> None:
     out = SpikingSession(snn).run({"x": x[:4]}, 16)
     assert out["y"].shape == (4, 3)
     rep = report(path, {"x": x[:8]}, [16])
-    assert rep is not None
+    assert rep["ann"]["macs"] == macs and rep["samples"] == 8  # the calibration data's size, not 0 MACs
+    # the CLI takes the sizes too
+    from click.testing import CliRunner
+
+    from ann2snn.cli import main
+    src = tmp_path / "src.onnx"
+    onnx.save(model, str(src))
+    for extra in (["--input-shape", "x=1x1x8x8"], ["--compiled", str(path)]):
+        result = CliRunner().invoke(main, ["inspect", str(src), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["macs"]["total"] == macs
+    bad = CliRunner().invoke(main, ["inspect", str(src), "--input-shape", "x=1x1x8"[:-1] + "y"])
+    assert bad.exit_code == 2 and "--input-shape takes NAME=D0xD1x..." in bad.output
 
 
 LOOP_BODY = helper.make_graph(

@@ -90,15 +90,31 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
 @click.option("--spiking-until", multiple=True, metavar="TENSOR", help="As for compile.")
 @click.option("--keep-clip-cap/--drop-clip-cap", default=CompileConfig.keep_clip_cap, show_default=True,
               help="As for compile (shown in the ReLU6 / Clip rows).")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=D0xD1x...",
+              help="Size of an input whose dimensions are symbolic (e.g. images=1x3x640x640), so that MACs can be "
+                   "counted; repeat per input.")
+@click.option("--compiled", type=click.Path(dir_okay=False), default=None,
+              help="Take symbolic input sizes from the model compiled from MODEL (the calibration data's sizes).")
 @click.pass_context
 @handle_errors
 def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spiking_until: tuple[str, ...],
-                keep_clip_cap: bool) -> None:
+                keep_clip_cap: bool, input_shape: tuple[str, ...], compiled: str | None) -> None:
     """Show, per node of MODEL, whether it spikes, becomes a neuron, is folded, or runs in the analog tail."""
     from ..analysis.inspection import format_inspection, inspect_model
 
+    shapes: dict[str, list[int]] = {}
+    for item in input_shape:
+        name, _, dims = item.rpartition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            name = ""
+        if not name or any(d <= 0 for d in shapes.get(name, [0])):
+            raise ConfigError(f"--input-shape takes NAME=D0xD1x... with positive sizes, batch first "
+                              f"(e.g. images=1x3x640x640), got '{item}'")
     info = inspect_model(model, CompileConfig(maxpool=maxpool, spiking_until=tuple(spiking_until),
-                                              keep_clip_cap=keep_clip_cap))
+                                              keep_clip_cap=keep_clip_cap), input_shapes=shapes or None,
+                         compiled=compiled)
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 
