@@ -28,6 +28,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from .kernels import COUNTING_KERNEL_OPS, KERNEL_DOMAIN
 from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS, UNIT_IF_OP
 from .reference import ai_onnx_opset, value_types
 
@@ -82,6 +83,11 @@ def _subgraph_model(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs:
         return info
 
     graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], inits)
+    # the compiled kernels' spikes get the shape the neuron function's would: onnxruntime
+    # infers none for a custom op's symbolic shapes, and without one its layout optimiser fuses
+    # less downstream (a residual Add stays out of its Conv, changing the sum's last bits)
+    graph.value_info.extend(vi(n.output[0]) for n in nodes
+                            if n.domain == KERNEL_DOMAIN and n.output[0] in types and n.output[0] not in outputs)
     model = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
     model.functions.extend(proto.functions)
     return model
@@ -177,8 +183,10 @@ class StepPlan:
             # a neuron's states are its inputs / outputs 1 (v) and, for the counting ops, 2 (count):
             # v is read once by the integrate step; count is read by the elementwise Add that writes
             # count_next, which depends (through the spikes) on every other read of count
-            positions = (1, 2) if node.op_type in COUNTING_OPS else (1,)
-            neuron = node.domain == DOMAIN and node.op_type in (*NEURON_OPS, UNIT_IF_OP) \
+            # (the kernels read each element of a state before writing its next value)
+            positions = (1, 2) if node.op_type in (*COUNTING_OPS, *COUNTING_KERNEL_OPS) else (1,)
+            neuron = ((node.domain == DOMAIN and node.op_type in (*NEURON_OPS, UNIT_IF_OP))
+                      or node.domain == KERNEL_DOMAIN) \
                 and list(node.input).count(s_in) == 1 \
                 and any(node.input[k] == s_in and node.output[k] == s_out for k in positions)
             running_sum = node.domain in ("", "ai.onnx") and node.op_type == "Add" and node.output[0] == s_out
@@ -208,12 +216,16 @@ class StepPlan:
                 continue
             if not node.name or node.name in cuts:
                 raise _Refuse("a stateful node without a unique name")
-            if node.domain == DOMAIN and node.op_type in (IF_OP, UNIT_IF_OP) and node.input[1] in self.state_in \
+            single = (node.domain == DOMAIN and node.op_type in (IF_OP, UNIT_IF_OP)) \
+                or (node.domain == KERNEL_DOMAIN and node.op_type == "IFChunk")
+            counting = (node.domain == DOMAIN and node.op_type in COUNTING_OPS) \
+                or (node.domain == KERNEL_DOMAIN and node.op_type in COUNTING_KERNEL_OPS)
+            if single and node.input[1] in self.state_in \
                     and node.input[0] not in self.state_in and node.output[1] == self.state_out_of[node.input[1]]:
                 if any(i in self.varying for i in node.input[2:]):
                     raise _Refuse(f"threshold of {node.name} varies in time")
                 cuts[node.name] = Cut("if", node.input[0], node.output[0], node.input[1], node.output[1], node.name)
-            elif node.domain == DOMAIN and node.op_type in COUNTING_OPS and len(touching) == 2 \
+            elif counting and len(touching) == 2 \
                     and node.input[1] in self.state_in and node.input[2] in self.state_in \
                     and node.output[1] == self.state_out_of[node.input[1]] \
                     and node.output[2] == self.state_out_of[node.input[2]]:
@@ -354,6 +366,13 @@ class StepPlan:
                                      [f"{p}/run"]),
                 ])
                 back_to_rows(cut, f"{p}/run", f"{p}/run", p, shape)
+                continue
+            if node.domain == KERNEL_DOMAIN:  # one kernel call runs the neuron over the whole chunk
+                states = [cut.state_in] + ([cut.count_in] if cut.count_in else [])
+                outs = [cut.produced, f"{cut.state_out}@out"] + ([f"{cut.count_out}@out"] if cut.count_out else [])
+                params = node.input[1 + len(states):]  # a constant drive is read at every step, not tiled
+                nodes.append(helper.make_node(node.op_type, [cut.drive, *states, *params], outs, domain=KERNEL_DOMAIN,
+                                              name=f"{node.name}@chunk", steps=steps))
                 continue
             xs = [cut.drive] * steps if constant else per_step(cut.drive, shape)
             prev, prev_count, produced = cut.state_in, cut.count_in, []
