@@ -20,7 +20,7 @@ invariant stated in runtime/reference.py: the reference's step outputs and state
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,8 +64,9 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def _subgraph_model(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[str], outputs: list[str],
-                    types: dict[str, onnx.TypeProto], name: str) -> onnx.ModelProto:
-    """A model of ``nodes`` (in order) with the given inputs and outputs; shapes left symbolic."""
+                    types: dict[str, onnx.TypeProto], name: str, shaped: Iterable[str] = ()) -> onnx.ModelProto:
+    """A model of ``nodes`` (in order) with the given inputs and outputs; shapes left symbolic.
+    ``shaped``: inner tensors whose types (batch axis symbolic) are given as value_info."""
     used = {i for n in nodes for i in n.input} | set(outputs)
     inits = [i for i in proto.graph.initializer if i.name in used and i.name not in inputs]
 
@@ -83,11 +84,13 @@ def _subgraph_model(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs:
         return info
 
     graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], inits)
-    # the compiled kernels' spikes get the shape the neuron function's would: onnxruntime
-    # infers none for a custom op's symbolic shapes, and without one its layout optimiser fuses
-    # less downstream (a residual Add stays out of its Conv, changing the sum's last bits)
-    graph.value_info.extend(vi(n.output[0]) for n in nodes
-                            if n.domain == KERNEL_DOMAIN and n.output[0] in types and n.output[0] not in outputs)
+    # onnxruntime's layout optimiser fuses a residual Add into the Conv before it only where it
+    # knows the shapes of both sides equal: it cannot infer them through a compiled kernel
+    # (a custom op's symbolic shapes do not come through), nor through the layered form's
+    # Split / Concat of the steps. The fusion changes the sum's last bits, so every form gets
+    # the shapes the reference (the step graph with the neuron functions inlined) has
+    shaped = set(shaped) | {n.output[0] for n in nodes if n.domain == KERNEL_DOMAIN}
+    graph.value_info.extend(vi(t) for t in sorted(shaped) if t in types and t not in outputs and t not in inputs)
     model = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
     model.functions.extend(proto.functions)
     return model
@@ -400,7 +403,8 @@ class StepPlan:
         # the step outputs that are constant in time come from the prefix (see run_layered)
         outputs = self.varying_outputs + [f"{self.state_out_of[s]}@out" for s in self.state_order]
         inputs = self.state_order + [i for i in self.reduced_inputs if i not in self.state_in]
-        model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, f"ann2snn_chunk{steps}")
+        model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, f"ann2snn_chunk{steps}",
+                                shaped=[c.produced for c in self.cuts.values() if c.kind in ("if", "signed")])
         model.graph.initializer.extend(inits)
         for vi in model.graph.input:  # states keep the batch B, not steps·B
             if vi.name in self.state_in or vi.name not in self.varying:

@@ -27,11 +27,11 @@ import onnxruntime as ort
 from onnx import helper
 
 from ann2snn.data.arrays import InputSpec, as_array_dict, check_arrays, input_specs
-from ann2snn.errors import ConfigError, NonFiniteError
+from ann2snn.errors import ConfigError, ModelLoadError, NonFiniteError
 from ann2snn.modelio import load_model
 
 from .forms import StepPlan, run_constant, run_layered, run_steps
-from .kernels import kernel_form, library, register
+from .kernels import KERNEL_DOMAIN, kernel_form, library, register
 from .reference import (METADATA_KEY, RTOL, initial_states, model_metadata, state_specs, tail_model, value_types,
                         window_start)
 from .unitform import exact_unit_ops
@@ -132,6 +132,10 @@ class SpikingSession:
         self.guard = bool(guard)
         self.allow_nonfinite = bool(allow_nonfinite)
         proto = load_model(model)
+        runtime_only = [n.name or n.op_type for n in proto.graph.node if n.domain == KERNEL_DOMAIN]
+        if runtime_only:  # the runtime derives them itself; a model that holds them was not written by ann2snn
+            raise ModelLoadError(f"node '{runtime_only[0]}' ({KERNEL_DOMAIN}) belongs to the runtime's compiled-kernel "
+                                 "domain, which a compiled model never holds; compile the model with ann2snn")
         self.model: onnx.ModelProto = proto  # the compiled model as loaded (for memory estimates, reports)
         self.meta: dict[str, Any] = model_metadata(proto)
         self.t0: int = int(self.meta["readout"]["t0"])

@@ -254,3 +254,15 @@ def test_kernel_form_rewrites_neurons_with_constant_thresholds_only() -> None:
     expanded = {i.name: numpy_helper.to_array(i) for i in new.graph.initializer}[new.graph.node[0].input[2]]
     assert np.array_equal(expanded, np.array([[1, 1, 1], [2, 2, 2]], np.float32))
     assert [n.op_type for n in model.graph.node] == [IF_OP, IF_OP]  # the input model is unchanged
+
+
+def test_a_model_holding_kernel_ops_is_refused() -> None:
+    """The kernel domain is the runtime's own: a .snn.onnx that holds it is not run (with or
+    without the library), so nothing in a model selects compiled code."""
+    snn = _small_snn()
+    neuron = next(n for n in snn.graph.node if n.domain == DOMAIN)
+    neuron.domain, neuron.op_type = K.KERNEL_DOMAIN, "IFChunk"
+    neuron.attribute.append(helper.make_attribute("steps", 1))
+    snn.opset_import.append(helper.make_opsetid(K.KERNEL_DOMAIN, 1))
+    with pytest.raises(ann2snn.ModelLoadError, match="compiled-kernel domain"):
+        SpikingSession(snn)
