@@ -74,7 +74,7 @@ def _expanded(value: np.ndarray, sample: tuple[int, ...]) -> np.ndarray | None:
     """``value`` as one number if it holds one, else broadcast to a sample's shape (what the
     kernel reads), or None if it does not broadcast against a sample."""
     if value.size and np.all(value.reshape(-1) == value.reshape(-1)[0]):
-        return value.reshape(1).astype(np.float32)
+        return value.reshape(-1)[:1].astype(np.float32)
     try:
         full = np.broadcast_to(value.astype(np.float32), (1, *sample))
     except ValueError:
