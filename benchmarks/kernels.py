@@ -9,8 +9,12 @@ SNN / (T × ANN) is the median over repeats of the per-repeat ratio.
     .venv/bin/python benchmarks/kernels.py [--models fashion_vgg,fashion_resnet] [--batches 1,32] [-T 32]
 
 Forms: ``auto`` (the runtime's default rule), ``step`` (one call per step, states bound),
-``layered`` (``chunk`` steps per call; default: T at batch 1, LAYERED_ROWS / B otherwise).
-Needs the library built (``make kernels``).
+``layered`` (``chunk`` steps per call; default: T at batch 1, LAYERED_ROWS / B otherwise; and
+``--extra-chunk`` at B > 1). The last column is the dense floor of the layered form: the ANN
+run on the chunk's rows at once (batch chunk·B), T / chunk times, over T ANN passes at B; the
+layered form's convolutions do that much work. Process CPU time is given beside the wall
+clock: on a shared machine a process waits for a core, and the CPU time does not count the
+wait (``--threads 1`` keeps the ratio of the two meaningful). Needs ``make kernels``.
 """
 from __future__ import annotations
 
@@ -27,6 +31,13 @@ from common import ROOT, command_line, md_row, md_rule, write_results
 from speed import REFERENCE, SIZES, ann_sessions, time_ann, time_snn
 
 MODELS = ROOT / "models"
+
+
+def timed(fn: Any) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of ``fn()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -59,17 +70,26 @@ def bench(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             time_snn(s, x, T)
         for a in anns:
             time_ann(a, x, 3)
-        times: dict[Any, list[float]] = {key: [] for key in sessions}
-        ann_t: list[float] = []
+        times: dict[Any, list[tuple[float, float]]] = {key: [] for key in sessions}
+        ann_t: list[tuple[float, float]] = []
+        # the dense floor of the layered form: the ANN on the chunk's rows at once, T / chunk times
+        rows_x = np.ascontiguousarray(np.concatenate([x] * chunk))
+        dense_t: list[tuple[float, float]] = []
         for _ in range(args.repeats):
-            ann_t.append(min(time_ann(a, x, T) for a in anns))
+            ann_t.append(min((timed(lambda: time_ann(a, x, T)) for a in anns), key=lambda wc: wc[0]))
+            dense_t.append(min((timed(lambda: time_ann(a, rows_x, -(-T // chunk))) for a in anns), key=lambda wc: wc[0]))
             for key, s in sessions.items():
-                times[key].append(time_snn(s, x, T))
+                times[key].append(timed(lambda: time_snn(s, x, T)))
         ann = np.asarray(ann_t)
         row: dict[str, Any] = {"model": name, "batch": B, "T": T, "chunk": chunk, "extra_chunk": args.extra_chunk,
-                               "ann_ms": float(np.median(ann) / T * 1e3)}
+                               "ann_ms": float(np.median(ann[:, 0]) / T * 1e3),
+                               "ann_cpu_ms": float(np.median(ann[:, 1]) / T * 1e3)}
+        dense = np.asarray(dense_t) / ann
+        row["floor"], row["floor/cpu"] = float(np.median(dense[:, 0])), float(np.median(dense[:, 1]))
         for (f, k), t in times.items():
-            row[f"{f}/{'on' if k else 'off'}"] = float(np.median(np.asarray(t) / ann))
+            ratio = np.asarray(t) / ann  # per repeat: wall / wall, CPU / CPU
+            row[f"{f}/{'on' if k else 'off'}"] = float(np.median(ratio[:, 0]))
+            row[f"{f}/{'on' if k else 'off'}/cpu"] = float(np.median(ratio[:, 1]))
         row["auto_form"] = {"off": sessions[("auto", False)].last_form, "on": sessions[("auto", True)].last_form}
         logging.getLogger("kernels").info("%s", row)
         rows.append(row)
@@ -77,17 +97,22 @@ def bench(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The markdown table: ratios SNN / (T × ANN) without and with the kernels."""
-    head = ["model", "B", "T", "ANN ms / pass", "auto: off → on (form)", "step: off → on",
-            "layered (chunk): off → on", "layered (chunk): off → on", "best with kernels"]
+    """The markdown table: ratios SNN / (T × ANN) without → with the kernels, wall clock (CPU time)."""
+    def cell(r: dict[str, Any], form: str) -> str:
+        if f"{form}/on" not in r:
+            return "-"
+        return (f"{r[form + '/off']:.2f} → {r[form + '/on']:.2f} "
+                f"({r[form + '/off/cpu']:.2f} → {r[form + '/on/cpu']:.2f})")
+
+    head = ["model", "B", "T", "ANN ms / pass (CPU ms)", "auto form", "auto", "step", "layered, chunk",
+            "layered, chunk", "ANN on the chunk's rows"]
     lines = [md_row(head), md_rule(len(head))]
     for r in rows:
-        best = min(v for k, v in r.items() if k.endswith("/on"))
-        extra = (f"({r['extra_chunk']}) {r['layered+/off']:.2f} → {r['layered+/on']:.2f}" if "layered+/on" in r else "-")
-        lines.append(md_row([r["model"], r["batch"], r["T"], f"{r['ann_ms']:.3f}",
-                             f"{r['auto/off']:.2f} → {r['auto/on']:.2f} ({r['auto_form']['on']})",
-                             f"{r['step/off']:.2f} → {r['step/on']:.2f}",
-                             f"({r['chunk']}) {r['layered/off']:.2f} → {r['layered/on']:.2f}", extra, f"{best:.2f}"]))
+        lines.append(md_row([r["model"], r["batch"], r["T"], f"{r['ann_ms']:.3f} ({r['ann_cpu_ms']:.3f})",
+                             f"{r['auto_form']['off']} / {r['auto_form']['on']}", cell(r, "auto"), cell(r, "step"),
+                             f"{r['chunk']}: {cell(r, 'layered')}",
+                             f"{r['extra_chunk']}: {cell(r, 'layered+')}" if "layered+/on" in r else "-",
+                             f"{r['floor']:.2f} ({r['floor/cpu']:.2f})"]))
     return "\n".join(lines)
 
 
@@ -113,8 +138,9 @@ def main() -> None:
         sys.exit("the kernel library is not built: run `make kernels` first")
     began = time.perf_counter()
     rows = [r for name in args.models.split(",") for r in bench(name, args)]
-    text = (f"    {command_line()}\n\nSNN time for T steps / (T × ANN forward passes), medians of {args.repeats} "
-            f"interleaved repeats ({time.perf_counter() - began:.0f} s in all):\n\n" + table(rows))
+    text = (f"    {command_line()}\n\nSNN time for T steps / (T × ANN forward passes), without → with the kernels, "
+            f"wall clock (process CPU time in brackets), medians of {args.repeats} interleaved repeats "
+            f"({time.perf_counter() - began:.0f} s in all):\n\n" + table(rows))
     write_results(text, args.md, None, {})
 
 

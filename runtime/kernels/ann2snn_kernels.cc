@@ -10,7 +10,8 @@
 // `spikes` is [steps*N, ...]; the states out are those after the last step. `threshold` and
 // `max_spikes` hold one value or one per element of a sample (the runtime expands them).
 // Each step does the float32 operations of the ONNX function, in the same order, so the
-// results are the same bit for bit (built with -ffp-contract=off: no fused multiply-add).
+// results are the same bit for bit (built with -ffp-contract=off: no fused multiply-add; the
+// one exception, the sign of a zero burst, is at max_nan below).
 // Elements are independent: blocks of elements run in parallel on onnxruntime's threads,
 // each block going through every step while its membranes stay in cache.
 //
@@ -52,7 +53,9 @@ struct Args {
   float* c_out;
 };
 
-// onnxruntime's Max / Min: NaN propagates, and of two equal values (0 and -0) the second is returned
+// onnxruntime's Max / Min propagate NaN. Of 0 and -0 they return either, by the element's lane
+// in a vector register; these return the second: the burst neuron's values are the function's,
+// the sign of a zero spike may differ
 inline float max_nan(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? NAN : (a > b ? a : b); }
 inline float min_nan(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? NAN : (a < b ? a : b); }
 
