@@ -45,6 +45,7 @@ def bench(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     import onnx
 
     import ann2snn
+    import ann2snn.runtime.forms as forms_module
     from ann2snn.runtime import SpikingSession
     from ann2snn.runtime.session import LAYERED_ROWS
 
@@ -66,6 +67,12 @@ def bench(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             forms["layered+"] = {"mode": "layered", "chunk": args.extra_chunk}
         sessions = {(f, k): SpikingSession(snn_path, kernels=k, threads=args.threads or None, **kw)
                     for f, kw in forms.items() for k in (False, True)}
+        if args.without_shapes:  # the layered form as before the spikes' shapes were declared (no kernels)
+            sessions[("unshaped", False)] = SpikingSession(snn_path, kernels=False, threads=args.threads or None,
+                                                           mode="layered", chunk=chunk)
+            forms_module.SHAPE_SPIKES = False
+            time_snn(sessions[("unshaped", False)], x, T)  # builds its chunk sessions now, without the shapes
+            forms_module.SHAPE_SPIKES = True
         for s in sessions.values():  # warm-up: chunk sessions are built on first use, the guard runs once
             time_snn(s, x, T)
         for a in anns:
@@ -104,15 +111,18 @@ def table(rows: list[dict[str, Any]]) -> str:
         return (f"{r[form + '/off']:.2f} → {r[form + '/on']:.2f} "
                 f"({r[form + '/off/cpu']:.2f} → {r[form + '/on/cpu']:.2f})")
 
+    unshaped = any("unshaped/off" in r for r in rows)
+
     head = ["model", "B", "T", "ANN ms / pass (CPU ms)", "auto form", "auto", "step", "layered, chunk",
-            "layered, chunk", "ANN on the chunk's rows"]
+            "layered, chunk", "ANN on the chunk's rows"] + (["layered without the spikes' shapes, off"] if unshaped else [])
     lines = [md_row(head), md_rule(len(head))]
     for r in rows:
         lines.append(md_row([r["model"], r["batch"], r["T"], f"{r['ann_ms']:.3f} ({r['ann_cpu_ms']:.3f})",
                              f"{r['auto_form']['off']} / {r['auto_form']['on']}", cell(r, "auto"), cell(r, "step"),
                              f"{r['chunk']}: {cell(r, 'layered')}",
                              f"{r['extra_chunk']}: {cell(r, 'layered+')}" if "layered+/on" in r else "-",
-                             f"{r['floor']:.2f} ({r['floor/cpu']:.2f})"]))
+                             f"{r['floor']:.2f} ({r['floor/cpu']:.2f})"]
+                            + ([f"{r['unshaped/off']:.2f} ({r['unshaped/off/cpu']:.2f})"] if unshaped else [])))
     return "\n".join(lines)
 
 
@@ -128,6 +138,8 @@ def main() -> None:
     ap.add_argument("--compile-iters", type=int, default=SIZES["compile_iters"])
     ap.add_argument("--compile-batch", type=int, default=SIZES["compile_batch"])
     ap.add_argument("--extra-chunk", type=int, default=4, help="also time the layered form with this chunk at B > 1")
+    ap.add_argument("--without-shapes", action="store_true",
+                    help="also time the layered form without kernels and without its spikes' declared shapes")
     ap.add_argument("--md", type=Path, help="write the table here too")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]

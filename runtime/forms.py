@@ -45,6 +45,11 @@ _PER_SAMPLE = {
 }
 
 
+#: the layered form declares its spike tensors' shapes (see _subgraph_model); False builds chunk
+#: models without them, as before (benchmarks/kernels.py --without-shapes times both)
+SHAPE_SPIKES = True
+
+
 @dataclass
 class Cut:
     """A stateful node: ``drive`` is computed by the graph, ``produced`` is fed back to it."""
@@ -404,7 +409,8 @@ class StepPlan:
         outputs = self.varying_outputs + [f"{self.state_out_of[s]}@out" for s in self.state_order]
         inputs = self.state_order + [i for i in self.reduced_inputs if i not in self.state_in]
         model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, f"ann2snn_chunk{steps}",
-                                shaped=[c.produced for c in self.cuts.values() if c.kind in ("if", "signed")])
+                                shaped=[c.produced for c in self.cuts.values()
+                                        if c.kind in ("if", "signed") and SHAPE_SPIKES])
         model.graph.initializer.extend(inits)
         for vi in model.graph.input:  # states keep the batch B, not steps·B
             if vi.name in self.state_in or vi.name not in self.varying:
