@@ -34,6 +34,9 @@ const OrtApi* g_api = nullptr;
 enum class Kind { kIF, kSigned, kBurst };
 
 constexpr size_t kBlock = 8192;  // elements per parallel work item
+// below this many element-steps a call runs on the calling thread: waking onnxruntime's
+// (non-spinning) pool costs more than it saves on a small layer (batch 1, one step)
+constexpr size_t kParallelWork = size_t{1} << 18;
 
 struct Args {
   Kind kind;
@@ -251,8 +254,8 @@ struct Kernel {
     if (signed_kind) RETURN_IF(output(ctx, 2, v.shape, &a.c_out));
     if (a.elems == 0) return nullptr;
     const size_t blocks = (a.elems + kBlock - 1) / kBlock;
-    if (blocks == 1) {
-      run_block(&a, 0);
+    if (blocks == 1 || a.elems * static_cast<size_t>(steps) < kParallelWork) {
+      for (size_t b = 0; b < blocks; ++b) run_block(&a, b);
       return nullptr;
     }
     return g_api->KernelContext_ParallelFor(ctx, run_block, blocks, 0, &a);
