@@ -54,4 +54,4 @@ $(KERNELS_LIB): runtime/kernels/ann2snn_kernels.cc $(ORT_HEADERS)/onnxruntime_c_
 		-I$(ORT_HEADERS) -o $@ $<
 
 clean:
-	rm -rf build .pytest_cache
+	rm -rf build .pytest_cache $(KERNELS_LIB)

@@ -163,7 +163,7 @@ class SpikingSession:
         plan_options = _session_options(threads)
         if lib is not None:
             register(plan_options, lib)
-            fast_proto = kernel_form(fast_proto, {s[0]: tuple(s[3]) for s in self._state_specs})
+            fast_proto = kernel_form(fast_proto, {s[0]: tuple(s[3]) for s in self._state_specs}, types)
         #: whether the fast forms run the compiled neuron kernels
         self.kernels = lib is not None
         self._plan = StepPlan(fast_proto, [(s[0], s[1], s[3]) for s in self._state_specs], self.step_outputs,

@@ -48,16 +48,19 @@ def _ort_api() -> int:
 
 def library(requested: bool | None = None) -> Path | None:
     """The kernel library to use, or None. ``requested``: None uses it when it is built and
-    ``ANN2SNN_KERNELS`` is not ``0``; False never; True requires it (ConfigError if missing)."""
+    ``ANN2SNN_KERNELS`` is not ``0``; False never; True requires it (ConfigError if missing).
+    ``ANN2SNN_KERNELS_LIB`` names a library built elsewhere (an installed, not editable,
+    ann2snn has no source tree to build in)."""
     if requested is False or (requested is None and os.environ.get("ANN2SNN_KERNELS", "1") == "0"):
         return None
+    path = Path(os.environ["ANN2SNN_KERNELS_LIB"]) if os.environ.get("ANN2SNN_KERNELS_LIB") else LIBRARY
     problem = None
-    if not LIBRARY.is_file():
-        problem = f"{LIBRARY} is not built"
+    if not path.is_file():
+        problem = f"{path} is not built"
     elif _ort_api() < API_VERSION:
         problem = f"onnxruntime {ort.__version__} is older than the kernels' C API (1.{API_VERSION})"
     if problem is None:
-        return LIBRARY
+        return path
     if requested:
         raise ConfigError(f"the compiled neuron kernels are not available: {problem}; run `make kernels` "
                           "(needs g++ and npm) or pass kernels=False")
@@ -84,16 +87,37 @@ def _expanded(value: np.ndarray, sample: tuple[int, ...]) -> np.ndarray | None:
     return np.ascontiguousarray(full.reshape(sample))
 
 
-def kernel_form(proto: onnx.ModelProto, sample_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+def _current_fits(current: str, sample: tuple[int, ...], static: set[str],
+                  types: dict[str, onnx.TypeProto]) -> bool:
+    """Whether the kernel can read ``current`` as one sample-shaped row per state row: it
+    varies with the input (a constant current would be broadcast by the function, not by the
+    kernel) and, where its shape is known, a sample of it has the state's shape."""
+    if current in static:
+        return False
+    t = types.get(current)
+    if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return True
+    dims = t.tensor_type.shape.dim
+    return len(dims) == len(sample) + 1 and all(
+        not d.HasField("dim_value") or d.dim_value == n for d, n in zip(list(dims)[1:], sample))
+
+
+def kernel_form(proto: onnx.ModelProto, sample_shapes: dict[str, tuple[int, ...]],
+                types: dict[str, onnx.TypeProto] | None = None) -> onnx.ModelProto:
     """``proto`` with every neuron node whose threshold (and burst size) is an initializer
     replaced by its kernel op with ``steps=1``: the same arithmetic, one node. ``sample_shapes``:
-    the per-sample shape of each state input. Other neuron nodes are left as they are."""
+    the per-sample shape of each state input; ``types``: the value types of ``proto``'s tensors,
+    if known. Other neuron nodes are left as they are."""
     values = {i.name: i for i in proto.graph.initializer}
+    static = set(values)  # tensors computed from constants alone
+    for node in proto.graph.node:
+        if all(i in static for i in node.input if i):
+            static.update(node.output)
     new_nodes, inits, changed = [], [], 0
     for node in proto.graph.node:
         op = KERNEL_OPS.get(node.op_type) if node.domain == DOMAIN else None
         sample = sample_shapes.get(node.input[1]) if op and len(node.input) > 1 else None
-        if op is None or sample is None:
+        if op is None or sample is None or not _current_fits(node.input[0], sample, static, types or {}):
             new_nodes.append(node)
             continue
         n_states = 2 if op in COUNTING_KERNEL_OPS else 1

@@ -243,17 +243,20 @@ def test_environment_turns_the_kernels_off(monkeypatch) -> None:
 def test_kernel_form_rewrites_neurons_with_constant_thresholds_only() -> None:
     th = numpy_helper.from_array(np.array([1.0, 2.0], np.float32).reshape(2, 1), "th")
     nodes = [helper.make_node(IF_OP, ["x", "v", "th"], ["s", "vn"], domain=DOMAIN, name="a"),
-             helper.make_node(IF_OP, ["x", "w", "s"], ["s2", "wn"], domain=DOMAIN, name="b")]  # computed threshold
+             helper.make_node(IF_OP, ["x", "w", "s"], ["s2", "wn"], domain=DOMAIN, name="b"),  # computed threshold
+             helper.make_node("Relu", ["th"], ["c"]),
+             helper.make_node(IF_OP, ["c", "u", "th"], ["s3", "un"], domain=DOMAIN, name="c")]  # constant current
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 3])
-                                           for n in ("x", "v", "w")],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("s2", "vn", "wn")],
-                              [th])
+                                           for n in ("x", "v", "w", "u")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                               for n in ("s2", "vn", "wn", "s3", "un")], [th])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
-    new = K.kernel_form(model, {"v": (2, 3), "w": (2, 3)})
-    assert [(n.domain, n.op_type) for n in new.graph.node] == [(K.KERNEL_DOMAIN, "IFChunk"), (DOMAIN, IF_OP)]
+    new = K.kernel_form(model, {"v": (2, 3), "w": (2, 3), "u": (2, 3)})
+    assert [(n.domain, n.op_type) for n in new.graph.node if n.op_type != "Relu"] == [
+        (K.KERNEL_DOMAIN, "IFChunk"), (DOMAIN, IF_OP), (DOMAIN, IF_OP)]
     expanded = {i.name: numpy_helper.to_array(i) for i in new.graph.initializer}[new.graph.node[0].input[2]]
     assert np.array_equal(expanded, np.array([[1, 1, 1], [2, 2, 2]], np.float32))
-    assert [n.op_type for n in model.graph.node] == [IF_OP, IF_OP]  # the input model is unchanged
+    assert [n.op_type for n in model.graph.node] == [IF_OP, IF_OP, "Relu", IF_OP]  # the input is unchanged
 
 
 def test_a_model_holding_kernel_ops_is_refused() -> None:
@@ -266,3 +269,13 @@ def test_a_model_holding_kernel_ops_is_refused() -> None:
     snn.opset_import.append(helper.make_opsetid(K.KERNEL_DOMAIN, 1))
     with pytest.raises(ann2snn.ModelLoadError, match="compiled-kernel domain"):
         SpikingSession(snn)
+
+
+def test_a_library_built_elsewhere_is_found_through_the_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(K, "LIBRARY", tmp_path / "missing.so")
+    monkeypatch.setenv("ANN2SNN_KERNELS_LIB", str(tmp_path / "elsewhere.so"))
+    with pytest.raises(ann2snn.ConfigError, match="elsewhere.so is not built"):
+        K.library(True)
+    (tmp_path / "elsewhere.so").write_bytes(b"")
+    if K._ort_api() >= K.API_VERSION:
+        assert K.library() == tmp_path / "elsewhere.so"
