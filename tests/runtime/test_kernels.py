@@ -273,6 +273,7 @@ def test_a_model_holding_kernel_ops_is_refused() -> None:
 
 def test_a_library_built_elsewhere_is_found_through_the_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(K, "LIBRARY", tmp_path / "missing.so")
+    monkeypatch.delenv("ANN2SNN_KERNELS", raising=False)
     monkeypatch.setenv("ANN2SNN_KERNELS_LIB", str(tmp_path / "elsewhere.so"))
     with pytest.raises(ann2snn.ConfigError, match="elsewhere.so is not built"):
         K.library(True)
