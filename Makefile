@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow wheel-smoke kernels clean
+.PHONY: demo test test-slow test-ray wheel-smoke kernels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 ## the slow end-to-end checks (full MNIST test set)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+## the distributed run/eval tests on a local Ray cluster (installs Ray into .venv first)
+test-ray: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[ray]'
+	$(BIN)/python -m pytest -q -m ray tests/test_distributed.py
 
 ## build the wheel with `python -m build`, install it in a fresh venv, smoke-test it there
 wheel-smoke: $(STAMP)

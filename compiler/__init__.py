@@ -6,15 +6,9 @@ it needs); ``cli``, ``data``, ``analysis`` and ``export`` are the tools around i
 """
 from __future__ import annotations
 
-import onnxruntime as _ort
+from typing import TYPE_CHECKING, Any
 
-# onnxruntime logs its own errors to stderr before raising them; ann2snn turns every one it
-# expects into a single clean message, so only fatal onnxruntime logs remain visible.
-_ort.set_default_logger_severity(4)
-
-from .api import compile  # noqa: E402
-from .config import CompileConfig  # noqa: E402
-from .errors import (  # noqa: E402
+from .errors import (
     Ann2SnnError,
     ConfigError,
     DataError,
@@ -24,7 +18,25 @@ from .errors import (  # noqa: E402
     ResourceError,
     UnsupportedModelError,
 )
-from .version import __version__  # noqa: E402
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .api import compile
+    from .config import CompileConfig
+
+
+def __getattr__(name: str) -> Any:
+    """``compile`` and ``CompileConfig`` are imported on first use: the command line's start-up
+    (``ann2snn --help``, ``ann2snn run``) then loads neither the passes nor onnx-graphsurgeon."""
+    if name == "compile":
+        from .api import compile as value
+    elif name == "CompileConfig":
+        from .config import CompileConfig as value
+    else:
+        raise AttributeError(f"module 'ann2snn' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Ann2SnnError",

@@ -14,6 +14,8 @@ METHODS = ("ltb", "max", "percentile")
 GRANULARITIES = ("channel", "layer")
 MAXPOOL_MODES = ("cumulative", "instant")
 NEURONS = ("if", "signed")
+#: what ``eval --task`` scores: top-1 accuracy, mIoU, mAP (ann2snn.analysis.tasks)
+TASKS = ("classification", "segmentation", "detection")
 
 
 @dataclass(frozen=True)

@@ -144,8 +144,21 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(target.parent, os.O_RDONLY)
+    _sync_dir(target.parent)
+
+
+def write_atomic_from(path: str | os.PathLike[str], tmp: str | os.PathLike[str]) -> None:
+    """Move the complete file ``tmp`` (on the same file system) to ``path`` durably: fsync, rename."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _sync_dir(Path(path).parent)
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the file system allows it)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:

@@ -9,6 +9,12 @@ import onnxruntime as ort
 
 from .errors import ModelLoadError
 
+# onnxruntime logs its own errors to stderr before raising them; ann2snn turns every one it
+# expects into a single clean message, so only fatal onnxruntime logs remain visible. Every
+# module of ann2snn that creates sessions imports this one (the runtime package does in its
+# __init__), so this runs before the first session.
+ort.set_default_logger_severity(4)
+
 
 def make_session(model: onnx.ModelProto, threads: int = 0, basic: bool = False) -> ort.InferenceSession:
     """A CPU session; ``basic`` limits graph optimisations (stable last bits)."""

@@ -117,7 +117,7 @@ _REJECT_KIND = {
 
 #: ONNX opsets the compiler accepts; older models are upgraded to MIN_OPSET first.
 MIN_OPSET = 13
-OLDEST_OPSET = 7
+OLDEST_OPSET = 6
 NEWEST_OPSET = 23
 
 

@@ -203,7 +203,7 @@ def calibrate_thresholds(state: PassState) -> PassState:
     check_calibration_memory(model, cfg.batch, int(cfg.max_memory * GIB) if cfg.max_memory else None)
     source = state.calib if isinstance(state.calib, CalibrationSource) else CalibrationSource(
         state.calib, input_specs(model), cfg.preprocess())
-    sample = source.first(8)
+    sample = source.first(min(8, cfg.batch))  # a model compiled for batch 1 takes one sample
     if sample is not None:  # the whole ANN, tail included, must run on the data before we calibrate
         run_checked(make_session(model), None, sample, "calibration data")
     if state.config.method == "ltb":

@@ -5,9 +5,16 @@ chunks), so a fixed batch of, say, 1 is replaced by the symbolic ``N``. Reshape 
 spell the old batch size out become 0 ("copy the input's batch"). The result is checked
 numerically: at batch 2 each sample's output must equal its output alone, and for a fixed
 batch of 1 the rewritten graph must agree with the original.
+
+A fixed batch of 1 that the check refutes (e.g. a Slice or Gather of the first sample) is
+kept when every tensor still has a leading axis of 1, which then stands for the batch: the
+model is compiled for batch 1, with a warning, and calibration runs on batches of one sample
+(``batch`` is set to 1). A compiled model of batch 1 declares it on its inputs; onnxruntime
+refuses other batch sizes. A Reshape that folds the batch into another axis is an error.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -29,6 +36,13 @@ def _fixed_batch(graph: gs.Graph) -> int | None:
     if len(dims) == 1 and isinstance(next(iter(dims)), (int, np.integer)):
         return int(next(iter(dims)))
     return None
+
+
+def _leading_one(graph: gs.Graph) -> bool:
+    """Whether every computed tensor of known shape has a leading axis of 1: then that axis can
+    stand for the batch of 1 (neuron states are laid out as [batch, *per-sample shape])."""
+    return all(t.shape[0] == 1 for t in graph.tensors().values()
+               if isinstance(t, gs.Variable) and t.shape and isinstance(t.shape[0], (int, np.integer)))
 
 
 def _run(graph: gs.Graph, opset: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -68,11 +82,23 @@ def make_batch_dynamic(state: PassState) -> PassState:
     except Exception as exc:  # the rewritten graph does not run at another batch size
         log.debug("batch rewrite failed: %s", exc)
         ok = False
+    if not ok and b == 1 and _leading_one(before):
+        log.warning("the model's batch is fixed at 1 and the graph depends on it beyond its inputs and Reshape "
+                    "shapes that spell it out (e.g. a Slice of the first sample): it is compiled "
+                    "for batch 1, calibration runs on single samples (--batch 1), and the compiled model takes one "
+                    "sample at a time; re-export it with a dynamic batch axis to run batches")
+        state.graph = before
+        state.config = dataclasses.replace(state.config, batch=1)
+        state.metadata["batch"] = "fixed at 1 (the graph depends on it; compiled for batch 1)"
+        return state
     if not ok:
+        either = (", and some tensor's leading axis is not the batch, so it cannot be compiled for batch 1 either"
+                  if b == 1 else "")
         raise ModelLoadError(
             f"the model's batch dimension is fixed at {b} and ann2snn could not make it dynamic (the graph depends "
-            "on the batch size beyond its inputs and Reshape shapes); re-export it with a dynamic batch axis, "
+            f"on the batch size beyond its inputs and Reshape shapes{either}); re-export it with a dynamic batch axis, "
             "e.g. torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}})")
     log.info("the fixed batch size %d became the symbolic dimension %s", b, BATCH)
+    state.metadata["batch"] = f"fixed at {b} in the export, made dynamic (checked numerically)"
     state.graph = with_shapes(graph, state.opset)
     return state

@@ -83,6 +83,65 @@ def _reaches_weight(graph: gs.Graph, start: gs.Node, spiking: set[str]) -> bool:
     return False
 
 
+def _settle(graph: gs.Graph, nodes: dict[str, gs.Node], neurons: set[str], cumulative: bool,
+            cut: set[str]) -> tuple[set[str], set[str], set[str]]:
+    """(neurons, spiking, tail) once every neuron left has a weighted layer after it."""
+    while True:
+        spiking, tail = _classify(graph, neurons, cumulative, cut)
+        keep = {n for n in neurons if n in spiking and _reaches_weight(graph, nodes[n], spiking)}
+        if keep == neurons:
+            return neurons, spiking, tail
+        neurons = keep
+
+
+def _ancestors(node: gs.Node) -> set[str]:
+    """Names of the nodes upstream of ``node``."""
+    seen: set[str] = set()
+    stack = [t.inputs[0] for t in node.inputs if t.inputs]
+    while stack:
+        n = stack.pop()
+        if n.name not in seen:
+            seen.add(n.name)
+            stack.extend(t.inputs[0] for t in n.inputs if t.inputs)
+    return seen
+
+
+def _extend_prefix(graph: gs.Graph, nodes: dict[str, gs.Node], sites: set[str], cumulative: bool,
+                   cut: set[str]) -> tuple[set[str], set[str], set[str], dict[str, str]]:
+    """The partition (neurons, spiking, tail) and, per node moved into the prefix, why.
+
+    An op that is not correct on spikes (LRN behind AlexNet's and GoogLeNet's first
+    convolutions) would end the spiking part right there. Instead, the activations upstream
+    of it may stay analog, so that its input is constant in time (direct coding) and it runs
+    exactly in the analog prefix; the spiking part starts after it. This is done only where
+    it leaves more MACs taking spikes as input than ending the spiking part at the op.
+    """
+    best = _settle(graph, nodes, sites, cumulative, cut)
+    score = _mac_share(graph, *best)["spiking"]
+    moved: list[gs.Node] = []
+    chosen: list[gs.Node] = []
+    while True:  # follow the chain of such ops from the inputs on; keep the best cut
+        spiking, tail = _classify(graph, sites, cumulative, cut)
+        node = next((n for n in graph.nodes if n.name in tail and n.name not in sites
+                     and not any(t.name in cut for t in n.inputs)
+                     and any(t.inputs and t.inputs[0].name in spiking for t in n.inputs)), None)
+        if node is None:
+            break
+        sites = sites - _ancestors(node)  # not empty: a spiking input has a neuron upstream
+        moved.append(node)
+        trial = _settle(graph, nodes, sites, cumulative, cut)
+        if _mac_share(graph, *trial)["spiking"] > score:
+            best, score, chosen = trial, _mac_share(graph, *trial)["spiking"], list(moved)
+    notes: dict[str, str] = {}
+    for node in chosen:
+        why = (f"analog prefix up to '{node.name}' ({node.op}, not correct on spikes): computed once per input, "
+               "so that more MACs spike than if the spiking part ended there")
+        for name in sorted(_ancestors(node) | {node.name}):
+            if name not in best[1] and name not in best[2]:
+                notes.setdefault(name, why)
+    return best[0], best[1], best[2], notes
+
+
 def _cut_tensors(state: PassState) -> set[str]:
     """The --spiking-until tensors, checked against the graph."""
     names = set(state.graph.tensors())
@@ -109,13 +168,8 @@ def partition_graph(state: PassState) -> PassState:
     nodes = {n.name: n for n in graph.nodes}
     cumulative = state.config.maxpool == "cumulative"
     cut = _cut_tensors(state)
-    neurons = {s.node for s in state.sites}
-    while True:
-        spiking, tail = _classify(graph, neurons, cumulative, cut)
-        keep = {n for n in neurons if n in spiking and _reaches_weight(graph, nodes[n], spiking)}
-        if keep == neurons:
-            break
-        neurons = keep
+    neurons, spiking, tail, notes = _extend_prefix(graph, nodes, {s.node for s in state.sites}, cumulative, cut)
+    state.metadata["prefix_notes"] = notes
     analog_sites = {s.node for s in state.sites if s.node not in neurons}
     # nodes that end the spiking part: tail nodes fed by the spiking part, directly or through
     # an activation that stayed analog because of them
@@ -124,7 +178,16 @@ def partition_graph(state: PassState) -> PassState:
                 and any(t.inputs and t.inputs[0].name in feeders for t in n.inputs)]
     # activations with weights after them that did not become neurons
     everywhere = set(nodes)
-    lost = [s for s in state.sites if s.node in analog_sites and _reaches_weight(graph, nodes[s.node], everywhere)]
+    lost = [s for s in state.sites if s.node in analog_sites and s.node not in notes
+            and _reaches_weight(graph, nodes[s.node], everywhere)]
+    moved = sorted({why.split("'")[1] for why in notes.values()}, key=list(nodes).index)
+    if moved:
+        log.warning("%s not correct on spikes and sit(s) behind the first layers: the layers up to %s run in the "
+                    "analog prefix, once per input (activations %s stay analog), and the spiking part starts after "
+                    "%s; `ann2snn inspect` marks them", ", ".join(f"'{n}' ({nodes[n].op})" for n in moved),
+                    "them" if len(moved) > 1 else "it",
+                    ", ".join(f"'{s.node}'" for s in state.sites if s.node in notes),
+                    "them" if len(moved) > 1 else "it")
     if lost and not cut:
         slopes = [n for n in breaking if n.op in NEGATIVE_SLOPE]
         if slopes:

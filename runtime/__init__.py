@@ -26,6 +26,8 @@ reference on generated graphs, the reference models and the regression files).
 """
 from __future__ import annotations
 
+import ann2snn.ortsession  # noqa: F401  (quiets onnxruntime's own logging before any session)
+
 from .ops import (
     if_neuron_function,
     if_neuron_reference,

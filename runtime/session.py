@@ -27,7 +27,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ann2snn.data.arrays import InputSpec, as_array_dict, check_arrays, input_specs
-from ann2snn.errors import ConfigError, ModelLoadError, NonFiniteError
+from ann2snn.errors import ConfigError, DataError, ModelLoadError, NonFiniteError
 from ann2snn.modelio import load_model
 
 from .forms import StepPlan, run_constant, run_layered, run_steps
@@ -58,9 +58,13 @@ GUARD_STEPS = 2
 #: relative tolerance of that comparison: the invariant's (runtime/reference.py; the forms
 #: agree bit for bit in practice)
 GUARD_RTOL = RTOL
-#: in auto mode, the layered form runs chunks of about this many samples (timesteps × batch);
-#: it is used only for batches smaller than this, where one step alone is a small GEMM
+#: the layered form runs chunks of about this many samples (timesteps × batch)
 LAYERED_ROWS = 32
+#: in auto mode, the layered form is used only up to this batch: it ran 0.45-0.97x the step
+#: form's time at batch 1 and 2, but 0.77-1.6x at batch 8 and 1.2-1.4x at batch 16 on the
+#: reference models (benchmarks/results/cli_profile.md, "auto rule"), and the CLI's default
+#: batches are 16 and up
+LAYERED_MAX_BATCH = 2
 #: and only while a chunk's membrane states (a proxy for its activations) stay below this, so
 #: that memory stays near the ANN's: large models at batch 1 already run big GEMMs per step
 LAYERED_STATE_BYTES = 16 * 2 ** 20
@@ -104,8 +108,8 @@ class SpikingSession:
         timestep, with the time-constant prefix (e.g. the first convolution under direct
         coding) computed once and the states in bound buffers (``bind``); ``"layered"`` runs
         each layer on ``chunk`` timesteps at once (a batch of chunk × B) with each neuron layer
-        unrolled over the chunk; ``"auto"`` (default) uses layered for batches below
-        ``LAYERED_ROWS`` when the graph allows it and the chunk's states stay under
+        unrolled over the chunk; ``"auto"`` (default) uses layered for batches up to
+        ``LAYERED_MAX_BATCH`` when the graph allows it and the chunk's states stay under
         ``LAYERED_STATE_BYTES``, else step: a rule of shapes only, so a command gives the same
         bytes every time; ``"timed"`` times both once per batch size and keeps the faster;
         ``"reference"`` runs the whole step graph per step. The form used last is in
@@ -218,6 +222,12 @@ class SpikingSession:
     def _feeds(self, inputs: Any) -> dict[str, np.ndarray]:
         arrays = as_array_dict(inputs, self.input_specs, "input")
         check_arrays(arrays, self.input_specs, "input")
+        for s in self.input_specs:
+            fixed = s.shape[0] if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 else None
+            if fixed is not None and arrays[s.name].shape[0] != fixed:
+                raise DataError(f"input '{s.name}' has {arrays[s.name].shape[0]} samples but the model was compiled "
+                                f"for a batch of {fixed} (its export fixes the batch and the compiler could not make it "
+                                f"dynamic; see the compile warning): feed {fixed} at a time (--batch-size {fixed})")
         return {s.name: arrays[s.name] for s in self.input_specs}
 
     def _advance(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -384,7 +394,7 @@ class SpikingSession:
         if self.mode in ("auto", "timed"):
             per_sample = sum(4 * int(np.prod(shape)) for _, _, _, shape in self._state_specs)
             chunk = min(chunk, LAYERED_STATE_BYTES // max(per_sample * batch, 1))
-            if batch >= LAYERED_ROWS or chunk < 2:
+            if batch > LAYERED_MAX_BATCH or chunk < 2:
                 return None
         return chunk
 

@@ -45,7 +45,7 @@ def evaluate(
     Ts: Sequence[int],
     *,
     label_key: str = "label",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     t0: int | None = None,
     show_progress: bool = False,
     max_memory: int | None = None,
@@ -56,41 +56,76 @@ def evaluate(
     ``snn`` is a SpikingSession or a path to a compiled model. Without labels under
     ``label_key`` only agreement and error are reported. The simulation's memory estimate
     is checked against ``max_memory`` bytes (default: 75% of physical memory) first.
+    ``batch_size``: default :func:`ann2snn.runtime.batches.default_batch_size`.
     """
+    from ann2snn.runtime.batches import default_batch_size
+
     session, snn_proto, ann_model, specs = open_pair(ann, snn, threads)
+    batch_size = default_batch_size(session) if batch_size is None else batch_size
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, got {batch_size} (--batch-size)")
     n, labels, chunks = _chunks(data, specs, session, label_key, batch_size)
     check_memory(snn_proto, min(batch_size, n), max_memory)
     ann_sess = make_session(ann_model)
     Ts = sorted(set(Ts))
-    outs: dict[int, list[np.ndarray]] = {T: [] for T in Ts}
-    refs: list[np.ndarray] = []
-    out_name = session.output_names[0]
+    sums = []  # per batch: memory does not grow with the number of samples
+    start = 0
     for feeds in progress(chunks, math.ceil(n / batch_size), "simulating", show_progress):
-        refs.append(run_checked(ann_sess, None, feeds, "evaluation data")[0])
-        res = session.run_many(feeds, Ts, t0)
-        for T in Ts:
-            outs[T].append(res[T][out_name])
-    ref = np.concatenate(refs)
+        sums.append(batch_sums(ann_sess, session, feeds, labels, start, Ts, t0))
+        start += sums[-1]["samples"]
+    return merge_sums(sums, Ts, labels is not None, session.t0 if t0 is None else int(t0))
+
+
+def batch_sums(ann_sess: Any, session: Any, feeds: dict[str, np.ndarray], labels: np.ndarray | None, start: int,
+               Ts: Sequence[int], t0: int | None) -> dict[str, Any]:
+    """The sums ``evaluate`` needs from one batch (its first sample is ``start`` of the data):
+    correct and agreeing predictions per T, absolute errors and output magnitudes (float64)."""
+    out_name = session.output_names[0]
+    ref = run_checked(ann_sess, None, feeds, "evaluation data")[0]
     ref_pred = predictions(ref)
+    truth = labels[start:start + len(ref_pred)] if labels is not None else None
     scores = ref.ndim > 1 and np.issubdtype(ref.dtype, np.floating)  # else the output is the label itself
-    scale = (float(np.abs(ref).mean()) or 1.0) if scores else 1.0
+    out: dict[str, Any] = {"samples": len(ref_pred), "scores": bool(scores),
+                           "ann_correct": int((ref_pred == truth).sum()) if truth is not None else 0,
+                           "ref_abs": float(np.abs(ref).sum(dtype=np.float64)) if scores else 0.0,
+                           "values": int(ref.size) if scores else 0, "correct": {}, "agree": {}, "abs_error": {}}
+    res = session.run_many(feeds, Ts, t0)
+    for T in Ts:
+        y = res[T][out_name]
+        pred = predictions(y)
+        out["agree"][T] = int((pred == ref_pred).sum())
+        out["correct"][T] = int((pred == truth).sum()) if truth is not None else 0
+        out["abs_error"][T] = float(np.abs(y - ref).sum(dtype=np.float64)) if scores else 0.0
+    return out
+
+
+def merge_sums(sums: Sequence[dict[str, Any]], Ts: Sequence[int], labelled: bool, t0: int) -> dict[str, Any]:
+    """The ``evaluate`` result from the per-batch sums, added in batch order: the same floats
+    whether the batches ran in one process or on several workers."""
+    n = sum(b["samples"] for b in sums)
+    scores = bool(sums) and sums[-1]["scores"]
+    values = sum(b["values"] for b in sums)
+    ref_abs = 0.0
+    for b in sums:
+        ref_abs += b["ref_abs"]
+    scale = (ref_abs / values or 1.0) if scores and values else 1.0
     rows = []
     for T in Ts:
-        y = np.concatenate(outs[T])
-        pred = predictions(y)
+        abs_error = 0.0
+        for b in sums:
+            abs_error += b["abs_error"][T]
+        mean_abs = abs_error / values if scores and values else None
         rows.append({
             "T": T,
-            "accuracy": float((pred == labels).mean()) if labels is not None else None,
-            "agreement": float((pred == ref_pred).mean()),
-            "mean_abs_error": float(np.abs(y - ref).mean()) if scores else None,
-            "relative_error": float(np.abs(y - ref).mean() / scale) if scores else None,
+            "accuracy": sum(b["correct"][T] for b in sums) / n if labelled else None,
+            "agreement": sum(b["agree"][T] for b in sums) / n,
+            "mean_abs_error": mean_abs,
+            "relative_error": mean_abs / scale if mean_abs is not None else None,
         })
     return {
         "samples": int(n),
-        "ann_accuracy": float((ref_pred == labels).mean()) if labels is not None else None,
-        "t0": session.t0 if t0 is None else int(t0),
+        "ann_accuracy": sum(b["ann_correct"] for b in sums) / n if labelled else None,
+        "t0": t0,
         "snn": rows,
     }
 
@@ -108,7 +143,7 @@ def _chunks(data: Any, specs: list, session: Any, label_key: str,
         first = {specs[0].name: images.load([0])}
         check_arrays(first, specs, f"image data '{data}'")
         return len(images), images.labels, ({specs[0].name: x} for x, _ in images.chunks(batch_size))
-    arrays = as_array_dict(data, specs, "evaluation data")
+    arrays = as_array_dict(data, specs, "evaluation data", lazy=True)  # files are read a batch at a time
     check_arrays(arrays, specs, "evaluation data")
     n = next(iter(arrays[s.name] for s in specs)).shape[0]
     labels = arrays.get(label_key)

@@ -20,6 +20,7 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
 
     Runs the compiler's passes up to the partition (no calibration data needed).
     """
+    from ann2snn.passes._graph import unique_name
     from ann2snn.passes.import_model import import_model
     from ann2snn.passes.partition_graph import partition_graph
 
@@ -27,11 +28,11 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
 
     cfg = config or CompileConfig()
     proto = load_model(model)
+    taken: set[str] = set()
+    for n in proto.graph.node:  # the names import_model would give; they survive an opset upgrade,
+        n.name = unique_name(taken, n.name or f"{n.op_type}_{len(taken)}")  # which may add nodes
     original = [(n.name, n.domain or "ai.onnx", n.op_type) for n in proto.graph.node]
     state = import_model(proto, cfg)
-    # import_model names unnamed nodes in order, so original and imported lists align
-    names = [n.name for n in state.graph.nodes]
-    original = [(names[i], d, op) for i, (_, d, op) in enumerate(original)]
     problems: list[str] = []
     # the compiler's own passes from after check_support (unsupported ops are listed here
     # instead of raised) up to the partition
@@ -46,6 +47,7 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
     nodes = {n.name: n for n in state.graph.nodes}
     sites = {s.node: s for s in state.sites}
     spiking, tail, pools = set(state.spiking), set(state.tail), set(state.varying_pools)
+    notes = state.metadata.get("prefix_notes", {})
     rows = []
     for name, domain, op in original:
         node = nodes.get(name)
@@ -69,6 +71,8 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
             kind, why = "spiking", "affine op on spikes"
         elif name in tail:
             kind, why = "tail", "analog, runs once on the readout"
+        elif name in notes:
+            kind, why = "prefix", notes[name]
         else:
             kind, why = "prefix", "analog, input is constant in time (direct coding)"
         rows.append({"node": name, "op": f"{domain}::{op}", "role": kind, "macs": macs, "detail": why})
@@ -81,7 +85,20 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         "macs": {"total": total, "spiking": macs["spiking"], "prefix": macs["prefix"], "tail": macs["tail"]},
         "boundary": list(state.boundary),
         "problems": problems,
+        "notes": _model_notes(state.metadata),
     }
+
+
+def _model_notes(meta: dict[str, Any]) -> list[str]:
+    """What the compiler does to the model as a whole: old-export quirks, the batch."""
+    notes = []
+    src = meta.get("source", {})
+    if src.get("initializers_as_inputs"):
+        notes.append(f"{src['initializers_as_inputs']} initializer(s) are also listed as graph inputs (old export: "
+                     f"IR {src['ir_version']}, opset {src['opset']}); compiled as constants, not inputs")
+    if "batch" in meta:
+        notes.append(f"batch: {meta['batch']}")
+    return notes
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -104,6 +121,7 @@ def format_inspection(info: dict[str, Any]) -> str:
               f"MACs per sample: {m['total']:,} (spiking part {m['spiking']:,} = {share('spiking')}, "
               f"analog prefix {m['prefix']:,} = {share('prefix')}, tail {m['tail']:,} = {share('tail')})",
               f"boundary (read out): {', '.join(info['boundary'])}"]
+    lines += [f"note: {n}" for n in info.get("notes", [])]
     if info["problems"]:
         lines += ["", "problems:"] + [f"  - {p}" for p in info["problems"]]
     return "\n".join(lines)

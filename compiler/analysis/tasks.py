@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..config import TASKS  # noqa: F401  (defined there: the CLI offers it without importing this module)
 from ..data.arrays import as_array_dict, check_arrays, input_specs
 from ..errors import ConfigError, DataError
 from ..ortsession import make_session, run_checked
@@ -32,7 +33,6 @@ from ..resources import check_memory
 from .evaluate import open_pair
 from .metrics import ConfusionMatrix, check_detections, detection_ap, segmentation_labels
 
-TASKS = ("classification", "segmentation", "detection")
 
 SEG_FORMAT = ("segmentation data: .npz with the model inputs keyed by input name and 'mask' int [N,H,W] "
               "(class ids, 255 = ignore)")
@@ -148,7 +148,9 @@ def _targets(task: str, arrays: Mapping[str, np.ndarray], n: int, ignore_index: 
         if "mask" not in arrays:
             raise DataError(f"evaluation data has no 'mask' array (it has {', '.join(repr(k) for k in arrays)}); "
                             f"{SEG_FORMAT}")
-        mask = np.asarray(arrays["mask"])
+        mask = arrays["mask"]  # a file's masks stay in the file: read a batch at a time (FileArray)
+        if not hasattr(mask, "ndim"):
+            mask = np.asarray(mask)
         if not np.issubdtype(mask.dtype, np.integer) or mask.ndim != 3 or mask.shape[0] != n:
             raise DataError(f"evaluation data 'mask' has shape {list(mask.shape)} ({mask.dtype}) for {n} samples; "
                             f"{SEG_FORMAT}")
@@ -277,7 +279,7 @@ def evaluate_task(
     if isinstance(data, (str, os.PathLike)) and not str(data).endswith(".npz"):
         raise DataError(f"--task {task} reads a .npz file, got '{data}'; "
                         f"{SEG_FORMAT if task == 'segmentation' else DET_FORMAT}")
-    arrays = as_array_dict(data, specs, "evaluation data")
+    arrays = as_array_dict(data, specs, "evaluation data", lazy=True)  # inputs read a batch at a time
     check_arrays(arrays, specs, "evaluation data")
     n = int(np.asarray(arrays[specs[0].name]).shape[0])
     targets = _targets(task, arrays, n, ignore_index)

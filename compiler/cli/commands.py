@@ -8,13 +8,11 @@ import json
 from typing import Any
 
 import click
-import numpy as np
 
-from ..analysis.tasks import TASKS
-from ..config import GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, CompileConfig
+from ..config import GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, TASKS, CompileConfig
 from ..errors import ConfigError
 from .errors import handle_errors
-from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, config_option, parse_ts
+from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, RAY_OPTION, config_option, parse_ts
 
 
 @click.command("compile")
@@ -110,7 +108,8 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
 @click.option("--input", "input_path", required=True, type=click.Path(),
               help="Inputs: .npz keyed by input name, .npy, or images (folder or list file), preprocessed as "
                    "recorded at compile time.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Inputs simulated at once.")
+@click.option("--batch-size", type=int, default=None,
+              help="Inputs simulated at once [default: chosen from the model's size, see README 'Speed and memory'].")
 @click.option("-T", "T", required=True, type=int, help="Number of timesteps.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the outputs (.npz; the entry 'ann2snn_run' holds how they were made, as JSON).")
@@ -120,26 +119,39 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
 @click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: its default).")
 @click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
               "(default: 75% of physical memory).")
+@RAY_OPTION
 @click.pass_context
 @handle_errors
-def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int, T: int, output: str, t0: int | None,
-            form: str, allow_nonfinite: bool, threads: int, max_memory: float | None) -> None:
+def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int | None, T: int, output: str, t0: int | None,
+            form: str, allow_nonfinite: bool, threads: int, max_memory: float | None, ray_address: str | None) -> None:
     """Run a compiled spiking MODEL for T timesteps and save the readout.
 
     The same command writes the same bytes every time."""
+    import numpy as np
+
     from ann2snn.runtime.batches import run_file
 
-    from ..modelio import npz_bytes, write_atomic
+    from ..data.npyfile import NpzWriter
     from ..resources import GIB
 
     show = not ctx.obj["quiet"]
-    run = run_file(model, input_path, T, t0=t0, batch_size=batch_size, form=form, allow_nonfinite=allow_nonfinite,
-                   threads=threads or None, max_memory=int(max_memory * GIB) if max_memory is not None else None,
-                   show_progress=show)
-    info = np.array(json.dumps(run.info, sort_keys=True))
-    write_atomic(output, npz_bytes({**run.outputs, **run.extra, "ann2snn_run": info}))
+    with NpzWriter(output) as out:  # outputs written batch by batch; the file appears only when complete
+        if ray_address is not None:
+            from ..distributed import run_file_ray
+
+            run = run_file_ray(model, input_path, T, address=ray_address, t0=t0, batch_size=batch_size, form=form,
+                               allow_nonfinite=allow_nonfinite, threads=threads or None, show_progress=show,
+                               sink=out.append)
+        else:
+            run = run_file(model, input_path, T, t0=t0, batch_size=batch_size, form=form,
+                           allow_nonfinite=allow_nonfinite, threads=threads or None,
+                           max_memory=int(max_memory * GIB) if max_memory is not None else None, show_progress=show,
+                           sink=out.append)
+        for k, v in run.extra.items():
+            out.put(k, v)
+        out.put("ann2snn_run", np.array(json.dumps(run.info, sort_keys=True)))
     if show:
-        click.echo(f"wrote {output}: {', '.join(f'{k} {v.shape}' for k, v in run.outputs.items())} "
+        click.echo(f"wrote {output}: {', '.join(f'{k} {v}' for k, v in run.shapes.items())} "
                    f"(form: {', '.join(run.info['forms'])})")
 
 
@@ -168,7 +180,7 @@ Data for --task detection: .npz with the model inputs, 'boxes' float [M,4]
               help="What the outputs are scored as: top-1 accuracy, mIoU, or mAP.")
 @click.option("-T", "Ts", default="8,16,32,64,128", show_default=True, help="Comma-separated timesteps.")
 @click.option("--label-key", default="label", show_default=True, help="Key of the labels in the .npz (classification).")
-@click.option("--batch-size", type=int, default=None, help="Samples simulated at once [default: 256 for "
+@click.option("--batch-size", type=int, default=None, help="Samples simulated at once [default: chosen from the model's size for "
               "classification, 16 for segmentation and detection].")
 @click.option("--t0", type=int, default=None, help="Readout delay in steps (default: the model's).")
 @click.option("--t0-frac", type=float, default=None,
@@ -186,14 +198,16 @@ Data for --task detection: .npz with the model inputs, 'boxes' float [M,4]
 @click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
               "(default: 75% of physical memory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@RAY_OPTION
 @click.pass_context
 @handle_errors
 def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: str, label_key: str,
              batch_size: int | None, t0: int | None, t0_frac: float | None, output_name: str | None,
              num_classes: int | None, ignore_index: int, json_path: str | None, form: str, allow_nonfinite: bool,
-             threads: int, max_memory: float | None, progress: bool) -> None:
+             threads: int, max_memory: float | None, progress: bool, ray_address: str | None) -> None:
     """Print ANN vs SNN accuracy (or mIoU, or mAP) of a compiled SNN at several T."""
     from ann2snn.runtime import SpikingSession
+    from ann2snn.runtime.batches import default_batch_size
 
     from ..analysis.evaluate import evaluate, format_table
     from ..modelio import write_atomic
@@ -202,12 +216,25 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
 
     limit = int(max_memory * GIB) if max_memory is not None else None
     show = progress and not ctx.obj["quiet"]
+    if ray_address is not None:
+        if task != "classification" or t0_frac is not None or allow_nonfinite:
+            raise ConfigError("--ray shards run, report and classification eval for now; drop --ray for --task "
+                              f"{task}, --t0-frac or --allow-nonfinite")
+        from ..distributed import evaluate_ray
+
+        result = evaluate_ray(ann, snn, data, parse_ts(Ts), address=ray_address, label_key=label_key,
+                              batch_size=batch_size, t0=t0, form=form, threads=threads or None, show_progress=show)
+        result["form"] = {"option": form}
+        click.echo(format_table(result))
+        if json_path:
+            write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+        return
     session = SpikingSession(snn, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite)
     if task == "classification":
         if t0_frac is not None:
             raise ConfigError("--t0-frac is for --task segmentation|detection; use --t0 for classification")
         result = evaluate(ann, session, data, parse_ts(Ts), label_key=label_key, threads=threads or None,
-                          batch_size=batch_size or 256, t0=t0, max_memory=limit, show_progress=show)
+                          batch_size=batch_size or default_batch_size(session), t0=t0, max_memory=limit, show_progress=show)
         table = format_table(result)
     else:
         result = evaluate_task(ann, session, data, parse_ts(Ts), task, readouts=[Readout(t0, t0_frac)],

@@ -5,7 +5,6 @@ from collections import Counter
 
 import click
 
-from ..export.nir import export_nir
 from .errors import handle_errors
 
 
@@ -21,6 +20,8 @@ from .errors import handle_errors
 @handle_errors
 def export_cmd(ctx: click.Context, model: str, fmt: str, output: str, allow_approximation: bool) -> None:
     """Export a compiled spiking MODEL to another format (NIR)."""
+    from ..export.nir import export_nir
+
     graph = export_nir(model, output, allow_approximation)
     kinds = Counter(type(n).__name__ for n in graph.nodes.values())
     if ctx.obj["quiet"]:

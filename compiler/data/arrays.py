@@ -58,10 +58,16 @@ def load_arrays(path: str | os.PathLike[str], what: str = "data") -> ArrayDict:
         raise DataError(f"{what} file '{p}' could not be read as .npz/.npy ({exc}); write it with numpy.savez") from None
 
 
-def as_array_dict(data: Any, specs: Sequence[InputSpec], what: str) -> ArrayDict:
-    """Turn a path, array or mapping into {input name: array} (extra keys kept)."""
+def as_array_dict(data: Any, specs: Sequence[InputSpec], what: str, lazy: bool = False) -> ArrayDict:
+    """Turn a path, array or mapping into {input name: array} (extra keys kept). With ``lazy``, a
+    file's arrays are :class:`~ann2snn.data.npyfile.FileArray` s, read a slice at a time."""
     if isinstance(data, (str, os.PathLike)):
-        data = load_arrays(data, what)
+        if lazy:
+            from .npyfile import open_arrays
+
+            data = open_arrays(data, what)
+        else:
+            data = load_arrays(data, what)
     if isinstance(data, np.ndarray):
         data = {"": data}
     if not isinstance(data, Mapping):
@@ -83,7 +89,7 @@ def check_arrays(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], w
                         f"it has {', '.join(repr(k) for k in arrays) or 'nothing'} (key the .npz by input name)")
     n = None
     for s in specs:
-        a = np.asarray(arrays[s.name])
+        a = _array_like(arrays[s.name])  # FileArrays are checked without reading them whole
         if a.dtype != s.dtype:
             raise DataError(f"{what} input '{s.name}' has dtype {a.dtype} but the model expects {s.dtype}; "
                             f"convert it with .astype(np.{s.dtype})")
@@ -100,11 +106,31 @@ def check_arrays(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], w
             raise DataError(f"{what} inputs have different sample counts ({n} and {a.shape[0]} for '{s.name}')")
         n = a.shape[0]
         if np.issubdtype(a.dtype, np.floating):
-            bad = ~np.isfinite(a)
-            if bad.any():
-                idx = int(np.argwhere(bad.reshape(a.shape[0], -1).any(axis=1))[0][0])
-                raise DataError(f"{what} input '{s.name}' contains {int(bad.sum())} NaN/Inf value(s) (first in sample {idx}); "
-                                "clean the data before calibrating")
+            _check_finite(a, f"{what} input '{s.name}'")
+
+
+def _array_like(a: Any) -> Any:
+    """``a`` itself when it is an array or a FileArray, else ``np.asarray(a)``."""
+    from .npyfile import FileArray
+
+    return a if isinstance(a, (np.ndarray, FileArray)) else np.asarray(a)
+
+
+#: bytes of data checked for NaN/Inf at a time (a file's arrays are read in such slices)
+_CHECK_BYTES = 1 << 20
+
+
+def _check_finite(a: Any, where: str) -> None:
+    n = a.shape[0]
+    per = max(1, _CHECK_BYTES // max(1, int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize))
+    for i in range(0, n, per):
+        bad = ~np.isfinite(np.asarray(a[i:i + per]))
+        if bad.any():
+            idx = i + int(np.argwhere(bad.reshape(bad.shape[0], -1).any(axis=1))[0][0])
+            count = int(bad.sum()) + sum(int((~np.isfinite(np.asarray(a[j:j + per]))).sum())
+                                         for j in range(i + per, n, per))
+            raise DataError(f"{where} contains {count} NaN/Inf value(s) (first in sample {idx}); "
+                            "clean the data before calibrating")
 
 
 def _fmt_shape(shape: Sequence[Any]) -> str:
@@ -128,9 +154,9 @@ class CalibrationSource:
             self._images = ImageSource(data, preprocess or Preprocess())
             check_arrays({self.specs[0].name: self._images.load([0])}, self.specs, f"image data '{data}'")
         elif isinstance(data, (str, os.PathLike, np.ndarray, Mapping)):
-            arrays = as_array_dict(data, specs, "calibration data")
+            arrays = as_array_dict(data, specs, "calibration data", lazy=True)
             check_arrays(arrays, specs, "calibration data")
-            self._arrays = {s.name: np.asarray(arrays[s.name]) for s in specs}
+            self._arrays = {s.name: _array_like(arrays[s.name]) for s in specs}
         elif isinstance(data, Iterable):
             self._iterable = data
         else:

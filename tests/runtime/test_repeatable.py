@@ -48,19 +48,19 @@ def test_run_is_byte_identical_20_times(digits: dict[str, Path]) -> None:
     outs = []
     for i in range(20):
         out = digits["dir"] / f"y{i}.npz"
-        r = invoke("run", digits["snn"], "--input", digits["x"], "-T", "16", "--batch-size", "16", "-o", out)
+        r = invoke("run", digits["snn"], "--input", digits["x"], "-T", "16", "--batch-size", "3", "-o", out)
         assert r.exit_code == 0, r.output
         outs.append(out.read_bytes())
     for i in range(2):
         out = digits["dir"] / f"p{i}.npz"
         subprocess.run([sys.executable, "-m", "ann2snn", "-q", "run", str(digits["snn"]), "--input", str(digits["x"]),
-                        "-T", "16", "--batch-size", "16", "-o", str(out)], check=True, capture_output=True)
+                        "-T", "16", "--batch-size", "3", "-o", str(out)], check=True, capture_output=True)
         outs.append(out.read_bytes())
     assert all(o == outs[0] for o in outs)
     saved = np.load(digits["dir"] / "y0.npz")
     info = json.loads(str(saved["ann2snn_run"]))
-    # batches of 16, 16 and 8: the layered form by the rule (batch below 32), recorded
-    assert info["forms"] == ["layered(chunk=2)", "layered(chunk=4)"] and info["T"] == 16
+    # 13 batches of 3 and one of 1: the step form, then the layered one by the rule (batch <= 2), recorded
+    assert info["forms"] == ["step", "layered(chunk=16)"] and info["T"] == 16
     ref = reference_run(digits["snn"], {k: v for k, v in np.load(digits["x"]).items()}, 16)
     np.testing.assert_allclose(saved[next(iter(ref))], next(iter(ref.values())), rtol=1e-5, atol=1e-6)
 
@@ -81,7 +81,7 @@ def test_forms_give_the_same_bytes(digits: dict[str, Path]) -> None:
 def test_auto_is_a_rule_not_a_timing(digits: dict[str, Path]) -> None:
     s = SpikingSession(digits["snn"])
     x = dict(np.load(digits["x"]))
-    for batch, expect in ((1, "layered(chunk=32)"), (5, "layered(chunk=7)"), (32, "step"), (40, "step")):
+    for batch, expect in ((1, "layered(chunk=32)"), (2, "layered(chunk=16)"), (5, "step"), (32, "step"), (40, "step")):
         s.run({k: v[:batch] for k, v in x.items()}, 32)
         assert s.last_form == expect
     assert s.auto_choices == {}  # nothing was timed
