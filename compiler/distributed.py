@@ -96,13 +96,14 @@ def submit(ray: Any, fn: Callable[..., Any], n: int, batch_size: int, threads: i
 _SESSIONS: dict[tuple[Any, ...], Any] = {}
 
 
-def _session(model: str, threads: int, form: str, allow_nonfinite: bool) -> Any:
+def _session(model: str, threads: int, form: str, allow_nonfinite: bool, kernels: bool | None = None) -> Any:
     """This worker's session for these options (reused across its tasks)."""
     from ann2snn.runtime import SpikingSession
 
-    key = (model, os.path.getmtime(model), threads, form, allow_nonfinite)
+    key = (model, os.path.getmtime(model), threads, form, allow_nonfinite, kernels)
     if key not in _SESSIONS:
-        _SESSIONS[key] = SpikingSession(model, threads=threads, mode=form, allow_nonfinite=allow_nonfinite)
+        _SESSIONS[key] = SpikingSession(model, threads=threads, mode=form, allow_nonfinite=allow_nonfinite,
+                                        kernels=kernels)
     return _SESSIONS[key]
 
 
@@ -131,10 +132,11 @@ def _batches(session: Any, data: str, start: int, stop: int, batch_size: int) ->
 
 
 def _run_shard(model: str, data: str, start: int, stop: int, batch_size: int, T: int, t0: int | None,
-               form: str, allow_nonfinite: bool, threads: int) -> tuple[dict[str, np.ndarray], list[str]]:
+               form: str, allow_nonfinite: bool, threads: int,
+               kernels: bool | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """One shard of ``run``: its outputs (samples in order) and the forms used."""
     _maybe_die()
-    session = _session(model, threads, form, allow_nonfinite)
+    session = _session(model, threads, form, allow_nonfinite, kernels)
     parts: dict[str, list[np.ndarray]] = {}
     forms: list[str] = []
     for feeds in _batches(session, data, start, stop, batch_size):
@@ -146,14 +148,15 @@ def _run_shard(model: str, data: str, start: int, stop: int, batch_size: int, T:
 
 
 def _eval_shard(ann: str, model: str, data: str, labels: np.ndarray | None, start: int, stop: int,
-                batch_size: int, Ts: Sequence[int], t0: int | None, form: str, threads: int) -> list[dict[str, Any]]:
+                batch_size: int, Ts: Sequence[int], t0: int | None, form: str, threads: int,
+                kernels: bool | None = None) -> list[dict[str, Any]]:
     """One shard of classification ``eval``: the per-batch sums, in batch order."""
     from .analysis.evaluate import batch_sums
     from .modelio import load_model
     from .ortsession import make_session
 
     _maybe_die()
-    session = _session(model, threads, form, False)
+    session = _session(model, threads, form, False, kernels)
     key = ("ann", ann, os.path.getmtime(ann), threads)
     if key not in _SESSIONS:
         _SESSIONS[key] = make_session(load_model(ann), threads)
@@ -199,7 +202,7 @@ def _gather(ray: Any, futures: list[Any], sizes: list[int], label: str, show_pro
 
 def run_file_ray(model: str, inputs: str, T: int, *, address: str | None, t0: int | None, batch_size: int | None,
                  form: str, allow_nonfinite: bool, threads: int | None, show_progress: bool,
-                 sink: Callable[[str, np.ndarray], None]) -> Any:
+                 sink: Callable[[str, np.ndarray], None], kernels: bool | None = None) -> Any:
     """``runtime.batches.run_file`` with the shards on Ray workers; outputs go to ``sink`` in
     sample order. Returns the same ``FileRun`` (``outputs`` empty)."""
     from ann2snn.runtime import SpikingSession
@@ -211,7 +214,7 @@ def run_file_ray(model: str, inputs: str, T: int, *, address: str | None, t0: in
 
     check_T(T)
     ray = connect(address)
-    session = SpikingSession(model, mode=form)  # the driver checks the model and the data once
+    session = SpikingSession(model, mode=form, kernels=False)  # the driver checks the model and the data once
     batch_size = batch_size or default_batch_size(session)
     if batch_size <= 0:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
@@ -227,7 +230,7 @@ def run_file_ray(model: str, inputs: str, T: int, *, address: str | None, t0: in
     threads = threads or 1
     path, data = os.path.abspath(model), os.path.abspath(inputs)
     futures, sizes = submit(ray, _run_shard, n, batch_size, threads,
-                            lambda a, b: (path, data, a, b, batch_size, T, t0, form, allow_nonfinite, threads))
+                            lambda a, b: (path, data, a, b, batch_size, T, t0, form, allow_nonfinite, threads, kernels))
     forms: list[str] = []
     rows: dict[str, tuple[int, tuple[int, ...]]] = {}
 
@@ -247,7 +250,8 @@ def run_file_ray(model: str, inputs: str, T: int, *, address: str | None, t0: in
 
 def evaluate_ray(ann: str, snn: str, data: str, Ts: Sequence[int], *, address: str | None, label_key: str = "label",
                  batch_size: int | None = None, t0: int | None = None, form: str = "auto",
-                 threads: int | None = None, show_progress: bool = False) -> dict[str, Any]:
+                 threads: int | None = None, show_progress: bool = False,
+                 kernels: bool | None = None) -> dict[str, Any]:
     """``analysis.evaluate.evaluate`` (classification) with the shards on Ray workers: the
     same result, float for float."""
     from ann2snn.runtime import SpikingSession
@@ -258,7 +262,7 @@ def evaluate_ray(ann: str, snn: str, data: str, Ts: Sequence[int], *, address: s
     from .errors import DataError
 
     ray = connect(address)
-    session = SpikingSession(snn, mode=form)
+    session = SpikingSession(snn, mode=form, kernels=False)
     batch_size = batch_size or default_batch_size(session)
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, got {batch_size} (--batch-size)")
@@ -272,7 +276,7 @@ def evaluate_ray(ann: str, snn: str, data: str, Ts: Sequence[int], *, address: s
     labels_ref = ray.put(labels)
     paths = [os.path.abspath(p) for p in (ann, snn, data)]
     futures, sizes = submit(ray, _eval_shard, n, batch_size, threads,
-                            lambda a, b: (*paths, labels_ref, a, b, batch_size, Ts, t0, form, threads))
+                            lambda a, b: (*paths, labels_ref, a, b, batch_size, Ts, t0, form, threads, kernels))
     sums: list[dict[str, Any]] = []
     _gather(ray, futures, sizes, "simulating", show_progress, lambda _, r: sums.extend(r))
     return merge_sums(sums, Ts, labels is not None, session.t0 if t0 is None else int(t0))

@@ -12,7 +12,7 @@ import click
 from ..config import GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, TASKS, CompileConfig
 from ..errors import ConfigError
 from .errors import handle_errors
-from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, RAY_OPTION, config_option, parse_ts
+from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, KERNELS_OPTION, RAY_OPTION, config_option, parse_ts
 
 
 @click.command("compile")
@@ -135,11 +135,13 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
 @click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: its default).")
 @click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
               "(default: 75% of physical memory).")
+@KERNELS_OPTION
 @RAY_OPTION
 @click.pass_context
 @handle_errors
 def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int | None, T: int, output: str, t0: int | None,
-            form: str, allow_nonfinite: bool, threads: int, max_memory: float | None, ray_address: str | None) -> None:
+            form: str, allow_nonfinite: bool, threads: int, max_memory: float | None, kernels: bool | None,
+            ray_address: str | None) -> None:
     """Run a compiled spiking MODEL for T timesteps and save the readout.
 
     The same command writes the same bytes every time."""
@@ -157,12 +159,12 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int | N
 
             run = run_file_ray(model, input_path, T, address=ray_address, t0=t0, batch_size=batch_size, form=form,
                                allow_nonfinite=allow_nonfinite, threads=threads or None, show_progress=show,
-                               sink=out.append)
+                               sink=out.append, kernels=kernels)
         else:
             run = run_file(model, input_path, T, t0=t0, batch_size=batch_size, form=form,
                            allow_nonfinite=allow_nonfinite, threads=threads or None,
                            max_memory=int(max_memory * GIB) if max_memory is not None else None, show_progress=show,
-                           sink=out.append)
+                           sink=out.append, kernels=kernels)
         for k, v in run.extra.items():
             out.put(k, v)
         out.put("ann2snn_run", np.array(json.dumps(run.info, sort_keys=True)))
@@ -214,13 +216,15 @@ Data for --task detection: .npz with the model inputs, 'boxes' float [M,4]
 @click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
               "(default: 75% of physical memory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@KERNELS_OPTION
 @RAY_OPTION
 @click.pass_context
 @handle_errors
 def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: str, label_key: str,
              batch_size: int | None, t0: int | None, t0_frac: float | None, output_name: str | None,
              num_classes: int | None, ignore_index: int, json_path: str | None, form: str, allow_nonfinite: bool,
-             threads: int, max_memory: float | None, progress: bool, ray_address: str | None) -> None:
+             threads: int, max_memory: float | None, progress: bool, kernels: bool | None,
+             ray_address: str | None) -> None:
     """Print ANN vs SNN accuracy (or mIoU, or mAP) of a compiled SNN at several T."""
     from ann2snn.runtime import SpikingSession
     from ann2snn.runtime.batches import default_batch_size
@@ -239,13 +243,14 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
         from ..distributed import evaluate_ray
 
         result = evaluate_ray(ann, snn, data, parse_ts(Ts), address=ray_address, label_key=label_key,
-                              batch_size=batch_size, t0=t0, form=form, threads=threads or None, show_progress=show)
+                              batch_size=batch_size, t0=t0, form=form, threads=threads or None, show_progress=show,
+                              kernels=kernels)
         result["form"] = {"option": form}
         click.echo(format_table(result))
         if json_path:
             write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
         return
-    session = SpikingSession(snn, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite)
+    session = SpikingSession(snn, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite, kernels=kernels)
     if task == "classification":
         if t0_frac is not None:
             raise ConfigError("--t0-frac is for --task segmentation|detection; use --t0 for classification")

@@ -280,3 +280,25 @@ def test_a_library_built_elsewhere_is_found_through_the_environment(monkeypatch,
     (tmp_path / "elsewhere.so").write_bytes(b"")
     if K._ort_api() >= K.API_VERSION:
         assert K.library() == tmp_path / "elsewhere.so"
+
+
+def test_cli_kernels_flag_reaches_the_session(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """`run --no-kernels` / `--kernels` pass kernels=False / True to the session (None without the flag)."""
+    from click.testing import CliRunner
+
+    from ann2snn.cli import main
+    from ann2snn.runtime import batches
+
+    seen: list[object] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_session(*args: object, **kwargs: object) -> None:
+        seen.append(kwargs.get("kernels"))
+        raise Stop
+
+    monkeypatch.setattr(batches, "SpikingSession", fake_session)
+    for flag, expect in (([], None), (["--no-kernels"], False), (["--kernels"], True)):
+        CliRunner().invoke(main, ["run", "m.onnx", "--input", "x.npz", "-T", "4", "-o", str(tmp_path / "o.npz"), *flag])
+        assert seen[-1] is expect
