@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from ann2snn.passes.calibrate_thresholds import calibrate_thresholds
+from ann2snn.passes.canonicalize_activations import canonicalize_activations
 from ann2snn.passes.canonicalize_ops import canonicalize_ops
 from ann2snn.passes.check_support import check_support
 from ann2snn.passes.emit_spiking import emit_spiking
@@ -60,7 +61,9 @@ PIPELINE: list[Pass] = [
     _p(canonicalize_ops, requires="no-identity", provides="canonical-ops"),
     _p(fold_constants, requires="canonical-ops", provides="constants-folded"),
     _p(make_batch_dynamic, requires="constants-folded", provides="dynamic-batch"),
-    _p(fold_batchnorm, requires="dynamic-batch", provides="no-batchnorm"),
+    # written-out SiLU / HardSwish / GELU / LayerNorm / Softmax / Max(x, 0) -> one op each
+    _p(canonicalize_activations, requires="dynamic-batch", provides="canonical-activations"),
+    _p(fold_batchnorm, requires="canonical-activations", provides="no-batchnorm"),
     # -- the spiking structure ---------------------------------------------------------
     _p(find_activations, requires="no-batchnorm", provides="sites"),
     _p(swap_maxpool, requires="sites", provides="pre-neuron-pooling"),

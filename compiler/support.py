@@ -123,10 +123,22 @@ NEWEST_OPSET = 23
 
 #: operator domains onnxruntime runs without extra libraries
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+#: the model-local functions canonicalize_activations writes where the model's opset has no
+#: standard op (SiLU, HardSwish, Gelu, GeluTanh, LayerNormalization): ordinary analog ops
+ACTIVATION_DOMAIN = "ann2snn.activations"
+
+#: activations other than ReLU: they stay analog (in the time-constant prefix or the tail) until
+#: spiking forms exist for them; ``ann2snn inspect`` gives this reason for each
+ANALOG_ACTIVATIONS = ("Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "SiLU", "Gelu", "GeluTanh", "Elu", "Selu",
+                      "Softplus", "Softsign", "Mish", "Erf", "Exp")
+NORMALISERS = ("Softmax", "LogSoftmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+               "LpNormalization", "ReduceMax", "ReduceMin", "ReduceL2", "ArgMax", "ArgMin")
 
 
 def role(op_type: str, domain: str = "") -> str | None:
     """The role of an op, or None when it is an ordinary analog op (see module doc)."""
+    if domain == ACTIVATION_DOMAIN:
+        return None
     if domain not in STANDARD_DOMAINS:
         return REJECTED
     if domain == "ai.onnx.ml":
@@ -144,6 +156,22 @@ def spike_safe(op_type: str, domain: str, varying: list[bool]) -> bool:
     if rule == "one":
         return sum(varying[:2]) == 1 and not any(varying[2:])
     return not any(varying[1:])
+
+
+def analog_reason(op_type: str, domain: str, varying: list[bool]) -> str:
+    """Why a node that reads a time-varying signal is not correct on spikes (for ``inspect``)."""
+    if op_type in ANALOG_ACTIVATIONS:
+        return (f"{op_type} is a non-ReLU activation: IF neurons replace ReLU-like activations only, so it runs "
+                "analog on the readout")
+    if op_type in NORMALISERS:
+        return f"{op_type} normalises over its inputs, which is not linear in spikes"
+    if op_type in ("MatMul", "Mul", "Div") and sum(varying) > 1:
+        return f"{op_type} of two time-varying signals (e.g. attention) is not linear in spikes"
+    if op_type in NEGATIVE_SLOPE:
+        return f"{op_type} has a negative slope, which IF neurons (positive spikes only) cannot carry"
+    if role(op_type, domain) == AFFINE:
+        return f"{op_type} with a time-varying operand where a constant is needed is not linear in spikes"
+    return f"{op_type} is not linear in its time-varying input, so it runs analog on the readout"
 
 
 def reject_reason(op_type: str, domain: str = "") -> tuple[str, str]:

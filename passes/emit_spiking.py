@@ -30,6 +30,7 @@ from onnx import helper
 from ann2snn.version import __version__
 from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
+from ann2snn.support import ACTIVATION_DOMAIN
 from ann2snn.runtime.reference import value_types
 from ann2snn.runtime.ops import BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, IF_OP, neuron_function, neuron_op
 from ann2snn.runtime.unitform import unit_form
@@ -207,6 +208,15 @@ def _neuron_values(site: Site, granularity: str) -> tuple[np.ndarray, np.ndarray
     return np.where(dead, np.float32(DEAD_THRESHOLD), theta).astype(np.float32), np.where(dead, 0, theta).astype(np.float32)
 
 
+def activation_functions(graph: gs.Graph) -> list[onnx.FunctionProto]:
+    """The FunctionProtos of the ``ann2snn.activations`` functions the graph holds."""
+    if not any(f.domain == ACTIVATION_DOMAIN for f in graph.functions):
+        return []
+    holder = gs.Graph(nodes=[], inputs=[], outputs=[], opset=graph.opset,
+                      functions=[f for f in graph.functions if f.domain == ACTIVATION_DOMAIN])
+    return list(gs.export_onnx(holder, do_type_check=False).functions)
+
+
 def _tail_function(model: onnx.ModelProto, tail: set[str], inputs: list[str], outputs: list[str], opset: int,
                    other_opsets: dict[str, int]) -> onnx.FunctionProto:
     """The analog tail as a FunctionProto; its initializers become Constant nodes."""
@@ -307,6 +317,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     model = export(graph, state.opset, state.ir_version)
     model.functions.append(neuron_function(op, state.opset))
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    # model-local activation functions (canonicalize_activations), also called from the tail
+    model.functions.extend(f for f in activation_functions(graph) if f.name not in {g.name for g in model.functions})
     if tail:
         model.functions.append(_tail_function(full, tail, tail_inputs, tail_outputs, state.opset, state.other_opsets))
         model.opset_import.append(helper.make_opsetid(TAIL_DOMAIN, 1))

@@ -72,17 +72,23 @@ def _resolve_reshapes(state: PassState) -> int:
     targets = [n for n in graph.nodes if n.op == "Reshape" and const_value(n.inputs[1]) is None]
     if not targets or not _batch_is_symbolic(graph):
         return 0
-    values = _at_batches(state, [n.inputs[1].name for n in targets])
+    values = _at_batches(state, [n.inputs[1].name for n in targets], [n.inputs[0].name for n in targets])
     if values is None:
         return 0
     resolved = 0
-    for node, s2, s3 in zip(targets, values[0], values[1]):
+    k = len(targets)
+    for i, node in enumerate(targets):
+        s2, s3, d2, d3 = values[0][i], values[1][i], values[0][k + i], values[1][k + i]
         if s2.shape != s3.shape:
             continue
         diff = np.nonzero(s2 != s3)[0]
         shape = s2.copy()
-        if len(diff) == 1 and diff[0] == 0 and (s2[0], s3[0]) == (2, 3) and not node.attrs.get("allowzero", 0):
+        batch_first = len(d2) > 0 and (d2[0], d3[0]) == (2, 3)
+        if len(diff) == 1 and diff[0] == 0 and (s2[0], s3[0]) == (2, 3) and batch_first \
+                and not node.attrs.get("allowzero", 0):
             shape[0] = 0  # copy the batch dimension from the input
+        # (an input whose first dimension is not the batch, e.g. tf2onnx's Tensordot [N * 8, 32]
+        # -> [N, 8, 32], gets -1 below: copying its first dimension would be wrong)
         elif len(diff) == 1 and -1 not in s2:
             shape[diff[0]] = -1  # the one batch-dependent entry is inferred
         elif len(diff) > 0:

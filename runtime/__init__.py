@@ -13,6 +13,8 @@ Derived from the step graph at load time, each keeping that invariant:
 - ``forms.py``: the time-constant prefix run once, the step form with bound state buffers,
   and the layered form (several timesteps per call, layer by layer);
 - ``unitform.py``: IF neurons in units of their thresholds (also used by the compiler);
+- ``kernels/``: the optional compiled neuron ops (``make kernels``), swapped into the forms
+  at load time when built, with the functions' arithmetic bit for bit;
 - ``session.py``: ``SpikingSession``, which picks a form by a fixed rule and guards it
   against the reference before first use.
 

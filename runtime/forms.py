@@ -20,7 +20,7 @@ invariant stated in runtime/reference.py: the reference's step outputs and state
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +28,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from .kernels import COUNTING_KERNEL_OPS, KERNEL_DOMAIN
 from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS, UNIT_IF_OP
 from .reference import ai_onnx_opset, value_types
 
@@ -42,6 +43,11 @@ _PER_SAMPLE = {
     "Tanh", "Softmax", "Concat", "Split", "Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
     "Constant", "Exp", "Sqrt", "Pow", "Where", "Equal", "Greater", "Less", "GreaterOrEqual",
 }
+
+
+#: the layered form declares its spike tensors' shapes (see _subgraph_model); False builds chunk
+#: models without them, as before (benchmarks/kernels.py --without-shapes times both)
+SHAPE_SPIKES = True
 
 
 @dataclass
@@ -63,8 +69,9 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def _subgraph_model(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[str], outputs: list[str],
-                    types: dict[str, onnx.TypeProto], name: str) -> onnx.ModelProto:
-    """A model of ``nodes`` (in order) with the given inputs and outputs; shapes left symbolic."""
+                    types: dict[str, onnx.TypeProto], name: str, shaped: Iterable[str] = ()) -> onnx.ModelProto:
+    """A model of ``nodes`` (in order) with the given inputs and outputs; shapes left symbolic.
+    ``shaped``: inner tensors whose types (batch axis symbolic) are given as value_info."""
     used = {i for n in nodes for i in n.input} | set(outputs)
     inits = [i for i in proto.graph.initializer if i.name in used and i.name not in inputs]
 
@@ -82,6 +89,13 @@ def _subgraph_model(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs:
         return info
 
     graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], inits)
+    # onnxruntime's layout optimiser fuses a residual Add into the Conv before it only where it
+    # knows the shapes of both sides equal: it cannot infer them through a compiled kernel
+    # (a custom op's symbolic shapes do not come through), nor through the layered form's
+    # Split / Concat of the steps. The fusion changes the sum's last bits, so every form gets
+    # the shapes the reference (the step graph with the neuron functions inlined) has
+    shaped = set(shaped) | {n.output[0] for n in nodes if n.domain == KERNEL_DOMAIN}
+    graph.value_info.extend(vi(t) for t in sorted(shaped) if t in types and t not in outputs and t not in inputs)
     model = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
     model.functions.extend(proto.functions)
     return model
@@ -177,8 +191,10 @@ class StepPlan:
             # a neuron's states are its inputs / outputs 1 (v) and, for the counting ops, 2 (count):
             # v is read once by the integrate step; count is read by the elementwise Add that writes
             # count_next, which depends (through the spikes) on every other read of count
-            positions = (1, 2) if node.op_type in COUNTING_OPS else (1,)
-            neuron = node.domain == DOMAIN and node.op_type in (*NEURON_OPS, UNIT_IF_OP) \
+            # (the kernels read each element of a state before writing its next value)
+            positions = (1, 2) if node.op_type in (*COUNTING_OPS, *COUNTING_KERNEL_OPS) else (1,)
+            neuron = ((node.domain == DOMAIN and node.op_type in (*NEURON_OPS, UNIT_IF_OP))
+                      or node.domain == KERNEL_DOMAIN) \
                 and list(node.input).count(s_in) == 1 \
                 and any(node.input[k] == s_in and node.output[k] == s_out for k in positions)
             running_sum = node.domain in ("", "ai.onnx") and node.op_type == "Add" and node.output[0] == s_out
@@ -208,12 +224,16 @@ class StepPlan:
                 continue
             if not node.name or node.name in cuts:
                 raise _Refuse("a stateful node without a unique name")
-            if node.domain == DOMAIN and node.op_type in (IF_OP, UNIT_IF_OP) and node.input[1] in self.state_in \
+            single = (node.domain == DOMAIN and node.op_type in (IF_OP, UNIT_IF_OP)) \
+                or (node.domain == KERNEL_DOMAIN and node.op_type == "IFChunk")
+            counting = (node.domain == DOMAIN and node.op_type in COUNTING_OPS) \
+                or (node.domain == KERNEL_DOMAIN and node.op_type in COUNTING_KERNEL_OPS)
+            if single and node.input[1] in self.state_in \
                     and node.input[0] not in self.state_in and node.output[1] == self.state_out_of[node.input[1]]:
                 if any(i in self.varying for i in node.input[2:]):
                     raise _Refuse(f"threshold of {node.name} varies in time")
                 cuts[node.name] = Cut("if", node.input[0], node.output[0], node.input[1], node.output[1], node.name)
-            elif node.domain == DOMAIN and node.op_type in COUNTING_OPS and len(touching) == 2 \
+            elif counting and len(touching) == 2 \
                     and node.input[1] in self.state_in and node.input[2] in self.state_in \
                     and node.output[1] == self.state_out_of[node.input[1]] \
                     and node.output[2] == self.state_out_of[node.input[2]]:
@@ -355,6 +375,13 @@ class StepPlan:
                 ])
                 back_to_rows(cut, f"{p}/run", f"{p}/run", p, shape)
                 continue
+            if node.domain == KERNEL_DOMAIN:  # one kernel call runs the neuron over the whole chunk
+                states = [cut.state_in] + ([cut.count_in] if cut.count_in else [])
+                outs = [cut.produced, f"{cut.state_out}@out"] + ([f"{cut.count_out}@out"] if cut.count_out else [])
+                params = node.input[1 + len(states):]  # a constant drive is read at every step, not tiled
+                nodes.append(helper.make_node(node.op_type, [cut.drive, *states, *params], outs, domain=KERNEL_DOMAIN,
+                                              name=f"{node.name}@chunk", steps=steps))
+                continue
             xs = [cut.drive] * steps if constant else per_step(cut.drive, shape)
             prev, prev_count, produced = cut.state_in, cut.count_in, []
             for t, x in enumerate(xs):
@@ -381,7 +408,9 @@ class StepPlan:
         # the step outputs that are constant in time come from the prefix (see run_layered)
         outputs = self.varying_outputs + [f"{self.state_out_of[s]}@out" for s in self.state_order]
         inputs = self.state_order + [i for i in self.reduced_inputs if i not in self.state_in]
-        model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, f"ann2snn_chunk{steps}")
+        model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, f"ann2snn_chunk{steps}",
+                                shaped=[c.produced for c in self.cuts.values()
+                                        if c.kind in ("if", "signed") and SHAPE_SPIKES])
         model.graph.initializer.extend(inits)
         for vi in model.graph.input:  # states keep the batch B, not steps·B
             if vi.name in self.state_in or vi.name not in self.varying:

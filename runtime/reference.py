@@ -108,7 +108,11 @@ def tail_model(proto: onnx.ModelProto, meta: Mapping[str, Any]) -> onnx.ModelPro
         return info
 
     graph = helper.make_graph(list(fn.node), "ann2snn_tail", [vi(i) for i in fn.input], [vi(o) for o in fn.output])
-    return helper.make_model(graph, opset_imports=list(fn.opset_import), ir_version=proto.ir_version)
+    model = helper.make_model(graph, opset_imports=list(fn.opset_import), ir_version=proto.ir_version)
+    # the tail may call other model-local functions (canonical activations such as Gelu)
+    called = {(n.domain, n.op_type) for n in fn.node}
+    model.functions.extend(f for f in proto.functions if (f.domain, f.name) in called)
+    return model
 
 
 def reference_steps(model: str | os.PathLike[str] | onnx.ModelProto, inputs: Mapping[str, np.ndarray],

@@ -27,10 +27,11 @@ import onnxruntime as ort
 from onnx import helper
 
 from ann2snn.data.arrays import InputSpec, as_array_dict, check_arrays, input_specs
-from ann2snn.errors import ConfigError, DataError, NonFiniteError
+from ann2snn.errors import ConfigError, DataError, ModelLoadError, NonFiniteError
 from ann2snn.modelio import load_model
 
 from .forms import StepPlan, run_constant, run_layered, run_steps
+from .kernels import KERNEL_DOMAIN, kernel_form, library, register
 from .reference import (METADATA_KEY, RTOL, initial_states, model_metadata, state_specs, tail_model, value_types,
                         window_start)
 from .unitform import exact_unit_ops
@@ -97,7 +98,7 @@ class SpikingSession:
     def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, *, threads: int | None = None,
                  probes: Sequence[str] = (), mode: str = "auto", chunk: int | None = None,
                  unit_thresholds: bool = True, bind: bool = True, guard: bool = True,
-                 allow_nonfinite: bool = False) -> None:
+                 allow_nonfinite: bool = False, kernels: bool | None = None) -> None:
         """Load a compiled model. ``probes`` names extra tensors (e.g. ``spike_tensors``) to
         fetch at every step; their latest values are in ``probe_values``.
 
@@ -120,7 +121,10 @@ class SpikingSession:
         a batch size, its first ``GUARD_STEPS`` steps are compared with the reference; a form
         that disagrees is not used (a warning names it) and the run falls back to the
         reference. ``allow_nonfinite``: NaN or inf in an output is a warning instead of an
-        error (:class:`~ann2snn.errors.NonFiniteError`).
+        error (:class:`~ann2snn.errors.NonFiniteError`). ``kernels``: run the neurons of the
+        fast forms with the compiled kernel library (``make kernels``; runtime/kernels), the
+        same arithmetic bit for bit: None (default) when it is built and the environment
+        variable ``ANN2SNN_KERNELS`` is not ``0``, False never, True or a ConfigError.
         """
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r} (--form)")
@@ -132,6 +136,10 @@ class SpikingSession:
         self.guard = bool(guard)
         self.allow_nonfinite = bool(allow_nonfinite)
         proto = load_model(model)
+        runtime_only = [n.name or n.op_type for n in proto.graph.node if n.domain == KERNEL_DOMAIN]
+        if runtime_only:  # the runtime derives them itself; a model that holds them was not written by ann2snn
+            raise ModelLoadError(f"node '{runtime_only[0]}' ({KERNEL_DOMAIN}) belongs to the runtime's compiled-kernel "
+                                 "domain, which a compiled model never holds; compile the model with ann2snn")
         self.model: onnx.ModelProto = proto  # the compiled model as loaded (for memory estimates, reports)
         self.meta: dict[str, Any] = model_metadata(proto)
         self.t0: int = int(self.meta["readout"]["t0"])
@@ -154,9 +162,16 @@ class SpikingSession:
         self._threads = threads
         self._full: ort.InferenceSession | None = None  # the whole step graph, built on first use
         fast_proto = exact_unit_ops(proto) if unit_thresholds else proto
-        types = value_types(fast_proto)
+        types = value_types(fast_proto)  # the kernels' outputs keep the names (and types) of the neurons'
+        lib = library(kernels)
+        plan_options = _session_options(threads)
+        if lib is not None:
+            register(plan_options, lib)
+            fast_proto = kernel_form(fast_proto, {s[0]: tuple(s[3]) for s in self._state_specs}, types)
+        #: whether the fast forms run the compiled neuron kernels
+        self.kernels = lib is not None
         self._plan = StepPlan(fast_proto, [(s[0], s[1], s[3]) for s in self._state_specs], self.step_outputs,
-                              _session_options(threads), types)
+                              plan_options, types)
         if self.guard or self.probes:  # the reference session: the guard's yardstick, built with the others
             self._sess  # noqa: B018
         if mode == "layered" and self._plan.cuts is None:

@@ -68,48 +68,64 @@ def evaluate(
     check_memory(snn_proto, min(batch_size, n), max_memory)
     ann_sess = make_session(ann_model)
     Ts = sorted(set(Ts))
-    out_name = session.output_names[0]
-    # sums over the samples, batch by batch: memory does not grow with the number of samples
-    correct = {T: 0 for T in Ts}
-    agree = {T: 0 for T in Ts}
-    abs_error = {T: 0.0 for T in Ts}
-    ann_correct, ref_abs, values, start = 0, 0.0, 0, 0
-    scores = True
+    sums = []  # per batch: memory does not grow with the number of samples
+    start = 0
     for feeds in progress(chunks, math.ceil(n / batch_size), "simulating", show_progress):
-        ref = run_checked(ann_sess, None, feeds, "evaluation data")[0]
-        ref_pred = predictions(ref)
-        truth = labels[start:start + len(ref_pred)] if labels is not None else None
-        start += len(ref_pred)
-        scores = ref.ndim > 1 and np.issubdtype(ref.dtype, np.floating)  # else the output is the label itself
-        if truth is not None:
-            ann_correct += int((ref_pred == truth).sum())
-        if scores:
-            ref_abs += float(np.abs(ref).sum(dtype=np.float64))
-            values += ref.size
-        res = session.run_many(feeds, Ts, t0)
-        for T in Ts:
-            y = res[T][out_name]
-            pred = predictions(y)
-            agree[T] += int((pred == ref_pred).sum())
-            if truth is not None:
-                correct[T] += int((pred == truth).sum())
-            if scores:
-                abs_error[T] += float(np.abs(y - ref).sum(dtype=np.float64))
+        sums.append(batch_sums(ann_sess, session, feeds, labels, start, Ts, t0))
+        start += sums[-1]["samples"]
+    return merge_sums(sums, Ts, labels is not None, session.t0 if t0 is None else int(t0))
+
+
+def batch_sums(ann_sess: Any, session: Any, feeds: dict[str, np.ndarray], labels: np.ndarray | None, start: int,
+               Ts: Sequence[int], t0: int | None) -> dict[str, Any]:
+    """The sums ``evaluate`` needs from one batch (its first sample is ``start`` of the data):
+    correct and agreeing predictions per T, absolute errors and output magnitudes (float64)."""
+    out_name = session.output_names[0]
+    ref = run_checked(ann_sess, None, feeds, "evaluation data")[0]
+    ref_pred = predictions(ref)
+    truth = labels[start:start + len(ref_pred)] if labels is not None else None
+    scores = ref.ndim > 1 and np.issubdtype(ref.dtype, np.floating)  # else the output is the label itself
+    out: dict[str, Any] = {"samples": len(ref_pred), "scores": bool(scores),
+                           "ann_correct": int((ref_pred == truth).sum()) if truth is not None else 0,
+                           "ref_abs": float(np.abs(ref).sum(dtype=np.float64)) if scores else 0.0,
+                           "values": int(ref.size) if scores else 0, "correct": {}, "agree": {}, "abs_error": {}}
+    res = session.run_many(feeds, Ts, t0)
+    for T in Ts:
+        y = res[T][out_name]
+        pred = predictions(y)
+        out["agree"][T] = int((pred == ref_pred).sum())
+        out["correct"][T] = int((pred == truth).sum()) if truth is not None else 0
+        out["abs_error"][T] = float(np.abs(y - ref).sum(dtype=np.float64)) if scores else 0.0
+    return out
+
+
+def merge_sums(sums: Sequence[dict[str, Any]], Ts: Sequence[int], labelled: bool, t0: int) -> dict[str, Any]:
+    """The ``evaluate`` result from the per-batch sums, added in batch order: the same floats
+    whether the batches ran in one process or on several workers."""
+    n = sum(b["samples"] for b in sums)
+    scores = bool(sums) and sums[-1]["scores"]
+    values = sum(b["values"] for b in sums)
+    ref_abs = 0.0
+    for b in sums:
+        ref_abs += b["ref_abs"]
     scale = (ref_abs / values or 1.0) if scores and values else 1.0
     rows = []
     for T in Ts:
-        mean_abs = abs_error[T] / values if scores and values else None
+        abs_error = 0.0
+        for b in sums:
+            abs_error += b["abs_error"][T]
+        mean_abs = abs_error / values if scores and values else None
         rows.append({
             "T": T,
-            "accuracy": correct[T] / n if labels is not None else None,
-            "agreement": agree[T] / n,
+            "accuracy": sum(b["correct"][T] for b in sums) / n if labelled else None,
+            "agreement": sum(b["agree"][T] for b in sums) / n,
             "mean_abs_error": mean_abs,
             "relative_error": mean_abs / scale if mean_abs is not None else None,
         })
     return {
         "samples": int(n),
-        "ann_accuracy": ann_correct / n if labels is not None else None,
-        "t0": session.t0 if t0 is None else int(t0),
+        "ann_accuracy": sum(b["ann_correct"] for b in sums) / n if labelled else None,
+        "t0": t0,
         "snn": rows,
     }
 

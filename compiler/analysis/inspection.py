@@ -2,23 +2,53 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import onnx
 
 from ..config import CompileConfig
 from ..errors import UnsupportedModelError
 from ..macs import node_macs
 from ..modelio import load_model
-from ..support import REJECTED, reject_reason, role
+from ..support import REJECTED, analog_reason, reject_reason, role
 
 ROLES = ("neuron", "spiking", "pooling", "prefix", "tail", "folded", "unsupported")
 
 
-def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: CompileConfig | None = None) -> dict[str, Any]:
+class _Sizes:
+    """Stands in for calibration data where only the input sizes are known (fix_input_sizes)."""
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, Any]) -> None:
+        self.shapes, self.dtypes = shapes, dtypes
+
+    def first(self, n: int) -> dict[str, np.ndarray]:
+        return {k: np.zeros([n] + [int(d) for d in v[1:]], self.dtypes.get(k, np.float32))
+                for k, v in self.shapes.items()}
+
+
+def compiled_input_shapes(compiled: str | os.PathLike[str] | onnx.ModelProto) -> dict[str, list[int]]:
+    """The per-sample input sizes a compiled model was built for (its data inputs, batch first)."""
+    proto = load_model(compiled)
+    init = {i.name for i in proto.graph.initializer}
+    shapes = {}
+    for i in proto.graph.input:
+        if i.name in init or i.name.endswith(("/v", "/count")):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in i.type.tensor_type.shape.dim]
+        shapes[i.name] = dims
+    return shapes
+
+
+def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: CompileConfig | None = None,
+                  input_shapes: Mapping[str, Sequence[int]] | None = None,
+                  compiled: str | os.PathLike[str] | onnx.ModelProto | None = None) -> dict[str, Any]:
     """Per node of the original model: its role in the SNN, MACs, and why (see ROLES).
 
-    Runs the compiler's passes up to the partition (no calibration data needed).
+    Runs the compiler's passes up to the partition (no calibration data needed). Inputs with
+    symbolic sizes (e.g. H x W) take ``input_shapes`` (input name -> shape, batch first), or
+    the sizes of ``compiled``, the model compiled from it, so that MACs can be counted.
     """
     from ann2snn.passes._graph import unique_name
     from ann2snn.passes.import_model import import_model
@@ -33,6 +63,12 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         n.name = unique_name(taken, n.name or f"{n.op_type}_{len(taken)}")  # which may add nodes
     original = [(n.name, n.domain or "ai.onnx", n.op_type) for n in proto.graph.node]
     state = import_model(proto, cfg)
+    if compiled is not None and input_shapes is None:
+        input_shapes = compiled_input_shapes(compiled)
+    if input_shapes:
+        dtypes = {t.name: t.dtype for t in state.graph.inputs if t.dtype is not None}
+        state.calib = _Sizes({k: v for k, v in input_shapes.items() if k in dtypes or k in
+                              {t.name for t in state.graph.inputs}}, dtypes)
     problems: list[str] = []
     # the compiler's own passes from after check_support (unsupported ops are listed here
     # instead of raised) up to the partition
@@ -47,35 +83,25 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
     nodes = {n.name: n for n in state.graph.nodes}
     sites = {s.node: s for s in state.sites}
     spiking, tail, pools = set(state.spiking), set(state.tail), set(state.varying_pools)
-    notes = state.metadata.get("prefix_notes", {})
+    absorbed: dict[str, str] = state.metadata.get("absorbed", {})
+    reasons = _tail_reasons(state.graph, tail, spiking | set(sites))
     rows = []
     for name, domain, op in original:
         node = nodes.get(name)
-        macs = node_macs(node) if node is not None else 0
-        if role(op, "" if domain == "ai.onnx" else domain) == REJECTED:
-            kind, why = "unsupported", "; ".join(reject_reason(op, "" if domain == "ai.onnx" else domain))
-        elif node is None:
-            kind, why = "folded", state.removed.get(name, "folded into a constant")
-        elif name in sites:
-            s = sites[name]
-            units = 1
-            for d in s.shape:
-                units *= d
-            kind, why = "neuron", f"IF neurons, {units} units, integrates '{s.pre}'"
-            if s.cap is not None:
-                why += (f"; clip cap {s.cap:g} kept (thresholds <= {s.cap:g})" if cfg.keep_clip_cap
-                        else f"; clip cap {s.cap:g} dropped (--drop-clip-cap)")
-        elif name in pools:
-            kind, why = "pooling", "max pool of the running sum of its input (cumulative)"
-        elif name in spiking:
-            kind, why = "spiking", "affine op on spikes"
-        elif name in tail:
-            kind, why = "tail", "analog, runs once on the readout"
-        elif name in notes:
-            kind, why = "prefix", notes[name]
+        part_of = absorbed.get(name)
+        if node is None and part_of in nodes:  # one of the ops of a written-out activation
+            name_for_role, node = part_of, None
+            canon = nodes[part_of]
         else:
-            kind, why = "prefix", "analog, input is constant in time (direct coding)"
-        rows.append({"node": name, "op": f"{domain}::{op}", "role": kind, "macs": macs, "detail": why})
+            name_for_role, canon = name, node
+        macs = node_macs(node) if node is not None else 0
+        recognised = ""
+        if canon is not None and (canon.op != op or part_of):
+            label = f"{canon.domain}::{canon.op}" if canon.domain else canon.op
+            recognised = (f"part of {label} written out, recognised as one op '{canon.name}'; " if part_of
+                          else f"{op} recognised as {label}; ")
+        kind, why = _classify_row(name_for_role, op, domain, canon, state, cfg, sites, pools, spiking, tail, reasons)
+        rows.append({"node": name, "op": f"{domain}::{op}", "role": kind, "macs": macs, "detail": recognised + why})
     macs = {k: sum(r["macs"] for r in rows if r["role"] == k) for k in ROLES}
     total = sum(macs.values())
     return {
@@ -87,6 +113,61 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         "problems": problems,
         "notes": _model_notes(state.metadata),
     }
+
+
+def _tail_reasons(graph: Any, tail: set[str], spiking: set[str]) -> dict[str, str]:
+    """Why each tail node is analog: the nodes that end the spiking part give their op's reason,
+    the nodes after them name where the spiking part ended."""
+    reasons: dict[str, str] = {}
+    producers = {t.name: n for n in graph.nodes for t in n.outputs}
+    ends: dict[str, str] = {}  # tensor -> the tail node it descends from
+    for n in graph.nodes:
+        if n.name not in tail:
+            continue
+        ins = [t for t in n.inputs if t.name]
+        from_spikes = [bool(t.name in producers and producers[t.name].name in spiking) for t in ins]
+        upstream = [ends[t.name] for t in ins if t.name in ends]
+        if any(from_spikes) and not upstream:
+            varying = [bool(t.name in producers and (producers[t.name].name in spiking or producers[t.name].name
+                                                     in tail)) for t in n.inputs]
+            reasons[n.name] = "ends the spiking part: " + analog_reason(n.op, n.domain or "", varying)
+            origin = n.name
+        elif upstream:
+            origin = upstream[0]
+            reasons[n.name] = f"analog, runs once on the readout (in the tail after '{origin}')"
+        else:
+            origin = n.name
+            reasons[n.name] = "analog, runs once on the readout"
+        for t in n.outputs:
+            ends[t.name] = origin
+    return reasons
+
+
+def _classify_row(name: str, op: str, domain: str, node: Any, state: Any, cfg: CompileConfig, sites: dict,
+                  pools: set[str], spiking: set[str], tail: set[str], reasons: dict[str, str]) -> tuple[str, str]:
+    """(role, detail) of one row."""
+    plain = "" if domain == "ai.onnx" else domain
+    if role(op, plain) == REJECTED:
+        return "unsupported", "; ".join(reject_reason(op, plain))
+    if node is None:
+        return "folded", state.removed.get(name, "folded into a constant")
+    if name in sites:
+        s = sites[name]
+        why = f"IF neurons, {_prod(s.shape)} units, integrates '{s.pre}'"
+        if s.cap is not None:
+            why += (f"; clip cap {s.cap:g} kept (thresholds <= {s.cap:g})" if cfg.keep_clip_cap
+                    else f"; clip cap {s.cap:g} dropped (--drop-clip-cap)")
+        return "neuron", why
+    if name in pools:
+        return "pooling", "max pool of the running sum of its input (cumulative)"
+    if name in spiking:
+        return "spiking", "affine op on spikes"
+    if name in tail:
+        return "tail", reasons.get(name, "analog, runs once on the readout")
+    notes = state.metadata.get("prefix_notes", {})
+    if name in notes:
+        return "prefix", notes[name]
+    return "prefix", "analog, input is constant in time (direct coding)"
 
 
 def _model_notes(meta: dict[str, Any]) -> list[str]:

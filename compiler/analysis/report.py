@@ -203,13 +203,16 @@ def report(
     analog_once: bool = True,
     mac_count: str = "dense",
     show_progress: bool = False,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Firing rates, SOPs, MACs and energy per input, per layer and in total, at each T.
 
     One simulation of ``max(Ts)`` steps serves every T. With labels under ``label_key`` the
     SNN's accuracy is reported; with ``ann`` (the original ANN) also the ANN's accuracy, the
     agreement, and SOPs90 / SOPs95. The ANN's MACs always come from the compiled graph.
-    ``batch_size``: default :func:`ann2snn.runtime.batches.default_batch_size`.
+    ``batch_size``: default :func:`ann2snn.runtime.batches.default_batch_size`. With
+    ``ray_address`` the simulation is sharded over Ray workers (``ann2snn.distributed``; ``snn``,
+    ``data`` and ``ann`` must then be paths): the same report.
     """
     from ann2snn.runtime.batches import default_batch_size
     from ann2snn.runtime.session import check_T
@@ -226,7 +229,15 @@ def report(
     signed = any(n["op"] in COUNTING_OPS for n in cost.neurons)
     holder.append(SpikeCounter({n["spikes"]: n["shape"] for n in cost.neurons}, Ts, signed=signed))
     batch_size = batch_size or default_batch_size(session)
-    if ann is not None:
+    if ray_address is not None:
+        if not all(isinstance(p, (str, os.PathLike)) for p in (snn, data, *([ann] if ann is not None else []))):
+            raise ConfigError("report with Ray reads the model, the data and the ANN on the workers: pass them as paths")
+        totals, samples, acc = report_counts_ray(
+            os.fspath(snn), os.fspath(data), Ts, specs=session.input_specs, address=ray_address, ann=os.fspath(ann) if ann is not None else None,
+            label_key=label_key, batch_size=batch_size, t0=t0, t0_default=session.t0, threads=None,
+            show_progress=show_progress)
+        holder[0].totals, holder[0].samples = totals, samples
+    elif ann is not None:
         from .evaluate import evaluate
         acc = evaluate(ann, session, data, Ts, label_key=label_key, batch_size=batch_size, t0=t0,
                        show_progress=show_progress)
@@ -307,3 +318,86 @@ def summarise(cost: NetworkCost, counter: SpikeCounter, acc: dict[str, Any], ene
         "neuron_layers": neuron_rows,
         "synaptic_layers": layer_rows,
     }
+
+
+def report_shard(snn: str, data: str, ann: str | None, labels: np.ndarray | None, start: int, stop: int,
+                  batch_size: int, Ts: Sequence[int], t0: int | None, threads: int) -> tuple[Any, int, list[Any]]:
+    """One shard of ``report``: spike counts per T and layer (sums of integers, exact in any
+    order), the samples counted, and the per-batch accuracy sums."""
+    from ..distributed import _SESSIONS, _batches, _maybe_die
+    from ..ortsession import make_session
+    from .evaluate import batch_sums, predictions
+
+    _maybe_die()
+    key = ("report", snn, os.path.getmtime(snn), threads)
+    if key not in _SESSIONS:
+        proto = load_model(snn)
+        holder: list[Any] = []
+        neurons = analyse(proto).neurons
+        _SESSIONS[key] = (_counting_session(proto, holder), holder, neurons)
+    session, holder, neurons = _SESSIONS[key]
+    counter = SpikeCounter({n["spikes"]: n["shape"] for n in neurons}, Ts,
+                           signed=any(n["op"] in COUNTING_OPS for n in neurons))
+    holder[:] = [counter]
+    ann_sess = None
+    if ann is not None:
+        akey = ("ann", ann, os.path.getmtime(ann), threads)
+        if akey not in _SESSIONS:
+            _SESSIONS[akey] = make_session(load_model(ann), threads)
+        ann_sess = _SESSIONS[akey]
+    sums: list[Any] = []
+    pos = start
+    for feeds in _batches(session, data, start, stop, batch_size):
+        if ann_sess is not None:
+            sums.append(batch_sums(ann_sess, session, feeds, labels, pos, Ts, t0))
+        else:
+            res = session.run_many(feeds, Ts, t0)
+            out = session.output_names[0]
+            b = len(next(iter(feeds.values())))
+            truth = labels[pos:pos + b] if labels is not None else None
+            sums.append({"samples": b, "correct": {T: int((predictions(res[T][out]) == truth).sum())
+                                                   if truth is not None else 0 for T in Ts}})
+        pos += sums[-1]["samples"]
+    return counter.totals, counter.samples, sums
+
+
+def report_counts_ray(snn: str, data: str, Ts: Sequence[int], *, specs: Sequence[Any], address: str | None,
+                      ann: str | None, label_key: str, batch_size: int, t0: int | None, t0_default: int,
+                      threads: int | None, show_progress: bool) -> tuple[Any, int, dict[str, Any]]:
+    """The spike counts (by T and layer), the samples counted and the accuracy part of
+    ``analysis.report.report``, with the shards on Ray workers: the counts are sums of integers
+    and the accuracies merge as in ``evaluate_ray``, so the report is that of one process."""
+    from ..distributed import _gather, connect, open_labelled, submit
+    from .evaluate import merge_sums
+
+    ray = connect(address)
+    n, labels = open_labelled(data, specs, label_key, "report data")
+    Ts = sorted({int(T) for T in Ts})
+    threads = threads or 1
+    labels_ref = ray.put(labels)
+    paths = [os.path.abspath(snn), os.path.abspath(data), os.path.abspath(ann) if ann else None]
+    futures, sizes = submit(ray, report_shard, n, batch_size, threads,
+                            lambda a, b: (*paths, labels_ref, a, b, batch_size, Ts, t0, threads))
+    totals: dict[int, dict[str, np.ndarray]] = {}
+    samples = 0
+    sums: list[dict[str, Any]] = []
+
+    def take(_: int, result: tuple[Any, int, list[Any]]) -> None:
+        nonlocal samples
+        shard_totals, shard_samples, shard_sums = result
+        for T, by_layer in shard_totals.items():
+            for name, v in by_layer.items():
+                totals.setdefault(T, {}).setdefault(name, np.zeros_like(v))
+                totals[T][name] += v
+        samples += shard_samples
+        sums.extend(shard_sums)
+
+    _gather(ray, futures, sizes, "simulating", show_progress, take)
+    t0_used = t0_default if t0 is None else int(t0)
+    if ann is not None:
+        acc = merge_sums(sums, Ts, labels is not None, t0_used)
+    else:
+        acc = {"samples": n, "ann_accuracy": None, "t0": t0_used,
+               "snn": [{"T": T, "accuracy": sum(b["correct"][T] for b in sums) / n if labels is not None else None}
+                       for T in Ts]}
+    return totals, samples, acc

@@ -103,7 +103,8 @@ class WindowReader:
                     prop.value = json.dumps(meta)
             self._sim = SpikingSession(proto, threads=threads, mode=session.mode, chunk=session.chunk,
                                        unit_thresholds=session.unit_thresholds, bind=session.bind,
-                                       guard=session.guard, allow_nonfinite=session.allow_nonfinite)
+                                       guard=session.guard, allow_nonfinite=session.allow_nonfinite,
+                                       kernels=session.kernels)
             self._finish = session.finish  # the session's own tail, run once per readout
 
     def run(self, feeds: dict[str, np.ndarray], Ts: Sequence[int],

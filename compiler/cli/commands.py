@@ -12,7 +12,7 @@ import click
 from ..config import GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, TASKS, CompileConfig
 from ..errors import ConfigError
 from .errors import handle_errors
-from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, config_option, parse_ts
+from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, KERNELS_OPTION, RAY_OPTION, config_option, parse_ts
 
 
 @click.command("compile")
@@ -103,15 +103,31 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
 @click.option("--spiking-until", multiple=True, metavar="TENSOR", help="As for compile.")
 @click.option("--keep-clip-cap/--drop-clip-cap", default=CompileConfig.keep_clip_cap, show_default=True,
               help="As for compile (shown in the ReLU6 / Clip rows).")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=D0xD1x...",
+              help="Size of an input whose dimensions are symbolic (e.g. images=1x3x640x640), so that MACs can be "
+                   "counted; repeat per input.")
+@click.option("--compiled", type=click.Path(dir_okay=False), default=None,
+              help="Take symbolic input sizes from the model compiled from MODEL (the calibration data's sizes).")
 @click.pass_context
 @handle_errors
 def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spiking_until: tuple[str, ...],
-                keep_clip_cap: bool) -> None:
+                keep_clip_cap: bool, input_shape: tuple[str, ...], compiled: str | None) -> None:
     """Show, per node of MODEL, whether it spikes, becomes a neuron, is folded, or runs in the analog tail."""
     from ..analysis.inspection import format_inspection, inspect_model
 
+    shapes: dict[str, list[int]] = {}
+    for item in input_shape:
+        name, _, dims = item.rpartition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            name = ""
+        if not name or any(d <= 0 for d in shapes.get(name, [0])):
+            raise ConfigError(f"--input-shape takes NAME=D0xD1x... with positive sizes, batch first "
+                              f"(e.g. images=1x3x640x640), got '{item}'")
     info = inspect_model(model, CompileConfig(maxpool=maxpool, spiking_until=tuple(spiking_until),
-                                              keep_clip_cap=keep_clip_cap))
+                                              keep_clip_cap=keep_clip_cap), input_shapes=shapes or None,
+                         compiled=compiled)
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 
@@ -132,10 +148,13 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
 @click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: its default).")
 @click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
               "(default: 75% of physical memory).")
+@KERNELS_OPTION
+@RAY_OPTION
 @click.pass_context
 @handle_errors
 def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int | None, T: int, output: str, t0: int | None,
-            form: str, allow_nonfinite: bool, threads: int, max_memory: float | None) -> None:
+            form: str, allow_nonfinite: bool, threads: int, max_memory: float | None, kernels: bool | None,
+            ray_address: str | None) -> None:
     """Run a compiled spiking MODEL for T timesteps and save the readout.
 
     The same command writes the same bytes every time."""
@@ -148,10 +167,17 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int | N
 
     show = not ctx.obj["quiet"]
     with NpzWriter(output) as out:  # outputs written batch by batch; the file appears only when complete
-        run = run_file(model, input_path, T, t0=t0, batch_size=batch_size, form=form,
-                       allow_nonfinite=allow_nonfinite, threads=threads or None,
-                       max_memory=int(max_memory * GIB) if max_memory is not None else None, show_progress=show,
-                       sink=out.append)
+        if ray_address is not None:
+            from ..distributed import run_file_ray
+
+            run = run_file_ray(model, input_path, T, address=ray_address, t0=t0, batch_size=batch_size, form=form,
+                               allow_nonfinite=allow_nonfinite, threads=threads or None, show_progress=show,
+                               sink=out.append, kernels=kernels)
+        else:
+            run = run_file(model, input_path, T, t0=t0, batch_size=batch_size, form=form,
+                           allow_nonfinite=allow_nonfinite, threads=threads or None,
+                           max_memory=int(max_memory * GIB) if max_memory is not None else None, show_progress=show,
+                           sink=out.append, kernels=kernels)
         for k, v in run.extra.items():
             out.put(k, v)
         out.put("ann2snn_run", np.array(json.dumps(run.info, sort_keys=True)))
@@ -203,12 +229,15 @@ Data for --task detection: .npz with the model inputs, 'boxes' float [M,4]
 @click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
               "(default: 75% of physical memory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@KERNELS_OPTION
+@RAY_OPTION
 @click.pass_context
 @handle_errors
 def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: str, label_key: str,
              batch_size: int | None, t0: int | None, t0_frac: float | None, output_name: str | None,
              num_classes: int | None, ignore_index: int, json_path: str | None, form: str, allow_nonfinite: bool,
-             threads: int, max_memory: float | None, progress: bool) -> None:
+             threads: int, max_memory: float | None, progress: bool, kernels: bool | None,
+             ray_address: str | None) -> None:
     """Print ANN vs SNN accuracy (or mIoU, or mAP) of a compiled SNN at several T."""
     from ann2snn.runtime import SpikingSession
     from ann2snn.runtime.batches import default_batch_size
@@ -220,7 +249,21 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
 
     limit = int(max_memory * GIB) if max_memory is not None else None
     show = progress and not ctx.obj["quiet"]
-    session = SpikingSession(snn, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite)
+    if ray_address is not None:
+        if task != "classification" or t0_frac is not None or allow_nonfinite:
+            raise ConfigError("--ray shards run, report and classification eval for now; drop --ray for --task "
+                              f"{task}, --t0-frac or --allow-nonfinite")
+        from ..distributed import evaluate_ray
+
+        result = evaluate_ray(ann, snn, data, parse_ts(Ts), address=ray_address, label_key=label_key,
+                              batch_size=batch_size, t0=t0, form=form, threads=threads or None, show_progress=show,
+                              kernels=kernels)
+        result["form"] = {"option": form}
+        click.echo(format_table(result))
+        if json_path:
+            write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+        return
+    session = SpikingSession(snn, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite, kernels=kernels)
     if task == "classification":
         if t0_frac is not None:
             raise ConfigError("--t0-frac is for --task segmentation|detection; use --t0 for classification")

@@ -65,6 +65,15 @@ FORM_OPTION = click.option(
     "--form", type=click.Choice(["auto", "step", "layered", "reference", "timed"]), default="auto", show_default=True,
     help="Execution form of the time loop. Every form gives the same outputs as 'reference' (the step graph run "
          "as written); auto picks step or layered by a fixed rule of batch and state sizes, timed by measuring both.")
+KERNELS_OPTION = click.option(
+    "--kernels/--no-kernels", default=None,
+    help="Run the neurons with the compiled kernel library (built by `make kernels`) or without it; default: with it "
+         "when it is built. The outputs are the same either way.")
+RAY_OPTION = click.option(
+    "--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+    help="Shard the data (run, report, classification eval) over Ray workers (pip install 'ann2snn[ray]'): --ray alone starts a cluster on this machine "
+         "(one worker per core), --ray ADDRESS joins one (e.g. auto). Results are those of one process; the data "
+         "path must be readable on every node. --threads sets each worker's threads (default 1).")
 ALLOW_NONFINITE_OPTION = click.option(
     "--allow-nonfinite", is_flag=True, default=False,
     help="Keep NaN / inf outputs with a warning instead of stopping with an error that names the output and step.")

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from .errors import handle_errors
-from .options import parse_ts
+from .options import RAY_OPTION, parse_ts
 
 
 @click.command("report")
@@ -39,12 +39,13 @@ from .options import parse_ts
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Also plot accuracy vs energy and SOPs per layer (.png/.pdf/.svg; needs matplotlib).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@RAY_OPTION
 @click.pass_context
 @handle_errors
 def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | None, label_key: str, batch_size: int | None,
                t0: int | None, layer_T: int | None, weights: str, analog_macs: str, mac_count: str,
                sop_fj: float, flop_pj: float, flops_per_mac: float, ac_pj: float, mac_pj: float,
-               json_path: str | None, plot_path: str | None, progress: bool) -> None:
+               json_path: str | None, plot_path: str | None, progress: bool, ray_address: str | None) -> None:
     """What the SNN MODEL costs per input at each T: spikes, SOPs, MACs, energy, per layer."""
     from ..analysis.report import cmos45_energy, paper_energy, report
     from ..analysis.report_format import format_report, plot_report, require_matplotlib
@@ -64,7 +65,7 @@ def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | No
     result = report(model, data, ts, ann=ann, label_key=label_key, batch_size=batch_size, t0=t0,
                     energy=(paper_energy(sop_fj, flop_pj, flops_per_mac), cmos45_energy(ac_pj, mac_pj)),
                     nonzero_weights=weights == "nonzero", analog_once=analog_macs == "once", mac_count=mac_count,
-                    show_progress=progress and not ctx.obj["quiet"])
+                    show_progress=progress and not ctx.obj["quiet"], ray_address=ray_address)
     click.echo(format_report(result, layer_T))
     if json_path:
         write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())

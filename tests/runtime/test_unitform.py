@@ -45,7 +45,7 @@ def test_every_if_neuron_is_compiled_in_units_of_its_threshold(net_snn) -> None:
     assert not any(n.name.endswith("/to_unit") for n in graph.node)  # no Mul by 1/θ was needed
     values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     assert all(np.all(values[n.input[2]] == 1) for n in graph.node if n.op_type == IF_OP)
-    session = SpikingSession(net_snn)
+    session = SpikingSession(net_snn, kernels=False)  # the compiled kernels replace the unit op
     # the runtime swaps in the three-kernel op; no state changes units
     assert [n.op_type for n in session._plan.proto.graph.node if n.domain == DOMAIN] == [UNIT_IF_OP] * 4
     assert not any(n.op_type == UNIT_IF_OP for n in session.model.graph.node)  # the artifact is untouched
@@ -111,7 +111,7 @@ def test_a_current_read_elsewhere_is_scaled_by_a_mul_instead(shared: bool) -> No
 def test_signed_neurons_keep_their_own_arithmetic() -> None:
     with np.load(MODELS / "data" / "digits_calib.npz") as z:
         snn = ann2snn.compile(MODELS / "digits_cnn.onnx", z["input"][:64], iters=5, batch=32, neuron="signed")
-    session = SpikingSession(snn)
+    session = SpikingSession(snn, kernels=False)  # (the compiled kernels would replace them)
     assert session._plan.proto is session.model
 
 
