@@ -27,6 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from ann2snn.config import CompileConfig
 from ann2snn.version import __version__
 from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
@@ -239,6 +240,30 @@ def _type_of(model: onnx.ModelProto, name: str) -> dict:
     return {"elem_type": int(onnx.TensorProto.FLOAT), "onnx_type": None}
 
 
+def burst_limits(site: Site, cfg: CompileConfig) -> np.ndarray:
+    """The most spikes per step of each threshold's neurons (shape of the threshold tensor).
+
+    ``cfg.burst``, except at a Clip(0, c) / ReLU6 site whose cap is kept: there a neuron with
+    threshold θ may move its count by at most max(1, ⌊c/θ⌋) per step, so that it never stands
+    for more than the cap (bursts of N would let it reach N·θ > c). Measured on MobileNetV2
+    (benchmarks/results/convergence_probe_mobilenet.md): without this limit the caps were the
+    SNN's error floor at large T."""
+    theta = np.asarray(site.theta, np.float64).reshape(site.theta_shape(cfg.granularity))
+    limit = np.full(theta.shape, float(cfg.burst))
+    if site.cap is not None and cfg.keep_clip_cap:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fit = np.floor(site.cap / np.where(theta > 0, theta, np.inf))
+        limit = np.clip(np.where(theta > 0, fit, cfg.burst), 1.0, float(cfg.burst))
+    return limit.astype(np.float32)
+
+
+def _burst_input(site: Site, cfg: CompileConfig, shared: gs.Constant) -> gs.Constant:
+    limit = burst_limits(site, cfg)
+    if np.all(limit == cfg.burst):
+        return shared  # the one scalar: models without capped sites are what they were
+    return gs.Constant(f"{site.node}/max_spikes_per_step", limit)
+
+
 def emit_spiking(state: PassState) -> onnx.ModelProto:
     """Turn the calibrated graph into the spiking step model (see module doc)."""
     cfg = state.config
@@ -288,7 +313,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         if act.op in COUNTING_OPS:  # the net spike count, a second state starting at 0
             c_in = gs.Variable(f"{site.node}/count", dtype=np.float32, shape=state_shape)
             c_out = gs.Variable(f"{site.node}/count_next", dtype=np.float32, shape=state_shape)
-            act.inputs = [z, v_in, c_in, theta] + ([burst_const] if act.op == BURST_OP else [])
+            act.inputs = [z, v_in, c_in, theta] + ([_burst_input(site, cfg, burst_const)] if act.op == BURST_OP else [])
             act.outputs = [spikes, v_out, c_out]
             graph.inputs.append(c_in)
             v_outs.append(c_out)

@@ -209,3 +209,46 @@ def test_probe_command_prints_a_row_per_layer_and_writes_json(tmp_path) -> None:
     assert r.output.count("| /features/") == 13 and "output `logits`" in r.output
     result = json.loads((tmp_path / "p.json").read_text())
     assert set(result["output"]["snn_error"]) == {"8", "32"}
+
+
+CAPPED_TEXT = """
+g (float[N,4] x, float[8,4] W1, float[8] b1, float[3,8] W2, float[3] b2) => (float[N,3] y) {
+  h = Gemm <transB=1> (x, W1, b1)
+  r = Clip <min=0.0, max=1.0> (h)
+  y = Gemm <transB=1> (r, W2, b2)
+}
+"""
+
+
+def test_bursts_never_let_a_capped_neuron_exceed_its_cap() -> None:
+    """A ReLU6-style cap kept (θ <= c): a neuron with bursts of N may stand for up to N·θ, so at
+    a capped site its burst is limited to max(1, floor(c/θ)) per channel; the SNN then converges
+    to the capped ANN. Without the cap the shared scalar burst stays."""
+    from conftest import build
+
+    from ann2snn.runtime import SpikingSession
+
+    rng = np.random.default_rng(0)
+    model = build(CAPPED_TEXT, {"W1": rng.normal(0, 1, (8, 4)), "b1": rng.normal(0, 0.5, 8),
+                                "W2": rng.normal(0, 1, (3, 8)), "b2": np.zeros(3)}, opset=10)
+    x = rng.normal(0, 1, (256, 4)).astype(np.float32)
+    snn = ann2snn.compile(model, x, method="max", neuron="signed", burst=2)
+    limits = {i.name: onnx_array(i) for i in snn.graph.initializer if "max_spikes" in i.name}
+    assert list(limits) == ["Clip_3/max_spikes_per_step"] and np.all(limits["Clip_3/max_spikes_per_step"] == 1)
+    ref = run_model(model, x)
+    y = SpikingSession(snn).run({"x": x}, 256)["y"]
+    assert np.abs(y - ref).mean() / np.abs(ref).mean() < 0.02
+    dropped = ann2snn.compile(model, x, method="max", neuron="signed", burst=2, keep_clip_cap=False)
+    assert [i.name for i in dropped.graph.initializer if "max_spikes" in i.name] == ["ann2snn/max_spikes_per_step"]
+
+
+def onnx_array(tensor) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor)
+
+
+def run_model(model, x: np.ndarray) -> np.ndarray:
+    from conftest import run_ort
+
+    return run_ort(model, {"x": x})[0]

@@ -45,9 +45,12 @@ def _rel(x: np.ndarray, ref: np.ndarray) -> float:
 
 def _ceiling(site: Any, cfg: CompileConfig) -> np.ndarray:
     """The most a neuron's rate·θ can stand for: θ, or N·θ for signed neurons with bursts of N
-    (they track a steady current up to N·θ per step)."""
-    k = cfg.burst if cfg.neuron == "signed" else 1
-    return (np.asarray(site.theta, np.float32) * np.float32(k)).reshape(site.theta_shape(cfg.granularity))
+    (they track a steady current up to N·θ per step; at a kept ReLU6 cap N is limited so that
+    N·θ <= c, see emit_spiking.burst_limits)."""
+    from ann2snn.passes.emit_spiking import burst_limits
+
+    theta = np.asarray(site.theta, np.float32).reshape(site.theta_shape(cfg.granularity))
+    return theta * burst_limits(site, cfg) if cfg.neuron == "signed" else theta
 
 
 def _activation_model(state: PassState, clip: bool) -> onnx.ModelProto:
