@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("-T", default="64,128,256")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-default", action="store_true", help="do not simulate the default compile")
+    parser.add_argument("--options", default="", help="no search: compile with these options instead, "
+                        "e.g. method=percentile,neuron=signed,burst=2 (to re-measure a chosen recipe)")
     parser.add_argument("--limit", type=int, default=500, help="evaluation samples per model (0: all)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recipe_search.md"))
     args = parser.parse_args()
@@ -96,6 +98,15 @@ def main() -> None:
         x = np.load(test)["input"]
         x = x[:args.limit] if args.limit else x
         ref = ann_outputs(model, x)
+        if args.options:
+            opts = {k: (int(v) if v.isdigit() else v) for k, v in (o.split("=") for o in args.options.split(","))}
+            snn = ann2snn.compile(model, calib, threads=args.threads, **opts)
+            f = figures(snn, x, ref, Ts)
+            summary.append(md_row([name, f"given: {args.options}", "-", *(f"{f[T][0]:.1%}" for T in Ts),
+                                   *(f"{f[T][1]:.4f}" for T in Ts), f"{f[Ts[-1]][1] / f[Ts[0]][1]:.2f}"]))
+            print(summary[-1], file=sys.stderr)
+            payload[name] = {"options": opts, **{str(T): f[T] for T in Ts}}
+            continue
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "report.json"
