@@ -26,6 +26,8 @@ from ann2snn.support import NEGATIVE_SLOPE, PREPOOL, compensable, role, spike_sa
 log = logging.getLogger(__name__)
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: ops that read only the shape of their input, never its values (tf2onnx's Tensordot reshapes)
+SHAPE_ONLY = ("Shape", "Size")
 
 
 def _feeds_neuron(node: gs.Node, neuron_nodes: set[str]) -> bool:
@@ -57,8 +59,8 @@ def _classify(graph: gs.Graph, neuron_nodes: set[str], cumulative: bool,
             varying.update(t.name for t in node.outputs)
             continue
         mask = [bool(t.name) and t.name in varying for t in node.inputs]
-        if not any(mask):
-            continue  # analog prefix
+        if not any(mask) or (node.op in SHAPE_ONLY and not node.domain):
+            continue  # analog prefix (the shape of a time-varying tensor is constant in time)
         domain = node.domain or ""
         pool = role(node.op, domain) == PREPOOL and (cumulative or _feeds_neuron(node, neuron_nodes))
         if pool or spike_safe(node.op, domain, mask) or node.name in compensate:
@@ -173,7 +175,9 @@ def partition_graph(state: PassState) -> PassState:
     nodes = {n.name: n for n in graph.nodes}
     cumulative = state.config.maxpool == "cumulative"
     cut = _cut_tensors(state)
-    candidates = _compensation_candidates(graph) if state.config.nonlinear == "compensate" else frozenset()
+    why_not: dict[str, str] = {}
+    candidates = _compensation_candidates(graph, why_not) if state.config.nonlinear == "compensate" else frozenset()
+    state.metadata["not_compensated"] = why_not
     neurons, spiking, tail, notes = _extend_prefix(graph, nodes, {s.node for s in state.sites}, cumulative, cut,
                                                    candidates)
     state.compensated = _compensated(graph, spiking, neurons, candidates)
@@ -323,17 +327,23 @@ def _static_sample_shape(t: gs.Tensor) -> bool:
     return shape is not None and len(shape) >= 1 and all(isinstance(d, int) and d >= 0 for d in shape[1:])
 
 
-def _compensation_candidates(graph: gs.Graph) -> frozenset[str]:
+def _compensation_candidates(graph: gs.Graph, why_not: dict[str, str]) -> frozenset[str]:
     """Nodes expectation compensation can wrap: a compensable op (ann2snn.support.COMPENSABLE)
-    with one used output, float32 data and static per-sample shapes (its states need them)."""
+    with one used output, float32 data and static per-sample shapes (its states need them).
+    ``why_not`` receives, per compensable op left out, the reason."""
     out: set[str] = set()
     for node in graph.nodes:
         if not compensable(node.op, node.domain or "") or not node.outputs:
             continue
         if any(t.outputs or any(o is t for o in graph.outputs) for t in node.outputs[1:]):
+            why_not[node.name] = "more than one of its outputs is used"
             continue
         tensors = [t for t in node.inputs if t.name and not isinstance(t, gs.Constant)] + [node.outputs[0]]
-        if all(_static_sample_shape(t) and (t.dtype is None or t.dtype == np.float32) for t in tensors):
+        if not all(_static_sample_shape(t) for t in tensors):
+            why_not[node.name] = "the per-sample shapes of its inputs or output are not static (its states need them)"
+        elif not all(t.dtype is None or t.dtype == np.float32 for t in tensors):
+            why_not[node.name] = "its data is not float32"
+        else:
             out.add(node.name)
     return frozenset(out)
 

@@ -173,7 +173,9 @@ def _classify_row(name: str, op: str, domain: str, node: Any, state: Any, cfg: C
     if name in spiking:
         return "spiking", "affine op on spikes"
     if name in tail:
-        return "tail", reasons.get(name, "analog, runs once on the readout")
+        why_not = state.metadata.get("not_compensated", {}).get(name)
+        return "tail", reasons.get(name, "analog, runs once on the readout") + (
+            f" (not compensated: {why_not})" if why_not and reasons.get(name, "").startswith("ends") else "")
     notes = state.metadata.get("prefix_notes", {})
     if name in notes:
         return "prefix", notes[name]
