@@ -40,14 +40,14 @@ def shares(snn: Any) -> dict[str, float]:
 
 
 def measure(path: Path, calib: dict[str, np.ndarray], test: dict[str, np.ndarray], labels: np.ndarray | None,
-            Ts: list[int], batch: int, **options: Any) -> dict[str, Any]:
+            Ts: list[int], eval_batch: int, **options: Any) -> dict[str, Any]:
     """Both modes on one network: MAC shares, agreement (and accuracy) per T, compile time."""
     import ann2snn
     from ann2snn.runtime import SpikingSession
 
     ann = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ann_out = np.concatenate([ann.run(None, {k: v[i:i + batch] for k, v in test.items()})[0]
-                              for i in range(0, len(next(iter(test.values()))), batch)])
+    ann_out = np.concatenate([ann.run(None, {k: v[i:i + eval_batch] for k, v in test.items()})[0]
+                              for i in range(0, len(next(iter(test.values()))), eval_batch)])
     ann_top = ann_out.reshape(len(ann_out), -1).argmax(1)
     out: dict[str, Any] = {"ann_accuracy": float((ann_top == labels).mean()) if labels is not None else None}
     for mode in MODES:
@@ -58,8 +58,8 @@ def measure(path: Path, calib: dict[str, np.ndarray], test: dict[str, np.ndarray
         name = ann.get_outputs()[0].name
         by_T: dict[int, list[np.ndarray]] = {T: [] for T in Ts}
         n = len(next(iter(test.values())))
-        for i in range(0, n, batch):
-            got = session.run_many({k: v[i:i + batch] for k, v in test.items()}, Ts)
+        for i in range(0, n, eval_batch):
+            got = session.run_many({k: v[i:i + eval_batch] for k, v in test.items()}, Ts)
             for T in Ts:
                 by_T[T].append(got[T][name])
         rows = {}
