@@ -17,7 +17,7 @@ from ann2snn.runtime.ops import DOMAIN
 from ann2snn.support import ACTIVATION_DOMAIN
 
 
-def emit_compensation(graph: gs.Graph, compensated: dict[str, list[int]], batch, opset: int,
+def emit_compensation(graph: gs.Graph, compensated: dict[str, list[int]], batch: int | str, opset: int,
                       states: list[dict], state_outs: list[gs.Variable]) -> tuple[list[onnx.FunctionProto], list[dict]]:
     """Rewrite every compensated node in place; return the functions they call and their metadata."""
     nodes = {n.name: n for n in graph.nodes}

@@ -222,3 +222,14 @@ def test_inspect_names_compensated_ops() -> None:
 def test_nonlinear_option_is_checked() -> None:
     with pytest.raises(ann2snn.ConfigError, match="--nonlinear"):
         ann2snn.CompileConfig(nonlinear="exact")
+
+
+def test_shape_of_a_varying_tensor_does_not_end_the_spiking_part() -> None:
+    """tf2onnx's Tensordot reads Shape of time-varying tensors: constant in time, so prefix; its
+    attention MatMul has no static shapes, so it is not compensated and inspect says why."""
+    info = inspect_model(matrix.cell_path("transformer", "tf2onnx"), ann2snn.CompileConfig(nonlinear="compensate"))
+    rows = {r["node"]: r for r in info["nodes"]}
+    assert all(r["role"] != "tail" for r in rows.values() if r["op"] == "ai.onnx::Shape"
+               and "ends the spiking part" in r["detail"])
+    assert any("not compensated: the per-sample shapes" in r["detail"] for r in rows.values())
+    assert info["macs"]["compensated"] > 0
