@@ -131,7 +131,7 @@ def compiled(name: str) -> Path:
     path = ROOT / "build" / f"{name}.snn.onnx"
     if not path.exists():
         calib = ROOT / "models" / "data" / f"{RULE_MODELS[name][0]}.npz"
-        subprocess.run([sys.executable, "-m", "ann2snn.cli", "-q", "compile", str(ROOT / "models" / f"{name}.onnx"),
+        subprocess.run([sys.executable, "-m", "ann2snn", "-q", "compile", str(ROOT / "models" / f"{name}.onnx"),
                         "--calib", str(calib), "-o", str(path), "--no-progress"], check=True)
     return path
 
@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--md", type=Path, default=None, help="Also write the tables to this markdown file.")
     args = ap.parse_args()
     if not SNN.exists():
-        subprocess.run([sys.executable, "-m", "ann2snn.cli", "-q", "compile", str(MODEL), "--calib", str(CALIB),
+        subprocess.run([sys.executable, "-m", "ann2snn", "-q", "compile", str(MODEL), "--calib", str(CALIB),
                         "-o", str(SNN), "--no-progress"], check=True)
     x_all = np.load(TEST)["input"]
     x = x_all[:args.images]

@@ -46,7 +46,7 @@ def main() -> None:
     from ann2snn.runtime.batches import run_file
 
     if not SNN.exists():
-        subprocess.run([sys.executable, "-m", "ann2snn.cli", "-q", "compile", str(MODEL), "--calib",
+        subprocess.run([sys.executable, "-m", "ann2snn", "-q", "compile", str(MODEL), "--calib",
                         str(ROOT / "models" / "data" / "mnist_calib.npz"), "-o", str(SNN), "--no-progress"], check=True)
     test = np.load(ROOT / "models" / "data" / "mnist_test.npz")
     lines = [f"`{command_line()}`", "", f"load average at the start: {os.getloadavg()[0]:.2f}", ""]

@@ -14,6 +14,8 @@ METHODS = ("ltb", "max", "percentile")
 GRANULARITIES = ("channel", "layer")
 MAXPOOL_MODES = ("cumulative", "instant")
 NEURONS = ("if", "signed")
+#: how a nonlinear op on a time-varying signal is run (``--nonlinear``)
+NONLINEAR_MODES = ("analog", "compensate")
 #: what ``eval --task`` scores: top-1 accuracy, mIoU, mAP (ann2snn.analysis.tasks)
 TASKS = ("classification", "segmentation", "detection")
 
@@ -44,6 +46,11 @@ class CompileConfig:
     burst: with ``neuron='signed'``, the most spikes (or take-backs) a neuron may emit in one
         step; 1 is the plain signed neuron, N > 1 emits integer-valued bursts so that a
         step bringing more than θ does not leave the count behind.
+    nonlinear: what becomes of a nonlinear op (Softmax, LayerNorm, GELU, a product of two
+        activations, ...) whose input varies in time. ``analog``: it ends the spiking part and
+        runs, with everything after it, in the analog tail on the readout. ``compensate``:
+        expectation compensation keeps it in the step graph; it keeps the running sums of its
+        time-varying inputs and emits the increment of t·f(mean input) (docs/compensation.md).
     strict: a non-spike-compatible op inside the spiking part is an error instead of
         ending the spiking part there with a warning.
     spiking_until: tensors whose consumers, and everything after them, run in the analog
@@ -80,6 +87,7 @@ class CompileConfig:
     maxpool: str = "cumulative"
     neuron: str = "if"
     burst: int = 1
+    nonlinear: str = "analog"
     strict: bool = False
     spiking_until: tuple[str, ...] = ()
     threads: int = 0
@@ -110,6 +118,9 @@ class CompileConfig:
             raise ConfigError(f"maxpool '{self.maxpool}' is unknown; use one of {', '.join(MAXPOOL_MODES)} (--maxpool)")
         if self.neuron not in NEURONS:
             raise ConfigError(f"neuron '{self.neuron}' is unknown; use one of {', '.join(NEURONS)} (--neuron)")
+        if self.nonlinear not in NONLINEAR_MODES:
+            raise ConfigError(f"nonlinear '{self.nonlinear}' is unknown; use one of {', '.join(NONLINEAR_MODES)} "
+                              "(--nonlinear)")
         if isinstance(self.burst, bool) or int(self.burst) != self.burst or self.burst < 1:
             raise ConfigError(f"burst is the most spikes per neuron and step, an integer >= 1, got {self.burst!r} "
                               "(--burst)")

@@ -169,10 +169,11 @@ def _calibrated(proto: onnx.ModelProto, cfg: CompileConfig, calib: ArrayDict,
     if key not in cache:
         cache[key] = run_until(proto, dataclasses.replace(cfg, neuron="if", burst=1), calib, "calibrate_thresholds")
     base = cache[key]
-    state = dataclasses.replace(
-        base, graph=base.graph.copy(), config=cfg, sites=copy.deepcopy(base.sites), tail=list(base.tail),
-        boundary=list(base.boundary), varying_pools=list(base.varying_pools), spiking=list(base.spiking),
-        problems=[], removed=dict(base.removed), metadata=copy.deepcopy(base.metadata), history=list(base.history))
+    # emission changes the graph and its annotations: every field is copied (the calibration
+    # data are only read; the graph is copied as onnx-graphsurgeon copies graphs)
+    fresh = {f.name: copy.deepcopy(getattr(base, f.name)) for f in dataclasses.fields(base)
+             if f.name not in ("graph", "config", "calib")}
+    state = dataclasses.replace(base, graph=base.graph.copy(), config=cfg, **fresh)
     state.metadata["t0"] = 0 if cfg.neuron == "signed" else estimate_t0(state)  # as calibrate_thresholds sets it
     return state
 

@@ -53,6 +53,9 @@ class PassState:
     boundary: list[str] = field(default_factory=list)
     #: MaxPool nodes in the spiking part whose input varies in time (cumulative pooling)
     varying_pools: list[str] = field(default_factory=list)
+    #: nonlinear nodes kept in the spiking part by expectation compensation (--nonlinear
+    #: compensate): node name -> positions of its time-varying inputs
+    compensated: dict[str, list[int]] = field(default_factory=dict)
     #: nodes of the spiking part that are not neurons (affine ops on spikes, pooling)
     spiking: list[str] = field(default_factory=list)
     #: nodes a pass could not handle; the pipeline stops with all of them after that pass

@@ -135,6 +135,28 @@ NORMALISERS = ("Softmax", "LogSoftmax", "LayerNormalization", "InstanceNormaliza
                "LpNormalization", "ReduceMax", "ReduceMin", "ReduceL2", "ArgMax", "ArgMin")
 
 
+#: ops that ``--nonlinear compensate`` keeps in the spiking part by expectation compensation
+#: (runtime/compensation.py): deterministic, float-valued functions of their inputs, so that
+#: f(mean input) is what the ANN computes on converged inputs. Ops with integer or index
+#: outputs (ArgMax, TopK, NonMaxSuppression, Shape) are absent: they stay in the analog tail.
+COMPENSABLE = frozenset({
+    "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Erf",
+    "Exp", "Log", "Sqrt", "Reciprocal", "Pow", "Abs", "Relu", "LeakyRelu", "PRelu", "Gelu", "Max", "Min",
+    "Softmax", "LogSoftmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+    "LpNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceMax", "ReduceMin", "ReduceL1",
+    "ReduceL2", "ReduceLogSumExp", "Mul", "Div", "MatMul", "Gemm", "Conv", "Einsum",
+})
+#: the model-local activation functions (canonicalize_activations) compensation wraps too
+COMPENSABLE_FUNCTIONS = frozenset({"SiLU", "HardSwish", "Gelu", "GeluTanh", "LayerNormalization"})
+
+
+def compensable(op_type: str, domain: str = "") -> bool:
+    """Whether ``--nonlinear compensate`` may wrap the op (see COMPENSABLE)."""
+    if domain == ACTIVATION_DOMAIN:
+        return op_type in COMPENSABLE_FUNCTIONS
+    return domain in ("", "ai.onnx") and op_type in COMPENSABLE
+
+
 def role(op_type: str, domain: str = "") -> str | None:
     """The role of an op, or None when it is an ordinary analog op (see module doc)."""
     if domain == ACTIVATION_DOMAIN:

@@ -36,6 +36,7 @@ from ann2snn.runtime.reference import value_types
 from ann2snn.runtime.ops import BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, IF_OP, neuron_function, neuron_op
 from ann2snn.runtime.unitform import unit_form
 
+from ._compensation import emit_compensation
 from ._graph import apply_node, const_value, export, owned_constant, restore_output_types, static_shape, unique_name
 
 log = logging.getLogger(__name__)
@@ -291,6 +292,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     if cfg.maxpool == "cumulative":
         for name in state.varying_pools:
             v_outs += _cumulative_maxpool(graph, nodes[name], batch, states)
+    # nonlinear ops kept spiking by expectation compensation (--nonlinear compensate)
+    ec_functions, compensated = emit_compensation(graph, state.compensated, batch, state.opset, states, v_outs)
     op = neuron_op(cfg.neuron, cfg.burst)
     burst_const = gs.Constant("ann2snn/max_spikes_per_step", np.array(cfg.burst, np.float32))
     for site in state.sites:
@@ -341,6 +344,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     graph.cleanup().toposort()
     model = export(graph, state.opset, state.ir_version)
     model.functions.append(neuron_function(op, state.opset))
+    model.functions.extend(ec_functions)
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     # model-local activation functions (canonicalize_activations), also called from the tail
     model.functions.extend(f for f in activation_functions(graph) if f.name not in {g.name for g in model.functions})
@@ -369,6 +373,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         "macs": dict(state.metadata.get("macs", {})),
         "neuron_units": "threshold" if op == IF_OP and state.sites else "calibrated",
         "neurons": neurons,
+        "compensated": compensated,
         "states": states,
         "step_outputs": boundary,
         "outputs": final_outputs,

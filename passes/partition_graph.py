@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from ann2snn.errors import NodeProblem, UnsupportedModelError
 from ann2snn.macs import node_macs
 from ann2snn.state import PassState
-from ann2snn.support import NEGATIVE_SLOPE, PREPOOL, role, spike_safe
+from ann2snn.support import NEGATIVE_SLOPE, PREPOOL, compensable, role, spike_safe
 
 log = logging.getLogger(__name__)
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: ops that read only the shape of their input, never its values (tf2onnx's Tensordot reshapes)
+SHAPE_ONLY = ("Shape", "Size")
 
 
 def _feeds_neuron(node: gs.Node, neuron_nodes: set[str]) -> bool:
@@ -35,10 +38,11 @@ def _feeds_neuron(node: gs.Node, neuron_nodes: set[str]) -> bool:
 
 
 def _classify(graph: gs.Graph, neuron_nodes: set[str], cumulative: bool,
-              cut: set[str]) -> tuple[set[str], set[str]]:
+              cut: set[str], compensate: frozenset[str] = frozenset()) -> tuple[set[str], set[str]]:
     """(spiking node names, tail node names) for a set of neuron nodes.
 
-    ``cut`` holds tensors whose consumers are forced into the tail (--spiking-until).
+    ``cut`` holds tensors whose consumers are forced into the tail (--spiking-until);
+    ``compensate`` the nonlinear nodes that may stay spiking by expectation compensation.
     """
     varying: set[str] = set()  # tensor names
     spiking: set[str] = set()
@@ -55,11 +59,11 @@ def _classify(graph: gs.Graph, neuron_nodes: set[str], cumulative: bool,
             varying.update(t.name for t in node.outputs)
             continue
         mask = [bool(t.name) and t.name in varying for t in node.inputs]
-        if not any(mask):
-            continue  # analog prefix
+        if not any(mask) or (node.op in SHAPE_ONLY and not node.domain):
+            continue  # analog prefix (the shape of a time-varying tensor is constant in time)
         domain = node.domain or ""
         pool = role(node.op, domain) == PREPOOL and (cumulative or _feeds_neuron(node, neuron_nodes))
-        if pool or spike_safe(node.op, domain, mask):
+        if pool or spike_safe(node.op, domain, mask) or node.name in compensate:
             spiking.add(node.name)
             varying.update(t.name for t in node.outputs)
         else:
@@ -84,14 +88,16 @@ def _reaches_weight(graph: gs.Graph, start: gs.Node, spiking: set[str]) -> bool:
 
 
 def _settle(graph: gs.Graph, nodes: dict[str, gs.Node], neurons: set[str], cumulative: bool,
-            cut: set[str]) -> tuple[set[str], set[str], set[str]]:
-    """(neurons, spiking, tail) once every neuron left has a weighted layer after it."""
+            cut: set[str], compensate: frozenset[str] = frozenset()) -> tuple[set[str], set[str], set[str]]:
+    """(neurons, spiking, tail) once every neuron and every compensated op left has a weighted
+    layer after it (a compensated op with none after it gains nothing over the tail)."""
     while True:
-        spiking, tail = _classify(graph, neurons, cumulative, cut)
+        spiking, tail = _classify(graph, neurons, cumulative, cut, compensate)
         keep = {n for n in neurons if n in spiking and _reaches_weight(graph, nodes[n], spiking)}
-        if keep == neurons:
+        kept = frozenset(n for n in compensate if n not in spiking or _reaches_weight(graph, nodes[n], spiking))
+        if keep == neurons and kept == compensate:
             return neurons, spiking, tail
-        neurons = keep
+        neurons, compensate = keep, kept
 
 
 def _ancestors(node: gs.Node) -> set[str]:
@@ -107,7 +113,8 @@ def _ancestors(node: gs.Node) -> set[str]:
 
 
 def _extend_prefix(graph: gs.Graph, nodes: dict[str, gs.Node], sites: set[str], cumulative: bool,
-                   cut: set[str]) -> tuple[set[str], set[str], set[str], dict[str, str]]:
+                   cut: set[str], compensate: frozenset[str] = frozenset()
+                   ) -> tuple[set[str], set[str], set[str], dict[str, str]]:
     """The partition (neurons, spiking, tail) and, per node moved into the prefix, why.
 
     An op that is not correct on spikes (LRN behind AlexNet's and GoogLeNet's first
@@ -116,12 +123,12 @@ def _extend_prefix(graph: gs.Graph, nodes: dict[str, gs.Node], sites: set[str], 
     exactly in the analog prefix; the spiking part starts after it. This is done only where
     it leaves more MACs taking spikes as input than ending the spiking part at the op.
     """
-    best = _settle(graph, nodes, sites, cumulative, cut)
+    best = _settle(graph, nodes, sites, cumulative, cut, compensate)
     score = _mac_share(graph, *best)["spiking"]
     moved: list[gs.Node] = []
     chosen: list[gs.Node] = []
     while True:  # follow the chain of such ops from the inputs on; keep the best cut
-        spiking, tail = _classify(graph, sites, cumulative, cut)
+        spiking, tail = _classify(graph, sites, cumulative, cut, compensate)
         node = next((n for n in graph.nodes if n.name in tail and n.name not in sites
                      and not any(t.name in cut for t in n.inputs)
                      and any(t.inputs and t.inputs[0].name in spiking for t in n.inputs)), None)
@@ -129,7 +136,7 @@ def _extend_prefix(graph: gs.Graph, nodes: dict[str, gs.Node], sites: set[str], 
             break
         sites = sites - _ancestors(node)  # not empty: a spiking input has a neuron upstream
         moved.append(node)
-        trial = _settle(graph, nodes, sites, cumulative, cut)
+        trial = _settle(graph, nodes, sites, cumulative, cut, compensate)
         if _mac_share(graph, *trial)["spiking"] > score:
             best, score, chosen = trial, _mac_share(graph, *trial)["spiking"], list(moved)
     notes: dict[str, str] = {}
@@ -168,7 +175,12 @@ def partition_graph(state: PassState) -> PassState:
     nodes = {n.name: n for n in graph.nodes}
     cumulative = state.config.maxpool == "cumulative"
     cut = _cut_tensors(state)
-    neurons, spiking, tail, notes = _extend_prefix(graph, nodes, {s.node for s in state.sites}, cumulative, cut)
+    why_not: dict[str, str] = {}
+    candidates = _compensation_candidates(graph, why_not) if state.config.nonlinear == "compensate" else frozenset()
+    state.metadata["not_compensated"] = why_not
+    neurons, spiking, tail, notes = _extend_prefix(graph, nodes, {s.node for s in state.sites}, cumulative, cut,
+                                                   candidates)
+    state.compensated = _compensated(graph, spiking, neurons, candidates)
     state.metadata["prefix_notes"] = notes
     analog_sites = {s.node for s in state.sites if s.node not in neurons}
     # nodes that end the spiking part: tail nodes fed by the spiking part, directly or through
@@ -222,7 +234,10 @@ def partition_graph(state: PassState) -> PassState:
     elif not state.sites:
         log.warning("the model has no ReLU-like activation, so no neuron: the compiled model is not spiking (it "
                     "computes the ANN's outputs once per input); run `ann2snn inspect model.onnx` to see each op's role")
-    share = _mac_share(graph, neurons, spiking, set(tail))
+    share = _mac_share(graph, neurons, spiking, set(tail), set(state.compensated))
+    if state.compensated:  # for inspect: what reads a compensated op's real-valued increments
+        state.metadata["on_increments"] = sorted(spiking - neurons - set(state.compensated) - _on_spikes(
+            graph, neurons, spiking, set(state.compensated)))
     state.metadata["macs"] = share
     if share["total"] and share["spiking"] < 0.5 * share["total"]:
         def named(ns: list[gs.Node]) -> str:
@@ -233,10 +248,11 @@ def partition_graph(state: PassState) -> PassState:
         where = (f"spiking starts at {named(first)}" if first else "no neuron forms") + \
             (f" and ends at {named(breaking)}" if breaking else "")
         log.warning("only %.1f%% of the network's weighted work (%d of %d MACs per sample) takes spikes as input: "
-                    "%s; the rest runs as the time-constant prefix (%.1f%%) or the analog tail (%.1f%%). "
-                    "`ann2snn inspect` shows each node's role", 100.0 * share["spiking"] / share["total"],
-                    share["spiking"], share["total"], where, 100.0 * share["prefix"] / share["total"],
-                    100.0 * share["tail"] / share["total"])
+                    "%s; the rest runs as the time-constant prefix (%.1f%%), the analog tail (%.1f%%) or on the "
+                    "real-valued increments of compensated ops (%.1f%%). `ann2snn inspect` shows each node's role",
+                    100.0 * share["spiking"] / share["total"], share["spiking"], share["total"], where,
+                    100.0 * share["prefix"] / share["total"], 100.0 * share["tail"] / share["total"],
+                    100.0 * share.get("compensated", 0) / share["total"])
     state.sites = [s for s in state.sites if s.node in neurons]
     state.spiking = [n.name for n in graph.nodes if n.name in spiking and n.name not in neurons]
     # an activation that stayed analog is in the tail when it reads a time-varying signal (then
@@ -264,9 +280,32 @@ def partition_graph(state: PassState) -> PassState:
     return state
 
 
-def _mac_share(graph: gs.Graph, neurons: set[str], spiking: set[str], analog: set[str]) -> dict[str, int]:
+def _mac_share(graph: gs.Graph, neurons: set[str], spiking: set[str], analog: set[str],
+               compensated: set[str] | None = None) -> dict[str, int]:
     """MACs per sample of the weighted nodes that take spikes as input (downstream of a neuron
-    inside the spiking part), of the time-constant prefix, and of the analog tail."""
+    inside the spiking part, not behind a compensated op), of the time-constant prefix, of the
+    analog tail and, with ``compensated``, of the step graph's analog work: the compensated ops
+    and the weighted nodes behind them, which take real-valued increments, not spikes."""
+    seen = _on_spikes(graph, neurons, spiking, compensated or set())
+    total = spiking_macs = tail_macs = step_analog = 0
+    for n in graph.nodes:
+        m = node_macs(n)
+        total += m
+        if n.name in analog:
+            tail_macs += m
+        elif n.name in seen:
+            spiking_macs += m
+        elif compensated and n.name in spiking:
+            step_analog += m  # time-varying but not on spikes: behind (or in) a compensated op
+    share = {"total": total, "spiking": spiking_macs, "prefix": total - spiking_macs - tail_macs - step_analog,
+             "tail": tail_macs}
+    if compensated:
+        share["compensated"] = step_analog
+    return share
+
+
+def _on_spikes(graph: gs.Graph, neurons: set[str], spiking: set[str], compensated: set[str]) -> set[str]:
+    """Spiking-part nodes downstream of a neuron through spike-safe ops only (their input is spikes)."""
     by_tensor: dict[str, list[gs.Node]] = {}
     for n in graph.nodes:
         for t in n.inputs:
@@ -277,15 +316,48 @@ def _mac_share(graph: gs.Graph, neurons: set[str], spiking: set[str], analog: se
         n = todo.pop()
         for t in n.outputs:
             for c in by_tensor.get(t.name, []):
-                if c.name in spiking and c.name not in seen:
+                if c.name in spiking and c.name not in seen and c.name not in compensated:
                     seen.add(c.name)
                     todo.append(c)
-    total = spiking_macs = tail_macs = 0
+    return seen
+
+
+def _static_sample_shape(t: gs.Tensor) -> bool:
+    shape = t.shape
+    return shape is not None and len(shape) >= 1 and all(isinstance(d, int) and d >= 0 for d in shape[1:])
+
+
+def _compensation_candidates(graph: gs.Graph, why_not: dict[str, str]) -> frozenset[str]:
+    """Nodes expectation compensation can wrap: a compensable op (ann2snn.support.COMPENSABLE)
+    with one used output, float32 data and static per-sample shapes (its states need them).
+    ``why_not`` receives, per compensable op left out, the reason."""
+    out: set[str] = set()
+    for node in graph.nodes:
+        if not compensable(node.op, node.domain or "") or not node.outputs:
+            continue
+        if any(t.outputs or any(o is t for o in graph.outputs) for t in node.outputs[1:]):
+            why_not[node.name] = "more than one of its outputs is used"
+            continue
+        tensors = [t for t in node.inputs if t.name and not isinstance(t, gs.Constant)] + [node.outputs[0]]
+        if not all(_static_sample_shape(t) for t in tensors):
+            why_not[node.name] = "the per-sample shapes of its inputs or output are not static (its states need them)"
+        elif not all(t.dtype is None or t.dtype == np.float32 for t in tensors):
+            why_not[node.name] = "its data is not float32"
+        else:
+            out.add(node.name)
+    return frozenset(out)
+
+
+def _compensated(graph: gs.Graph, spiking: set[str], neurons: set[str], candidates: frozenset[str]
+                 ) -> dict[str, list[int]]:
+    """The candidates that stayed spiking, each with the positions of its time-varying inputs."""
+    made_by = {t.name: n.name for n in graph.nodes for t in n.outputs}
+    out: dict[str, list[int]] = {}
     for n in graph.nodes:
-        m = node_macs(n)
-        total += m
-        if n.name in analog:
-            tail_macs += m
-        elif n.name in seen:
-            spiking_macs += m
-    return {"total": total, "spiking": spiking_macs, "prefix": total - spiking_macs - tail_macs, "tail": tail_macs}
+        if n.name not in candidates or n.name not in spiking or n.name in neurons:
+            continue
+        mask = [bool(t.name) and made_by.get(t.name) in spiking for t in n.inputs]
+        if any(mask) and not spike_safe(n.op, n.domain or "", mask) and role(n.op, n.domain or "") != PREPOOL:
+            out[n.name] = [k for k, v in enumerate(mask) if v]
+    return out
+

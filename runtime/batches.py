@@ -96,10 +96,10 @@ def default_batch_size(session: SpikingSession) -> int:
     in :data:`BATCH_RANGE` whose per-step tensors and states fit :data:`BATCH_WORKING_SET`;
     a model compiled for a fixed batch gets that batch.
 
-    Measured (benchmarks/cli_profile.py, README "Speed and memory"): a batch whose step
-    spills out of the cache runs each image slower; the MNIST CNN (650 KB of tensors per
-    image) ran 1.3x slower per image at batch 256 than at 32, the 8x8 digits CNN (90 KB)
-    fastest at 256."""
+    Measured (benchmarks/results/cli_profile.md, "Default batch"): a batch whose step spills
+    out of the cache runs each image slower (batch 256 took 1.14-1.33x the best batch's time
+    per image on the three larger reference models); the rule's batch was within 1.16x of the
+    best on all four."""
     from ann2snn.resources import estimate_simulation_bytes
 
     fixed = {s.shape[0] for s in session.input_specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}

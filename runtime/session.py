@@ -60,10 +60,10 @@ GUARD_STEPS = 2
 GUARD_RTOL = RTOL
 #: the layered form runs chunks of about this many samples (timesteps × batch)
 LAYERED_ROWS = 32
-#: in auto mode, the layered form is used only up to this batch: it ran 0.45-0.97x the step
-#: form's time at batch 1 and 2, but 0.77-1.6x at batch 8 and 1.2-1.4x at batch 16 on the
-#: reference models (benchmarks/results/cli_profile.md, "auto rule"), and the CLI's default
-#: batches are 16 and up
+#: in auto mode, the layered form is used only up to this batch: on the reference models it
+#: took 0.36-0.72x the step form's time at batch 1 and 2, 0.55-0.97x at 4, 0.77-1.42x at 8 and
+#: 0.98-1.28x at 16 (benchmarks/results/cli_profile.md, "auto rule", measured with the compiled
+#: kernels, which speed the layered form up most: 2 keeps a margin without them)
 LAYERED_MAX_BATCH = 2
 #: and only while a chunk's membrane states (a proxy for its activations) stay below this, so
 #: that memory stays near the ANN's: large models at batch 1 already run big GEMMs per step

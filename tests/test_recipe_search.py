@@ -252,3 +252,21 @@ def run_model(model, x: np.ndarray) -> np.ndarray:
     from conftest import run_ort
 
     return run_ort(model, {"x": x})[0]
+
+
+def test_a_candidate_from_the_shared_calibration_is_the_full_compile() -> None:
+    """Candidates that share a calibration are emitted from copies of one calibrated state; each
+    must be byte for byte what a full compile of its options gives."""
+    from ann2snn.config import CompileConfig
+    from ann2snn.modelio import load_model
+    from ann2snn.passes.emit_spiking import emit_spiking
+    from ann2snn.search import _calibrated
+
+    proto = load_model(DIGITS)
+    x = {"input": np.load(DIGITS_CALIB)["input"][:100]}
+    cache: dict = {}
+    for neuron, burst in (("signed", 2), ("if", 1), ("signed", 1)):
+        cfg = CompileConfig(neuron=neuron, burst=burst, **FAST)
+        shared = emit_spiking(_calibrated(proto, cfg, x, cache))
+        assert serialize(shared) == serialize(ann2snn.compile(proto, x, neuron=neuron, burst=burst, **FAST))
+    assert len(cache) == 1

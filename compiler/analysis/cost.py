@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ann2snn.runtime.compensation import is_compensated
 from ann2snn.runtime.ops import IF_OP, NEURON_OPS
 
 from ..errors import ConfigError, ModelLoadError
@@ -359,8 +360,16 @@ def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights:
     inits = set(consts)
     analog = {vi.name for vi in proto.graph.input if vi.name not in state_inputs and vi.name not in inits}
     for n in proto.graph.node:
-        if n.op_type not in NEURON_OPS and any(x in analog for x in n.input):
+        if n.op_type not in NEURON_OPS and not is_compensated(n) and any(x in analog for x in n.input):
             analog.update(o for o in n.output if o)
+    # real-valued increments of expectation-compensated ops (--nonlinear compensate): computed
+    # every step, not on spikes, so the weighted ops that read them cost MACs at every step
+    increments: set[str] = set()
+    for n in proto.graph.node:
+        if is_compensated(n):
+            increments.add(n.output[0])
+        elif n.op_type not in NEURON_OPS and any(x in increments for x in n.input):
+            increments.update(o for o in n.output if o)
     targets = {t for per in fanout.values() for t in per}
     layers = []
     ann_macs = 0
@@ -371,8 +380,11 @@ def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights:
             ann_macs += macs
         if n.op_type in WEIGHTED or n.name in targets:
             layers.append({"name": n.name, "op": n.op_type, "part": "spiking", "ann_macs": macs,
-                           "analog_macs_per_step": macs if n.op_type in WEIGHTED and n.input[0] in analog else 0})
-    layers += [{"name": t, "op": "readout", "part": "spiking", "ann_macs": 0, "analog_macs_per_step": 0}
+                           "analog_macs_per_step": macs if n.op_type in WEIGHTED and n.input[0] in analog else 0,
+                           "increment_macs_per_step": macs if n.op_type in WEIGHTED and n.input[0] in increments
+                           else 0})
+    layers += [{"name": t, "op": "readout", "part": "spiking", "ann_macs": 0, "analog_macs_per_step": 0,
+                "increment_macs_per_step": 0}
                for t in sorted(targets) if t.startswith("readout:")]
     tail_macs = 0
     for layer in _tail_layers(proto, meta, nonzero_weights, mac_count):

@@ -14,7 +14,7 @@ from ..macs import node_macs
 from ..modelio import load_model
 from ..support import REJECTED, analog_reason, reject_reason, role
 
-ROLES = ("neuron", "spiking", "pooling", "prefix", "tail", "folded", "unsupported")
+ROLES = ("neuron", "spiking", "compensated", "pooling", "prefix", "tail", "folded", "unsupported")
 
 
 class _Sizes:
@@ -103,12 +103,17 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         kind, why = _classify_row(name_for_role, op, domain, canon, state, cfg, sites, pools, spiking, tail, reasons)
         rows.append({"node": name, "op": f"{domain}::{op}", "role": kind, "macs": macs, "detail": recognised + why})
     macs = {k: sum(r["macs"] for r in rows if r["role"] == k) for k in ROLES}
+    # weighted ops on a compensated op's increments take real values, not spikes: count them with it
+    behind = sum(r["macs"] for r in rows if r["role"] == "spiking" and r["node"] in state.metadata.get(
+        "on_increments", ()))
+    macs["spiking"], macs["compensated"] = macs["spiking"] - behind, macs["compensated"] + behind
     total = sum(macs.values())
     return {
         "nodes": rows,
         "neuron_layers": len(state.sites),
         "neurons": sum(int(_prod(s.shape)) for s in state.sites),
-        "macs": {"total": total, "spiking": macs["spiking"], "prefix": macs["prefix"], "tail": macs["tail"]},
+        "macs": {"total": total, "spiking": macs["spiking"], "prefix": macs["prefix"], "tail": macs["tail"],
+                 **({"compensated": macs["compensated"]} if state.compensated else {})},
         "boundary": list(state.boundary),
         "problems": problems,
         "notes": _model_notes(state.metadata),
@@ -160,10 +165,17 @@ def _classify_row(name: str, op: str, domain: str, node: Any, state: Any, cfg: C
         return "neuron", why
     if name in pools:
         return "pooling", "max pool of the running sum of its input (cumulative)"
+    if name in state.compensated:
+        return "compensated", ("expectation-compensated: keeps the running sum of its time-varying input(s) and "
+                               "emits the increment of t·f(mean input) (--nonlinear compensate)")
+    if name in state.metadata.get("on_increments", ()):
+        return "spiking", "affine op on the real-valued increments of a compensated op (not spikes)"
     if name in spiking:
         return "spiking", "affine op on spikes"
     if name in tail:
-        return "tail", reasons.get(name, "analog, runs once on the readout")
+        why_not = state.metadata.get("not_compensated", {}).get(name)
+        return "tail", reasons.get(name, "analog, runs once on the readout") + (
+            f" (not compensated: {why_not})" if why_not and reasons.get(name, "").startswith("ends") else "")
     notes = state.metadata.get("prefix_notes", {})
     if name in notes:
         return "prefix", notes[name]
@@ -200,7 +212,9 @@ def format_inspection(info: dict[str, Any]) -> str:
     share = (lambda k: f"{100.0 * m[k] / m['total']:.1f}%") if m["total"] else (lambda k: "-")
     lines += ["", f"neuron layers: {info['neuron_layers']}, neurons: {info['neurons']:,}",
               f"MACs per sample: {m['total']:,} (spiking part {m['spiking']:,} = {share('spiking')}, "
-              f"analog prefix {m['prefix']:,} = {share('prefix')}, tail {m['tail']:,} = {share('tail')})",
+              f"analog prefix {m['prefix']:,} = {share('prefix')}, tail {m['tail']:,} = {share('tail')}"
+              + (f", compensated ops and the ops on their increments {m['compensated']:,} = {share('compensated')}"
+                 if "compensated" in m else "") + ")",
               f"boundary (read out): {', '.join(info['boundary'])}"]
     lines += [f"note: {n}" for n in info.get("notes", [])]
     if info["problems"]:

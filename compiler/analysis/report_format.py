@@ -59,6 +59,8 @@ def format_report(result: dict[str, Any], layer_T: int | None = None) -> str:
         pct = {k: 100.0 * share[k] / share["total"] for k in ("spiking", "prefix", "tail")}
         lines.append(f"weighted work of the ANN: {pct['spiking']:.1f}% on spikes, {pct['prefix']:.1f}% in the "
                      f"time-constant analog prefix, {pct['tail']:.1f}% in the analog tail"
+                     + (f", {100.0 * share['compensated'] / share['total']:.1f}% on the real-valued increments of "
+                        "compensated ops (MACs at every step)" if share.get("compensated") else "")
                      + (" (less than half spikes: see `ann2snn inspect`)" if pct["spiking"] < 50 else ""))
     lines.append("")
     head = "| T | accuracy | spikes/input | firing rate | SOPs/input | MACs/input | " + \

@@ -422,3 +422,23 @@ def test_forms_agree_on_reference_models(compiled_model, name: str, data: str) -
     snn, test = compiled_model(name, data)
     problems = check_forms(snn, test, Ts=[4, 9]) + check_forms(snn, batch_of(test, 1), Ts=[4, 9])
     assert not problems, f"{name}:\n  " + "\n  ".join(map(str, problems[:12]))
+
+
+@pytest.mark.parametrize("net", ["transformer", "mbv3"])
+def test_forms_agree_on_compensated_models(net: str) -> None:
+    """Expectation-compensated ops (--nonlinear compensate) in the step graph: every form that
+    accepts the model equals the reference at batches 3 and 1; the layered form refuses it."""
+    path = MODELS / "exporters" / f"torch_legacy_{net}.onnx"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exporter_matrix_cells", MODELS / "exporters" / "matrix.py")
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    with quiet():
+        snn = ann2snn.compile(path, matrix.cell_inputs(path, "calib", limit=64), nonlinear="compensate", **COMPILE)
+    test = matrix.cell_inputs(path, "test", limit=3)
+    unavailable: dict[str, str] = {}
+    problems = check_forms(snn, test, Ts=[4, 9], unavailable=unavailable) + check_forms(snn, batch_of(test, 1),
+                                                                                        Ts=[4, 9])
+    assert not problems, "\n  ".join(map(str, problems[:12]))
+    assert set(unavailable) == {f for f in FORMS if FORMS[f].get("mode") == "layered"}, unavailable

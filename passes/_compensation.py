@@ -1,0 +1,61 @@
+"""Emission of the expectation-compensated ops (``--nonlinear compensate``), for emit_spiking.
+
+Each node that partition_graph marked compensated becomes a call of a model-local function
+``ann2snn::ExpectationCompensated<Op>`` (runtime/compensation.py) with its states as graph
+inputs / outputs, like the neurons: the running sum of each time-varying input, the previous
+total and the step count, all starting at 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from ann2snn.runtime.compensation import EC_PREFIX, compensated_function
+from ann2snn.runtime.ops import DOMAIN
+from ann2snn.support import ACTIVATION_DOMAIN
+
+
+def emit_compensation(graph: gs.Graph, compensated: dict[str, list[int]], batch: int | str, opset: int,
+                      states: list[dict], state_outs: list[gs.Variable]) -> tuple[list[onnx.FunctionProto], list[dict]]:
+    """Rewrite every compensated node in place; return the functions they call and their metadata."""
+    nodes = {n.name: n for n in graph.nodes}
+    functions: dict[bytes, onnx.FunctionProto] = {}
+    per_op: dict[str, int] = {}
+    info: list[dict] = []
+    for name, varying in compensated.items():
+        node = nodes[name]
+        proto = OnnxExporter.export_node(node)
+        key = proto.op_type.encode() + proto.domain.encode() + bytes(varying) + \
+            b"".join(a.SerializeToString() for a in proto.attribute) + \
+            bytes(int(bool(i)) for i in proto.input)
+        if key not in functions:
+            count = per_op.get(node.op, 0)
+            per_op[node.op] = count + 1
+            fname = f"{EC_PREFIX}{node.op}" + (f"_{count}" if count else "")
+            opsets = {"": opset, **({ACTIVATION_DOMAIN: 1} if node.domain == ACTIVATION_DOMAIN else {})}
+            functions[key] = compensated_function(fname, proto, varying, opsets)
+        fname = functions[key].name
+        xs = [node.inputs[j] for j in varying]
+        consts = [t for j, t in enumerate(node.inputs) if t.name and j not in varying]
+        y = node.outputs[0]
+
+        def state(suffix: str, shape: list) -> tuple[gs.Variable, gs.Variable]:
+            s_in = gs.Variable(f"{name}/{suffix}", dtype=np.float32, shape=[batch] + shape)
+            s_out = gs.Variable(f"{name}/{suffix}_next", dtype=np.float32, shape=[batch] + shape)
+            graph.inputs.append(s_in)
+            state_outs.append(s_out)
+            states.append({"input": s_in.name, "output": s_out.name, "shape": [int(d) for d in shape],
+                           "init": "zeros"})
+            return s_in, s_out
+
+        sums = [state(f"sum{i}", list(x.shape[1:])) for i, x in enumerate(xs)]
+        total = state("total", list(y.shape[1:]))
+        count = state("count", [1])
+        info.append({"node": name, "op": node.op, "function": fname, "varying_inputs": list(varying),
+                     "states": [s.name for s, _ in sums] + [total[0].name, count[0].name]})
+        node.op, node.domain, node.attrs = fname, DOMAIN, {}
+        node.inputs = xs + [s for s, _ in sums] + [total[0], count[0]] + consts
+        node.outputs = [y] + [s for _, s in sums] + [total[1], count[1]]
+    return list(functions.values()), info
