@@ -107,6 +107,17 @@ def _session(model: str, threads: int, form: str, allow_nonfinite: bool, kernels
     return _SESSIONS[key]
 
 
+def _ann_session(ann: str, threads: int) -> Any:
+    """This worker's onnxruntime session of the ANN (reused across its tasks)."""
+    from .modelio import load_model
+    from .ortsession import make_session
+
+    key = ("ann", ann, os.path.getmtime(ann), threads)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = make_session(load_model(ann), threads)
+    return _SESSIONS[key]
+
+
 def _maybe_die() -> None:
     marker = os.environ.get(KILL_ONCE_ENV)
     if marker and not os.path.exists(marker):
@@ -152,18 +163,14 @@ def _eval_shard(ann: str, model: str, data: str, labels: np.ndarray | None, star
                 kernels: bool | None = None) -> list[dict[str, Any]]:
     """One shard of classification ``eval``: the per-batch sums, in batch order."""
     from .analysis.evaluate import batch_sums
-    from .modelio import load_model
-    from .ortsession import make_session
 
     _maybe_die()
     session = _session(model, threads, form, False, kernels)
-    key = ("ann", ann, os.path.getmtime(ann), threads)
-    if key not in _SESSIONS:
-        _SESSIONS[key] = make_session(load_model(ann), threads)
+    ann_sess = _ann_session(ann, threads)
     out = []
     pos = start
     for feeds in _batches(session, data, start, stop, batch_size):
-        out.append(batch_sums(_SESSIONS[key], session, feeds, labels, pos, Ts, t0))
+        out.append(batch_sums(ann_sess, session, feeds, labels, pos, Ts, t0))
         pos += out[-1]["samples"]
     return out
 

@@ -196,23 +196,3 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
         os.replace(data, target.parent / location)
     write_atomic(target, serialize(out))
 
-
-def npz_bytes(arrays: dict[str, "np.ndarray"]) -> bytes:
-    """An .npz archive of ``arrays`` as bytes, the same bytes for the same arrays: entries in the
-    given order with a fixed timestamp (``np.savez`` stamps each entry with the current time)."""
-    import io
-    import zipfile
-
-    import numpy as np
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, value in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            entry = io.BytesIO()
-            array = np.asanyarray(value)
-            # object arrays (e.g. a ZipMap's list of dicts) are pickled, as np.savez does
-            np.lib.format.write_array(entry, array, allow_pickle=array.dtype.kind == "O")
-            zf.writestr(info, entry.getvalue())
-    return buf.getvalue()

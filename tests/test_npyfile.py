@@ -15,7 +15,6 @@ from ann2snn.data import npyfile
 from ann2snn.data.arrays import CalibrationSource, InputSpec, as_array_dict, check_arrays
 from ann2snn.data.npyfile import FileArray, NpzWriter, open_arrays
 from ann2snn.errors import DataError
-from ann2snn.modelio import npz_bytes
 
 from conftest import digits_path
 
@@ -104,6 +103,22 @@ def test_calibration_batches_from_a_file_equal_those_from_memory(tmp_path: Path,
     from_memory = list(CalibrationSource({"x": arrays["x"]}, specs).batches(5, 8, seed=3))
     for a, b in zip(from_file, from_memory, strict=True):
         np.testing.assert_array_equal(a["x"], b["x"])
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """The reference: the whole arrays written at once, as np.savez does, with a fixed timestamp
+    (how `ann2snn run` wrote its outputs before NpzWriter)."""
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            entry = io.BytesIO()
+            np.lib.format.write_array(entry, value, allow_pickle=value.dtype.kind == "O")
+            zf.writestr(info, entry.getvalue())
+    return buf.getvalue()
 
 
 def test_writer_writes_the_bytes_of_npz_bytes(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:

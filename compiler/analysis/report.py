@@ -330,8 +330,7 @@ def report_shard(snn: str, data: str, ann: str | None, labels: np.ndarray | None
                   batch_size: int, Ts: Sequence[int], t0: int | None, threads: int) -> tuple[Any, int, list[Any]]:
     """One shard of ``report``: spike counts per T and layer (sums of integers, exact in any
     order), the samples counted, and the per-batch accuracy sums."""
-    from ..distributed import _SESSIONS, _batches, _maybe_die
-    from ..ortsession import make_session
+    from ..distributed import _SESSIONS, _ann_session, _batches, _maybe_die
     from .evaluate import batch_sums, predictions
 
     _maybe_die()
@@ -345,12 +344,7 @@ def report_shard(snn: str, data: str, ann: str | None, labels: np.ndarray | None
     counter = SpikeCounter({n["spikes"]: n["shape"] for n in neurons}, Ts,
                            signed=any(n["op"] in COUNTING_OPS for n in neurons))
     holder[:] = [counter]
-    ann_sess = None
-    if ann is not None:
-        akey = ("ann", ann, os.path.getmtime(ann), threads)
-        if akey not in _SESSIONS:
-            _SESSIONS[akey] = make_session(load_model(ann), threads)
-        ann_sess = _SESSIONS[akey]
+    ann_sess = _ann_session(ann, threads) if ann is not None else None
     sums: list[Any] = []
     pos = start
     for feeds in _batches(session, data, start, stop, batch_size):

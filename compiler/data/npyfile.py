@@ -9,7 +9,7 @@ place; compressed ones (``np.savez_compressed``) are decompressed once into a te
 when they are large (:data:`SPILL_BYTES`), read into memory when small.
 
 :class:`NpzWriter` writes an ``.npz`` the same way, batch by batch, with the bytes of
-``modelio.npz_bytes`` (fixed timestamps, entries in order): each entry is first streamed to a
+a deterministic ``np.savez`` (fixed timestamps, entries in order): each entry is first streamed to a
 temporary file, then copied into the archive, which is renamed into place only when complete.
 """
 from __future__ import annotations
@@ -185,7 +185,7 @@ class NpzWriter:
 
     ``append(name, rows)`` adds rows to an entry (axis 0 grows); ``put(name, array)`` sets a
     whole entry. ``close()`` writes the archive (entries in first-use order, the bytes
-    ``modelio.npz_bytes`` would write for the concatenated arrays) and renames it into place;
+    ``np.savez`` would write for the concatenated arrays, with fixed timestamps) and renames it into place;
     until then ``path`` is untouched. Rows go to a temporary file as they come, except object
     arrays (a ZipMap's dicts), which are kept until ``close`` and pickled as ``np.savez`` does. Use it as a context manager: an exception discards it.
     """
