@@ -127,19 +127,11 @@ def _maybe_die() -> None:
 
 
 def _batches(session: Any, data: str, start: int, stop: int, batch_size: int) -> Any:
-    """The batches of samples [start, stop) of a data file or image folder, read by this task."""
-    from .data.arrays import as_array_dict
-    from .data.images import ImageSource, is_image_source, preprocess_from_config
+    """The batches of samples [start, stop) of a data file or image folder, read by this task
+    (the driver has checked the data)."""
+    from ann2snn.runtime.batches import InputSource
 
-    if is_image_source(data):
-        images = ImageSource(data, preprocess_from_config(session.meta.get("config", {})))
-        name = session.input_specs[0].name
-        for i in range(start, stop, batch_size):
-            yield {name: images.load(list(range(i, min(i + batch_size, stop))))}
-        return
-    arrays = as_array_dict(data, session.input_specs, "input", lazy=True)
-    for i in range(start, stop, batch_size):
-        yield {s.name: np.asarray(arrays[s.name][i:min(i + batch_size, stop)]) for s in session.input_specs}
+    return InputSource(session, data, check=False).batches(start, stop, batch_size)
 
 
 def _run_shard(model: str, data: str, start: int, stop: int, batch_size: int, T: int, t0: int | None,
@@ -213,11 +205,8 @@ def run_file_ray(model: str, inputs: str, T: int, *, address: str | None, t0: in
     """``runtime.batches.run_file`` with the shards on Ray workers; outputs go to ``sink`` in
     sample order. Returns the same ``FileRun`` (``outputs`` empty)."""
     from ann2snn.runtime import SpikingSession
-    from ann2snn.runtime.batches import FileRun, default_batch_size
+    from ann2snn.runtime.batches import FileRun, InputSource, default_batch_size
     from ann2snn.runtime.session import check_T
-
-    from .data.arrays import as_array_dict, check_arrays
-    from .data.images import ImageSource, is_image_source, preprocess_from_config
 
     check_T(T)
     ray = connect(address)
@@ -225,15 +214,8 @@ def run_file_ray(model: str, inputs: str, T: int, *, address: str | None, t0: in
     batch_size = batch_size or default_batch_size(session)
     if batch_size <= 0:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
-    extra: dict[str, np.ndarray] = {}
-    if is_image_source(inputs):
-        images = ImageSource(inputs, preprocess_from_config(session.meta.get("config", {})))
-        n = len(images)
-        extra["files"] = np.array([str(f) for f in images.files])
-    else:
-        arrays = as_array_dict(inputs, session.input_specs, "input", lazy=True)
-        check_arrays(arrays, session.input_specs, "input")
-        n = len(arrays[session.input_specs[0].name])
+    source = InputSource(session, inputs)  # checked here once; each worker reads its own shard
+    n = source.n
     threads = threads or 1
     path, data = os.path.abspath(model), os.path.abspath(inputs)
     futures, sizes = submit(ray, _run_shard, n, batch_size, threads,
@@ -252,7 +234,7 @@ def run_file_ray(model: str, inputs: str, T: int, *, address: str | None, t0: in
     _gather(ray, futures, sizes, "simulating", show_progress, take)
     info = {"model": str(model), "T": T, "t0": session.t0 if t0 is None else t0, "form_option": form,
             "forms": forms, "batch_size": batch_size, "samples": n}
-    return FileRun({}, extra, info, {k: (c, *tail) for k, (c, tail) in rows.items()})
+    return FileRun({}, source.extra, info, {k: (c, *tail) for k, (c, tail) in rows.items()})
 
 
 def evaluate_ray(ann: str, snn: str, data: str, Ts: Sequence[int], *, address: str | None, label_key: str = "label",

@@ -7,8 +7,8 @@ decoded batch by batch, never all at once.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,37 @@ class FileRun:
     shapes: dict[str, tuple[int, ...]]  # by output name, the shape of all samples' outputs together
 
 
+class InputSource:
+    """The inputs of ``run``: an array file (read a batch at a time) or images (decoded a batch at a
+    time with the preprocessing recorded in the compiled model). ``n`` samples; ``extra`` holds
+    what ``run`` writes beside the outputs (image inputs: 'files', their paths in order).
+    ``check``: check the arrays' names, dtypes, shapes and values first (a Ray worker reading a
+    shard the driver has checked skips it)."""
+
+    def __init__(self, session: SpikingSession, inputs: str | os.PathLike[str], check: bool = True) -> None:
+        self._specs = session.input_specs
+        self._images: ImageSource | None = None
+        self.extra: dict[str, np.ndarray] = {}
+        if is_image_source(inputs):
+            self._images = ImageSource(inputs, preprocess_from_config(session.meta.get("config", {})))
+            self.n = len(self._images)
+            self.extra["files"] = np.array([str(f) for f in self._images.files])
+        else:
+            self._arrays = as_array_dict(inputs, self._specs, "input", lazy=True)
+            if check:
+                check_arrays(self._arrays, self._specs, "input")
+            self.n = len(self._arrays[self._specs[0].name])
+
+    def batches(self, start: int, stop: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """The batches of samples [start, stop), ``batch_size`` at a time."""
+        for i in range(start, stop, batch_size):
+            j = min(i + batch_size, stop)
+            if self._images is not None:
+                yield {self._specs[0].name: self._images.load(list(range(i, j)))}
+            else:
+                yield {s.name: np.asarray(self._arrays[s.name][i:j]) for s in self._specs}
+
+
 def run_file(model: str | os.PathLike[str], inputs: str | os.PathLike[str], T: int, *, t0: int | None = None,
              batch_size: int | None = None, form: str = "auto", allow_nonfinite: bool = False,
              threads: int | None = None, max_memory: int | None = None, show_progress: bool = False,
@@ -51,22 +82,10 @@ def run_file(model: str | os.PathLike[str], inputs: str | os.PathLike[str], T: i
     parts: dict[str, list[np.ndarray]] = {}
     rows: dict[str, tuple[int, tuple[int, ...]]] = {}
     forms: list[str] = []
-    extra: dict[str, np.ndarray] = {}
-    if is_image_source(inputs):  # decoded and simulated batch by batch
-        images = ImageSource(inputs, preprocess_from_config(session.meta.get("config", {})))
-        check_memory(session.model, min(batch_size, len(images)), max_memory)
-        name = session.input_specs[0].name
-        batches = ({name: x} for x, _ in images.chunks(batch_size))
-        n = len(images)
-        extra["files"] = np.array([str(f) for f in images.files])
-    else:
-        arrays = as_array_dict(inputs, session.input_specs, "input", lazy=True)  # read a batch at a time
-        check_arrays(arrays, session.input_specs, "input")
-        n = len(arrays[session.input_specs[0].name])
-        check_memory(session.model, min(batch_size, n), max_memory)
-        batches = ({s.name: arrays[s.name][i:i + batch_size] for s in session.input_specs}
-                   for i in range(0, n, batch_size))
-    for feeds in progress(batches, -(-n // batch_size), "simulating", show_progress):
+    source = InputSource(session, inputs)
+    n = source.n
+    check_memory(session.model, min(batch_size, n), max_memory)
+    for feeds in progress(source.batches(0, n, batch_size), -(-n // batch_size), "simulating", show_progress):
         for k, v in session.run(feeds, T, t0).items():
             v = np.asarray(v)
             count, _ = rows.get(k, (0, ()))
@@ -80,7 +99,7 @@ def run_file(model: str | os.PathLike[str], inputs: str | os.PathLike[str], T: i
     out = {k: np.concatenate(v) for k, v in parts.items()}
     info = {"model": str(model), "T": T, "t0": session.t0 if t0 is None else t0, "form_option": form,
             "forms": forms, "batch_size": batch_size, "samples": n}
-    return FileRun(out, extra, info, {k: (c, *tail) for k, (c, tail) in rows.items()})
+    return FileRun(out, source.extra, info, {k: (c, *tail) for k, (c, tail) in rows.items()})
 
 
 #: the working set a default batch aims at: one step's tensors and the membrane states of the
