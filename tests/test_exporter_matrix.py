@@ -193,6 +193,9 @@ def test_symbolic_sizes_inspect_report_and_run(tmp_path) -> None:
         assert json.loads(result.output)["macs"]["total"] == macs
     bad = CliRunner().invoke(main, ["inspect", str(src), "--input-shape", "x=1x1x8"[:-1] + "y"])
     assert bad.exit_code == 2 and "--input-shape takes NAME=D0xD1x..." in bad.output
+    typo = CliRunner().invoke(main, ["inspect", str(src), "--input-shape", "images=1x1x8x8"])
+    assert typo.exit_code == 2 and "--input-shape names 'images', which is not an input of the model; " \
+                                   "its inputs are 'x'" in typo.output
 
 
 LOOP_BODY = helper.make_graph(

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from ..config import CompileConfig
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..macs import node_macs
 from ..modelio import load_model
 from ..support import REJECTED, analog_reason, reject_reason, role
@@ -63,12 +63,16 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         n.name = unique_name(taken, n.name or f"{n.op_type}_{len(taken)}")  # which may add nodes
     original = [(n.name, n.domain or "ai.onnx", n.op_type) for n in proto.graph.node]
     state = import_model(proto, cfg)
+    names = {t.name for t in state.graph.inputs}
+    unknown = sorted(set(input_shapes or {}) - names)
+    if unknown:  # a mistyped name would otherwise be dropped and the sizes stay unknown
+        raise ConfigError(f"--input-shape names {', '.join(repr(u) for u in unknown)}, which is not an input of "
+                          f"the model; its inputs are {', '.join(repr(n) for n in sorted(names))}")
     if compiled is not None and input_shapes is None:
         input_shapes = compiled_input_shapes(compiled)
     if input_shapes:
         dtypes = {t.name: t.dtype for t in state.graph.inputs if t.dtype is not None}
-        state.calib = _Sizes({k: v for k, v in input_shapes.items() if k in dtypes or k in
-                              {t.name for t in state.graph.inputs}}, dtypes)
+        state.calib = _Sizes({k: v for k, v in input_shapes.items() if k in dtypes or k in names}, dtypes)
     problems: list[str] = []
     # the compiler's own passes from after check_support (unsupported ops are listed here
     # instead of raised) up to the partition
