@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -321,10 +322,17 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   if (api == nullptr) return nullptr;  // an older onnxruntime: no status API to report with
   g_api = api;
   Ort::InitApi(api);  // the C++ wrapper's shape inference context uses it
-  Ort::InitApi(api);
-  // one domain object per registration: onnxruntime keeps a pointer to it for the session's life
-  OrtCustomOpDomain* domain = nullptr;
-  RETURN_IF(api->CreateCustomOpDomain("ann2snn.kernels", &domain));
-  for (Op* op : {&g_if, &g_signed, &g_burst}) RETURN_IF(api->CustomOpDomain_Add(domain, op));
+  // One domain for the process, made at the first registration: onnxruntime keeps a pointer to
+  // it for each session's life and never frees it, so a domain per registration (per session)
+  // would leak. The ops it holds are the static g_* objects above.
+  static OrtCustomOpDomain* domain = nullptr;
+  static OrtStatus* failure = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [api] {
+    failure = api->CreateCustomOpDomain("ann2snn.kernels", &domain);
+    for (Op* op : {&g_if, &g_signed, &g_burst})
+      if (failure == nullptr) failure = api->CustomOpDomain_Add(domain, op);
+  });
+  if (failure != nullptr) return api->CreateStatus(api->GetErrorCode(failure), api->GetErrorMessage(failure));
   return api->AddCustomOpDomain(options, domain);
 }
