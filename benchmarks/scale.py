@@ -7,7 +7,15 @@ started before timing; its start-up is reported apart). Both write their outputs
 same NpzWriter; the files must be identical. Repeats alternate the two; medians.
 Classification ``eval`` is compared the same way (its result must be equal, float for float).
 
-    .venv/bin/python benchmarks/scale.py [--images 10000] [--workers 2] [--repeats 3] [--md benchmarks/results/scale.md]
+``--cases calibration``: threshold calibration of the MNIST CNN on mnist_calib.npz, one process
+(one onnxruntime thread) against ``compile(..., ray=...)`` with W actors of one thread, each
+batch split over them (LTB: one round trip per site and batch), for LTB at the default
+K = 200, B = 64 and at K = 25, B = 512, and for max-norm. The thresholds must agree to 1e-6
+relative (LTB) or exactly (max). Each case measured writes its own section of ``--md``; the
+others are kept.
+
+    .venv/bin/python benchmarks/scale.py [--images 10000] [--workers 2] [--repeats 3] [--cases run-eval,calibration]
+        [--md benchmarks/results/scale.md]
 
 Needs Ray: pip install 'ann2snn[ray]'.
 """
@@ -30,15 +38,91 @@ SNN = ROOT / "build" / "mnist_cnn.snn.onnx"
 T = 32
 
 
+RUN_EVAL = "One process vs a local Ray cluster: run and eval"
+CALIBRATION = "One process vs a local Ray cluster: threshold calibration (compile --ray)"
+
+
 def main() -> None:
-    """Measure and print the table."""
+    """Measure and print the tables; write the measured sections into ``--md``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", default="run-eval,calibration", help="comma-separated: run-eval, calibration")
     ap.add_argument("--md", type=Path, default=None)
     args = ap.parse_args()
     import ray
+
+    cases = {c.strip() for c in args.cases.split(",") if c.strip()}
+    unknown = cases - {"run-eval", "calibration"}
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(sorted(unknown))}; the cases are run-eval, calibration")
+    t = time.perf_counter()
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_s = time.perf_counter() - t
+    sections = {}
+    if "run-eval" in cases:
+        sections[RUN_EVAL] = run_eval(args, start_s)
+    if "calibration" in cases:
+        sections[CALIBRATION] = calibration(args, start_s)
+    for title, text in sections.items():
+        print(f"## {title}\n\n{text}\n")
+    if args.md:
+        write_sections(args.md, sections)
+    ray.shutdown()
+
+
+def write_sections(path: Path, sections: dict[str, str]) -> None:
+    """Replace (or add) the ``## title`` sections of the markdown file at ``path``, keeping the others."""
+    head = "# One process vs a local Ray cluster (benchmarks/scale.py)"
+    old: dict[str, str] = {}
+    if path.exists():
+        for part in path.read_text().split("\n## ")[1:]:
+            title, _, body = part.partition("\n")
+            old[title.strip()] = body.strip("\n")
+    merged = {**old, **sections}
+    path.write_text(head + "\n\n" + "\n\n".join(f"## {t}\n\n{b}" for t, b in merged.items()) + "\n")
+
+
+def calibration(args: argparse.Namespace, start_s: float) -> str:
+    """Calibration of the MNIST CNN, one process against the cluster: seconds and threshold agreement."""
+    import onnx.numpy_helper
+
+    import ann2snn
+
+    calib = str(ROOT / "models" / "data" / "mnist_calib.npz")
+    lines = [f"`{command_line()}`", "", f"load average at the start: {os.getloadavg()[0]:.2f}", ""]
+    cases = [("ltb", 200, 64), ("ltb", 25, 512), ("max", 200, 64)]
+    lines += [f"MNIST CNN ({MODEL.name}, 3 neuron layers), {calib.split('/')[-1]} (1000 samples); whole compile "
+              f"(the other passes take the same in both); local Ray cluster of {args.workers} CPUs started in "
+              f"{start_s:.1f} s (not in the times; the actors are); medians of {args.repeats}", "",
+              md_row(["method", "K x B", "one process s", f"Ray x{args.workers} s", "/ one process",
+                      "largest relative threshold difference"]), md_rule(6)]
+    for method, iters, batch in cases:
+        times: dict[str, list[float]] = {"one": [], "ray": []}
+        thetas: dict[str, list[np.ndarray]] = {}
+        for _ in range(args.repeats):
+            for name, ray in (("one", ""), ("ray", "local")):
+                t = time.perf_counter()
+                snn = ann2snn.compile(str(MODEL), calib, method=method, iters=iters, batch=batch, threads=1, ray=ray)
+                times[name].append(time.perf_counter() - t)
+                thetas[name] = [onnx.numpy_helper.to_array(i) for i in snn.graph.initializer
+                                if i.name.endswith("/threshold")]
+        diff = max(float(np.max(np.abs(r - o) / np.maximum(np.abs(o), 1e-30)))
+                   for o, r in zip(thetas["one"], thetas["ray"]))
+        one, ray_s = statistics.median(times["one"]), statistics.median(times["ray"])
+        lines.append(md_row([method, f"{iters} x {batch}", f"{one:.2f}", f"{ray_s:.2f}", f"{ray_s / one:.2f}",
+                             f"{diff:.1e}"]))
+    lines += ["", f"load average at the end: {os.getloadavg()[0]:.2f}"]
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace, start_s: float) -> str:
+    """run and classification eval, one process against the cluster: seconds and identity."""
+    from ann2snn.analysis.evaluate import evaluate
+    from ann2snn.data.npyfile import NpzWriter
+    from ann2snn.distributed import evaluate_ray, run_file_ray
+    from ann2snn.runtime.batches import run_file
 
     from ann2snn.analysis.evaluate import evaluate
     from ann2snn.data.npyfile import NpzWriter
@@ -50,9 +134,6 @@ def main() -> None:
                         str(ROOT / "models" / "data" / "mnist_calib.npz"), "-o", str(SNN), "--no-progress"], check=True)
     test = np.load(ROOT / "models" / "data" / "mnist_test.npz")
     lines = [f"`{command_line()}`", "", f"load average at the start: {os.getloadavg()[0]:.2f}", ""]
-    t = time.perf_counter()
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    start_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "test.npz"
         np.savez(data, input=np.resize(test["input"], (args.images, *test["input"].shape[1:])),
@@ -93,11 +174,7 @@ def main() -> None:
         same = "-" if "one process" in k else ("yes" if (same_run if k.startswith("run") else same_eval) else "NO")
         lines.append(md_row([k, f"{v:.2f}", f"{v / base:.2f}", same]))
     lines += ["", f"load average at the end: {os.getloadavg()[0]:.2f}"]
-    text = "\n".join(lines)
-    print(text)
-    if args.md:
-        args.md.write_text("# One process vs a local Ray cluster (benchmarks/scale.py)\n\n" + text + "\n")
-    ray.shutdown()
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,11 @@ class CompileConfig:
     max_memory: refuse a calibration whose estimated memory exceeds this many GiB
         (0: 75% of physical memory).
     progress: show a progress bar on stderr during calibration.
+    ray: calibrate on Ray workers (``pip install 'ann2snn[ray]'``): '' in this process,
+        ``local`` on a cluster started on this machine, else the address of one (``auto``,
+        ``ray://host:port``). Each worker reads its part of every batch from the data file or
+        image folder; the thresholds are those of one process with the same ``batch`` (to float
+        rounding). ``threads`` sets each worker's threads (default 1).
     target_T: with T > 0, choose the recipe (method, granularity, neuron, burst, clip cap) from
         the data: part of the calibration set is held out, candidate recipes are compiled on
         the rest and simulated on it for T steps, and the best (top-1 agreement with the ANN,
@@ -100,6 +105,7 @@ class CompileConfig:
     channel_order: str = "RGB"
     layout: str = "NCHW"
     progress: bool = False
+    ray: str = ""
     target_T: int = 0
     search_budget: float = 120.0
     min_agreement: float = 0.5
@@ -161,7 +167,7 @@ class CompileConfig:
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain dict (recorded in the compiled model's metadata)."""
         d = asdict(self)
-        for runtime_only in ("progress", "threads", "max_memory"):  # they do not change the output
+        for runtime_only in ("progress", "threads", "max_memory", "ray"):  # they do not change the output
             d.pop(runtime_only)
         # the search chooses the recipe, which these options then state in full: the model records the
         # search under its own key (ann2snn.search), so compiling the chosen options gives the same bytes

@@ -14,8 +14,14 @@ Results merge exactly as one process would compute them:
 - ``eval`` (classification): each batch returns the sums of ``analysis.evaluate.batch_sums``;
   the driver adds them in batch order (``merge_sums``), the same float64 additions in the
   same order as in one process;
+- ``eval --task segmentation``: each shard returns its confusion matrices (integer pixel counts,
+  exact in any order) and agreement counts, the driver adds them;
+- ``eval --task detection``: each shard returns its detections (image indices made global), the
+  driver concatenates them in shard order, which is one process's list, and computes AP once;
 - ``report``: spike counts are sums of integers (exact in any order), its accuracies merge as
   ``eval``'s.
+
+``compile --ray`` (threshold calibration) is in :mod:`ann2snn.distributed_calibration`.
 
 A worker process that dies (killed, out of memory, its node lost) makes Ray run its shard
 again (``max_retries``); the driver takes each shard's result exactly once, so nothing is
@@ -270,3 +276,53 @@ def evaluate_ray(ann: str, snn: str, data: str, Ts: Sequence[int], *, address: s
     _gather(ray, futures, sizes, "simulating", show_progress, lambda _, r: sums.extend(r))
     return merge_sums(sums, Ts, labels is not None, session.t0 if t0 is None else int(t0))
 
+
+
+def _task_shard(ann: str, model: str, data: str, task: str, start: int, stop: int, batch_size: int,
+                Ts: Sequence[int], readouts: Sequence[Any], out_name: str, num_classes: int | None,
+                ignore_index: int | None, form: str, allow_nonfinite: bool, threads: int,
+                kernels: bool | None = None) -> Any:
+    """One shard of segmentation / detection ``eval``: the scorers of its batches (``tasks.Scored``)."""
+    from .analysis.tasks import WindowReader, _ann_runner, _targets, score_batches
+    from .data.arrays import as_array_dict
+    from .modelio import load_model
+
+    _maybe_die()
+    session = _session(model, threads, form, allow_nonfinite, kernels)
+    key = ("reader", model, os.path.getmtime(model), ann, os.path.getmtime(ann), threads, form, allow_nonfinite,
+           kernels)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = (_ann_runner(load_model(ann), threads), WindowReader(session, threads))
+    run_ann, reader = _SESSIONS[key]
+    arrays = as_array_dict(data, session.input_specs, "evaluation data", lazy=True)
+    n = int(arrays[session.input_specs[0].name].shape[0])
+    targets = _targets(task, arrays, n, ignore_index)
+    return score_batches(run_ann, reader, arrays, session.input_specs, targets, task, out_name, Ts, readouts,
+                         num_classes, ignore_index, start, stop, batch_size)
+
+
+def evaluate_task_ray(ann: str, snn: str, data: str, Ts: Sequence[int], task: str, *, address: str | None,
+                      readouts: Sequence[Any] = (), batch_size: int = 16, output: str | None = None,
+                      num_classes: int | None = None, ignore_index: int | None = 255, max_dets: int | None = 100,
+                      form: str = "auto", allow_nonfinite: bool = False, threads: int | None = None,
+                      show_progress: bool = False, kernels: bool | None = None) -> dict[str, Any]:
+    """``analysis.tasks.evaluate_task`` (segmentation, detection) with the shards on Ray workers:
+    the same result, float for float."""
+    from ann2snn.runtime import SpikingSession
+
+    from .analysis.tasks import Readout, Scored, open_task, summarise
+
+    ray = connect(address)
+    session = SpikingSession(snn, mode=form, kernels=False)  # the driver checks the models and the data once
+    _, _, _, _, _, n, targets, out_name = open_task(ann, session, data, task, batch_size=batch_size, output=output,
+                                                    ignore_index=ignore_index)
+    Ts = sorted({int(T) for T in Ts})
+    readouts = list(dict.fromkeys(readouts or [Readout()]))
+    threads = threads or 1
+    paths = [os.path.abspath(p) for p in (ann, snn, data)]
+    futures, sizes = submit(ray, _task_shard, n, batch_size, threads,
+                            lambda a, b: (*paths, task, a, b, batch_size, Ts, readouts, out_name, num_classes,
+                                          ignore_index, form, allow_nonfinite, threads, kernels))
+    scored = Scored(None, {}, {})
+    _gather(ray, futures, sizes, "simulating", show_progress, lambda _, r: scored.merge(r))
+    return summarise(task, n, out_name, session, scored, targets, Ts, readouts, max_dets)

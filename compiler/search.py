@@ -167,7 +167,9 @@ def _calibrated(proto: onnx.ModelProto, cfg: CompileConfig, calib: ArrayDict,
 
     key = (cfg.method, cfg.granularity, cfg.keep_clip_cap)
     if key not in cache:
-        cache[key] = run_until(proto, dataclasses.replace(cfg, neuron="if", burst=1), calib, "calibrate_thresholds")
+        # the candidates calibrate in this process, on the arrays the search holds in memory
+        cache[key] = run_until(proto, dataclasses.replace(cfg, neuron="if", burst=1, ray=""), calib,
+                               "calibrate_thresholds")
     base = cache[key]
     # emission changes the graph and its annotations: every field is copied (the calibration
     # data are only read; the graph is copied as onnx-graphsurgeon copies graphs)

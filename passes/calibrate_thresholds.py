@@ -9,24 +9,25 @@
 
 Granularity ``channel`` keeps one θ per channel (conv) or neuron (fully connected),
 ``layer`` one per layer. With ``keep_clip_cap``, θ <= c for Clip(0, c) / ReLU6 sites.
+With ``ray`` set, the same calibration runs on Ray workers (ann2snn.distributed_calibration).
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ann2snn.data.arrays import CalibrationSource, input_specs
-from ann2snn.errors import DataError, PassError
+from ann2snn.errors import PassError
 from ann2snn.ortsession import make_session, run_checked
 from ann2snn.progress import progress
 from ann2snn.resources import GIB, check_calibration_memory
 from ann2snn.state import PassState, Site
 
 from ._graph import export, restore_output_types
+from ._thresholds import channel_rows, finish_ltb, finish_stats, stats_iters
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,6 @@ class _Builder:
     def const(self, value: float) -> gs.Constant:
         self.count += 1
         return gs.Constant(f"{self.prefix}/c_{self.count}", np.array(value, np.float32))
-
-
-def _check_finite(values: np.ndarray, site: Site, what: str) -> None:
-    if not np.all(np.isfinite(values)):
-        raise DataError(
-            f"calibration overflowed at activation '{site.node}': its {what} is not finite (NaN/Inf in float32); "
-            "check the calibration data's scale and the model's weights"
-        )
 
 
 def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
@@ -121,13 +114,7 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
     # for benchmarks/speed.py (the compiled model carries no timing: its output stays deterministic)
     log.debug("LTB calibration: %d iterations in %.3f s", n_batches, elapsed,
               extra={"ltb_iterations": n_batches, "ltb_seconds": elapsed})
-    if n_batches == 0:
-        raise DataError("calibration saw no batch; provide calibration data with at least one sample")
-    state.metadata["calibration"] = {"method": "ltb", "batches": n_batches, "samples": samples}
-    for site, th, st in zip(state.sites, thetas, stats):
-        _check_finite(th, site, "threshold")
-        site.theta = th.reshape(-1).astype(np.float32)
-        site.mean_act = (st / n_batches).astype(np.float32)
+    finish_ltb(state, thetas, stats, n_batches, samples)
 
 
 def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
@@ -144,34 +131,19 @@ def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
     maxima: list[np.ndarray | None] = [None] * len(state.sites)
     values: list[list[np.ndarray]] = [[] for _ in state.sites]
     sums = [np.zeros(s.shape, np.float64) for s in state.sites]
-    n = source.size
-    iters = cfg.iters if n is None else min(cfg.iters, max(1, math.ceil(n / cfg.batch)))
+    iters = stats_iters(cfg, source.size)
     seen = 0
     for feeds in progress(source.batches(iters, cfg.batch, cfg.seed), iters, f"calibrating ({cfg.method})", cfg.progress):
         for j, (site, z) in enumerate(zip(state.sites, run_checked(sess, names, feeds, "calibration data"))):
             sums[j] += np.maximum(z, 0).mean(axis=0)
-            zc = np.moveaxis(np.asarray(z), site.channel_axis, 0).reshape(site.shape[site.channel_axis - 1], -1)
-            flat = zc if per_channel else zc.reshape(1, -1)
+            flat = channel_rows(z, site, per_channel)
             if cfg.method == "max":
                 m = flat.max(axis=1)
                 maxima[j] = m if maxima[j] is None else np.maximum(maxima[j], m)
             else:
                 values[j].append(flat.astype(np.float32))
         seen += 1
-    if seen == 0:
-        raise DataError("calibration saw no batch; provide calibration data with at least one sample")
-    state.metadata["calibration"] = {"method": cfg.method, "batches": seen}
-    for j, site in enumerate(state.sites):
-        if cfg.method == "max":
-            th = maxima[j]
-        else:
-            th = np.percentile(np.concatenate(values[j], axis=1), cfg.percentile, axis=1)
-        th = np.maximum(np.asarray(th, np.float64), 0.0)
-        if site.cap is not None and cfg.keep_clip_cap:
-            th = np.minimum(th, site.cap)
-        _check_finite(th, site, "threshold")
-        site.theta = th.astype(np.float32).reshape(-1)
-        site.mean_act = (sums[j] / seen).astype(np.float32)
+    finish_stats(state, maxima, values, sums, seen)
 
 
 def estimate_t0(state: PassState) -> int:
@@ -206,7 +178,11 @@ def calibrate_thresholds(state: PassState) -> PassState:
     sample = source.first(min(8, cfg.batch))  # a model compiled for batch 1 takes one sample
     if sample is not None:  # the whole ANN, tail included, must run on the data before we calibrate
         run_checked(make_session(model), None, sample, "calibration data")
-    if state.config.method == "ltb":
+    if cfg.ray:
+        from ann2snn.distributed_calibration import calibrate_ray
+
+        calibrate_ray(state, source)
+    elif cfg.method == "ltb":
         _calibrate_ltb(state, source)
     else:
         _calibrate_stats(state, source)

@@ -62,6 +62,15 @@ class ConfusionMatrix:
             self.matrix, n = grown, top
         self.matrix += np.bincount(gt * n + pr, minlength=n * n).reshape(n, n)
 
+    def merge(self, other: "ConfusionMatrix") -> None:
+        """Add ``other``'s pixels (a growing matrix grows to the larger of the two): the matrix one
+        update loop over both sets of batches gives."""
+        n = max(self.matrix.shape[0], other.matrix.shape[0])
+        grown = np.zeros((n, n), np.int64)
+        for m in (self.matrix, other.matrix):
+            grown[:m.shape[0], :m.shape[0]] += m
+        self.matrix = grown
+
     def metrics(self) -> dict[str, Any]:
         """mIoU, pixel accuracy and per-class IoU (None for classes absent from both sides)."""
         return matrix_metrics(self.matrix)

@@ -207,6 +207,13 @@ class _Scorer:
         self.dets.append(d)
         return d
 
+    def merge(self, other: "_Scorer") -> None:
+        """Add the batches ``other`` scored after this one's (one process's sums, detections in order)."""
+        self.cm.merge(other.cm)
+        self.dets.extend(other.dets)
+        self.agree += other.agree
+        self.pixels += other.pixels
+
     def result(self, targets: dict[str, np.ndarray], max_dets: int | None) -> dict[str, Any]:
         if self.task == "segmentation":
             out = self.cm.metrics()
@@ -269,8 +276,29 @@ def evaluate_task(
     ANN once and the SNN once per distinct t0 (``run_readouts``). With ``keep_predictions``
     the result also holds the predictions under ``"predictions"`` (not JSON-serialisable).
     """
-    from ann2snn.runtime.reference import window_start
+    session, snn_proto, ann_model, specs, arrays, n, targets, out_name = open_task(
+        ann, snn, data, task, batch_size=batch_size, output=output, ignore_index=ignore_index, limit=limit,
+        threads=threads)
+    Ts = sorted({int(T) for T in Ts})
+    readouts = list(dict.fromkeys(readouts))
+    check_memory(snn_proto, min(batch_size, n), max_memory)
+    run_ann = _ann_runner(ann_model, threads)
+    reader = WindowReader(session, threads)
+    scored = score_batches(run_ann, reader, arrays, specs, targets, task, out_name, Ts, readouts, num_classes,
+                           ignore_index, 0, n, batch_size, show_progress, keep_predictions)
+    result = summarise(task, int(n), out_name, session, scored, targets, Ts, readouts, max_dets)
+    if keep_predictions:
+        result["predictions"] = {k: np.concatenate(v) for k, v in scored.preds.items()}
+    return result
 
+
+def open_task(ann: str | os.PathLike[str] | onnx.ModelProto, snn: Any, data: Any, task: str, *, batch_size: int,
+              output: str | None, ignore_index: int | None, limit: int | None = None,
+              threads: int | None = None) -> tuple[Any, onnx.ModelProto, onnx.ModelProto, list, dict[str, Any], int,
+                                                   dict[str, np.ndarray], str]:
+    """Open and check the models and the data of a dense task: the SNN's session and model, the
+    ANN, its input specs, the data's arrays (read lazily), the sample count, the ground truth
+    and the output to score."""
     if task not in ("segmentation", "detection"):
         raise ConfigError(f"task must be segmentation or detection here, got {task!r} (--task)")
     if batch_size <= 0:
@@ -294,20 +322,46 @@ def evaluate_task(
     if out_name not in session.output_names:
         raise ConfigError(f"the SNN has no output '{out_name}'; its outputs are {', '.join(session.output_names)} "
                           "(--output)")
-    Ts = sorted({int(T) for T in Ts})
-    readouts = list(dict.fromkeys(readouts))
-    check_memory(snn_proto, min(batch_size, n), max_memory)
-    run_ann = _ann_runner(ann_model, threads)
-    reader = WindowReader(session, threads)
+    return session, snn_proto, ann_model, specs, arrays, n, targets, out_name
+
+
+@dataclass
+class Scored:
+    """What the batches of a sample range gave: the ANN's scorer, one per (readout label, T), and
+    (with ``keep_predictions``) the predictions."""
+
+    ann: _Scorer | None
+    snn: dict[tuple[str, int], _Scorer]
+    preds: dict[Any, list[np.ndarray]]
+
+    def merge(self, later: "Scored") -> None:
+        """Add a later sample range's results, as if one loop had scored both ranges."""
+        if later.ann is None:
+            return
+        if self.ann is None:
+            self.ann, self.snn = later.ann, later.snn
+        else:
+            self.ann.merge(later.ann)
+            for key, scorer in later.snn.items():
+                self.snn[key].merge(scorer)
+        for key, v in later.preds.items():
+            self.preds.setdefault(key, []).extend(v)
+
+
+def score_batches(run_ann: Any, reader: WindowReader, arrays: Mapping[str, Any], specs: Sequence[Any],
+                  targets: dict[str, np.ndarray], task: str, out_name: str, Ts: Sequence[int],
+                  readouts: Sequence[Readout], num_classes: int | None, ignore_index: int | None, first: int,
+                  stop: int, batch_size: int, show_progress: bool = False, keep_predictions: bool = False) -> Scored:
+    """Score samples [first, stop) batch by batch: the ANN once and the SNN at every T and readout."""
     ann_scorer: _Scorer | None = None
     scorers: dict[tuple[str, int], _Scorer] = {}
     preds: dict[Any, list[np.ndarray]] = {}
 
     def batches() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        for i in range(0, n, batch_size):
-            yield i, {s.name: np.asarray(arrays[s.name][i:min(i + batch_size, n)]) for s in specs}
+        for i in range(first, stop, batch_size):
+            yield i, {s.name: np.asarray(arrays[s.name][i:min(i + batch_size, stop)]) for s in specs}
 
-    for start, feeds in progress(batches(), math.ceil(n / batch_size), "simulating", show_progress):
+    for start, feeds in progress(batches(), math.ceil((stop - first) / batch_size), "simulating", show_progress):
         b = next(iter(feeds.values())).shape[0]
         ann_out = run_ann(feeds, task)
         if out_name not in ann_out:
@@ -329,6 +383,15 @@ def evaluate_task(
                                  ref if task == "segmentation" else None)
             if keep_predictions:
                 preds.setdefault(key, []).append(p)
+    return Scored(ann_scorer, scorers, preds)
+
+
+def summarise(task: str, n: int, out_name: str, session: Any, scored: Scored, targets: dict[str, np.ndarray],
+              Ts: Sequence[int], readouts: Sequence[Readout], max_dets: int | None) -> dict[str, Any]:
+    """The ``evaluate_task`` result from the scorers of all the batches."""
+    from ann2snn.runtime.reference import window_start
+
+    ann_scorer, scorers = scored.ann, scored.snn
     assert ann_scorer is not None
     ann_res = ann_scorer.result(targets, max_dets)
     main_key = "miou" if task == "segmentation" else "map50"
@@ -343,11 +406,8 @@ def evaluate_task(
                 if k in res:
                     row[f"{k}_ratio"] = (res[k] / ann_res[k]) if res[k] is not None and ann_res[k] else None
             rows.append(row)
-    result: dict[str, Any] = {"task": task, "samples": int(n), "output": out_name, "model_t0": session.t0,
-                              "metric": main_key, "ann": ann_res, "snn": rows}
-    if keep_predictions:
-        result["predictions"] = {k: np.concatenate(v) for k, v in preds.items()}
-    return result
+    return {"task": task, "samples": int(n), "output": out_name, "model_t0": session.t0,
+            "metric": main_key, "ann": ann_res, "snn": rows}
 
 
 def _pct(v: float | None) -> str:

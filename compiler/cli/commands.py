@@ -77,6 +77,11 @@ from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, KERNELS_OPTION, RAY_OP
               help="Write a JSON report: versions, input hash, options, partition, thresholds, calibration, timings, "
                    "and the recipe search.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option("--ray", "ray", is_flag=False, flag_value="local", default=CompileConfig.ray, metavar="[ADDRESS]",
+              help="Calibrate on Ray workers (pip install 'ann2snn[ray]'), each batch split over them: --ray alone "
+                   "starts a cluster on this machine, --ray ADDRESS joins one (e.g. auto). The thresholds are those of "
+                   "one process with the same --batch (to float rounding); --calib must be a file or image folder "
+                   "readable on every node. --threads sets each worker's threads (default 1).")
 @click.pass_context
 @handle_errors
 def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_dir: str | None, report: str | None,
@@ -254,34 +259,42 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
 
     limit = int(max_memory * GIB) if max_memory is not None else None
     show = progress and not ctx.obj["quiet"]
+    if task == "classification" and t0_frac is not None:
+        raise ConfigError("--t0-frac is for --task segmentation|detection; use --t0 for classification")
     if ray_address is not None:
-        if task != "classification" or t0_frac is not None or allow_nonfinite:
-            raise ConfigError("--ray shards run, report and classification eval for now; drop --ray for --task "
-                              f"{task}, --t0-frac or --allow-nonfinite")
-        from ..distributed import evaluate_ray
+        from ..distributed import evaluate_ray, evaluate_task_ray
 
-        result = evaluate_ray(ann, snn, data, parse_ts(Ts), address=ray_address, label_key=label_key,
-                              batch_size=batch_size, t0=t0, form=form, threads=threads or None, show_progress=show,
-                              kernels=kernels)
+        if task == "classification":
+            if allow_nonfinite:
+                raise ConfigError("classification eval --ray stops at a non-finite output; drop --allow-nonfinite, "
+                                  "or drop --ray to evaluate with it in one process")
+            result = evaluate_ray(ann, snn, data, parse_ts(Ts), address=ray_address, label_key=label_key,
+                                  batch_size=batch_size, t0=t0, form=form, threads=threads or None,
+                                  show_progress=show, kernels=kernels)
+            table = format_table(result)
+        else:
+            result = evaluate_task_ray(ann, snn, data, parse_ts(Ts), task, address=ray_address,
+                                       readouts=[Readout(t0, t0_frac)], batch_size=batch_size or 16,
+                                       output=output_name, num_classes=num_classes, ignore_index=ignore_index,
+                                       form=form, allow_nonfinite=allow_nonfinite, threads=threads or None,
+                                       show_progress=show, kernels=kernels)
+            table = format_task_table(result)
         result["form"] = {"option": form}
-        click.echo(format_table(result))
-        if json_path:
-            write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
-        return
-    session = SpikingSession(snn, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite, kernels=kernels)
-    if task == "classification":
-        if t0_frac is not None:
-            raise ConfigError("--t0-frac is for --task segmentation|detection; use --t0 for classification")
-        result = evaluate(ann, session, data, parse_ts(Ts), label_key=label_key, threads=threads or None,
-                          batch_size=batch_size or default_batch_size(session), t0=t0, max_memory=limit, show_progress=show)
-        table = format_table(result)
     else:
-        result = evaluate_task(ann, session, data, parse_ts(Ts), task, readouts=[Readout(t0, t0_frac)],
-                               batch_size=batch_size or 16, output=output_name, num_classes=num_classes,
-                               ignore_index=ignore_index, threads=threads or None, max_memory=limit,
-                               show_progress=show)
-        table = format_task_table(result)
-    result["form"] = {"option": form, "last_used": session.last_form}
+        session = SpikingSession(snn, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite,
+                                 kernels=kernels)
+        if task == "classification":
+            result = evaluate(ann, session, data, parse_ts(Ts), label_key=label_key, threads=threads or None,
+                              batch_size=batch_size or default_batch_size(session), t0=t0, max_memory=limit,
+                              show_progress=show)
+            table = format_table(result)
+        else:
+            result = evaluate_task(ann, session, data, parse_ts(Ts), task, readouts=[Readout(t0, t0_frac)],
+                                   batch_size=batch_size or 16, output=output_name, num_classes=num_classes,
+                                   ignore_index=ignore_index, threads=threads or None, max_memory=limit,
+                                   show_progress=show)
+            table = format_task_table(result)
+        result["form"] = {"option": form, "last_used": session.last_form}
     click.echo(table)
     if json_path:
         write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())

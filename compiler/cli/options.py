@@ -71,7 +71,7 @@ KERNELS_OPTION = click.option(
          "when it is built. The outputs are the same either way.")
 RAY_OPTION = click.option(
     "--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-    help="Shard the data (run, report, classification eval) over Ray workers (pip install 'ann2snn[ray]'): --ray alone starts a cluster on this machine "
+    help="Shard the data (run, report, eval) over Ray workers (pip install 'ann2snn[ray]'): --ray alone starts a cluster on this machine "
          "(one worker per core), --ray ADDRESS joins one (e.g. auto). Results are those of one process; the data "
          "path must be readable on every node. --threads sets each worker's threads (default 1).")
 ALLOW_NONFINITE_OPTION = click.option(

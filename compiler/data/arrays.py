@@ -140,10 +140,15 @@ def _fmt_shape(shape: Sequence[Any]) -> str:
 class CalibrationSource:
     """Batches for calibration: K seeded, reshuffled batches from arrays, or an iterable's batches."""
 
-    def __init__(self, data: DataLike, specs: Sequence[InputSpec], preprocess: Any = None) -> None:
+    def __init__(self, data: DataLike, specs: Sequence[InputSpec], preprocess: Any = None, *,
+                 check: bool = True) -> None:
+        """``check=False`` skips the data checks (a Ray worker opening data the driver has checked)."""
         from .images import ImageSource, Preprocess, is_image_source
 
         self.specs = list(specs)
+        #: the file or image folder the data come from (None for in-memory data): what Ray workers open
+        self.path = os.fspath(data) if isinstance(data, (str, os.PathLike)) else None
+        self.preprocess = preprocess
         self._arrays: ArrayDict | None = None
         self._iterable: Iterable[Any] | None = None
         self._images: ImageSource | None = None
@@ -152,10 +157,12 @@ class CalibrationSource:
                 raise DataError(f"image data feed single-input models; this one has inputs "
                                 f"{', '.join(s.name for s in self.specs)} (use a .npz keyed by input name)")
             self._images = ImageSource(data, preprocess or Preprocess())
-            check_arrays({self.specs[0].name: self._images.load([0])}, self.specs, f"image data '{data}'")
+            if check:
+                check_arrays({self.specs[0].name: self._images.load([0])}, self.specs, f"image data '{data}'")
         elif isinstance(data, (str, os.PathLike, np.ndarray, Mapping)):
             arrays = as_array_dict(data, specs, "calibration data", lazy=True)
-            check_arrays(arrays, specs, "calibration data")
+            if check:
+                check_arrays(arrays, specs, "calibration data")
             self._arrays = {s.name: _array_like(arrays[s.name]) for s in specs}
         elif isinstance(data, Iterable):
             self._iterable = data
@@ -193,21 +200,31 @@ class CalibrationSource:
         inverse[order] = np.arange(len(order))
         return {k: v[inverse] for k, v in out.items()}
 
+    def batch_indices(self, iters: int, batch: int, seed: int) -> Iterator[np.ndarray]:
+        """The sorted sample indices of the ``iters`` batches that :meth:`batches` yields for ``seed``
+        (array and image data; with random crops the crops draw from the same generator, so
+        this plan holds only for the first batch)."""
+        return self._plan(iters, batch, np.random.default_rng(seed))
+
+    def _plan(self, iters: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        n = self.size or 0
+        if n < batch:
+            log.warning("calibration data has %d samples, fewer than the batch size %d; using batches of %d", n, batch, n)
+            batch = n
+        order = rng.permutation(n)
+        pos = 0
+        for _ in range(iters):
+            if pos + batch > n:
+                order, pos = rng.permutation(n), 0
+            yield np.sort(order[pos:pos + batch])
+            pos += batch
+
     def batches(self, iters: int, batch: int, seed: int) -> Iterator[ArrayDict]:
         """Yield ``iters`` batches of (at most) ``batch`` samples, deterministically for a seed."""
         if self._arrays is not None or self._images is not None:
-            n = self.size or 0
-            if n < batch:
-                log.warning("calibration data has %d samples, fewer than the batch size %d; using batches of %d", n, batch, n)
-                batch = n
             rng = np.random.default_rng(seed)
-            order = rng.permutation(n)
-            pos = 0
-            for _ in range(iters):
-                if pos + batch > n:
-                    order, pos = rng.permutation(n), 0
-                idx = np.sort(order[pos:pos + batch])
-                pos += batch
+            # lazily: each batch's random crops draw from rng before the next permutation, as always
+            for idx in self._plan(iters, batch, rng):
                 if self._images is not None:  # decoded per batch: the set never sits in memory whole
                     yield {self.specs[0].name: self._images.load(idx, rng)}
                 else:
