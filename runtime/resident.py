@@ -9,9 +9,11 @@ identity of IEEE addition (+0.0 would turn a first -0.0 into +0.0), so the sums 
 the host bit for bit. Each step is one ``run_with_iobinding`` on fixed buffers: the membrane
 states alternate between two buffer sets (or stay in one where a state may be rewritten in
 place, :attr:`StepPlan.inplace`), the sums are updated in place, and the step outputs are
-written into bound buffers. Nothing is copied to the host between steps; the sums (and the
-last step's outputs) are copied at a readout, a step's outputs only when the caller reads
-them (the guard's first steps).
+written into bound buffers. A run starts with one call of a small *rest* model that writes
+the states at rest (v0·θ, or 0) and the sums' -0.0 into those buffers on the device (Expand
+of each per-sample value: no host copy of the states). Nothing is copied to the host between
+steps; the sums (and the last step's outputs) are copied at a readout, a step's outputs only
+when the caller reads them (the guard's first steps).
 
 With ``cuda_graph`` the session enables onnxruntime's CUDA graphs: onnxruntime captures the
 step once per buffer set (a ``gpu_graph_id`` each, one pair per input shape) and replays it,
@@ -32,7 +34,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from ann2snn.device import DeviceError, open_session, ort_device
+from ann2snn.device import DeviceError, open_session, ort_device, providers_for
 from ann2snn.errors import ConfigError
 
 from .forms import StepPlan, _constant_values, _subgraph_model
@@ -71,6 +73,21 @@ def resident_model(plan: StepPlan, summed: Sequence[str]) -> tuple[onnx.ModelPro
     return _subgraph_model(plan.proto, nodes, inputs, outputs, types, "ann2snn_step_resident"), constant_inputs
 
 
+def rest_model(values: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
+    """A model that writes ``values[name]`` broadcast to the shape given in its input
+    ``name@shape`` (int64) as its output ``name``: the states at rest and the sums' start,
+    set on the device."""
+    nodes, inits, inputs, outputs = [], [], [], []
+    for name, value in values.items():
+        inits.append(onnx.numpy_helper.from_array(np.asarray(value), f"{name}@rest"))
+        nodes.append(helper.make_node("Expand", [f"{name}@rest", f"{name}@shape"], [name]))
+        inputs.append(helper.make_tensor_value_info(f"{name}@shape", onnx.TensorProto.INT64, [None]))
+        outputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype),
+                                                     None))
+    graph = helper.make_graph(nodes, "ann2snn_rest", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
 @dataclass
 class _Buffers:
     """The device buffers (and bindings) of one input shape."""
@@ -79,7 +96,8 @@ class _Buffers:
     sides: list[dict[str, ort.OrtValue]]  # the states' two buffer sets (the same OrtValue for in-place states)
     sums: dict[str, ort.OrtValue]
     outs: dict[str, ort.OrtValue]
-    zeros: dict[str, np.ndarray]  # -0.0 of each sum's shape, the sums' start
+    rest: ort.IOBinding  # the rest model's, writing into sides[0] and the sums
+    shapes: list[np.ndarray]  # the shapes it reads (kept alive: bound as views on the CPU)
     bindings: list[ort.IOBinding] = field(default_factory=list)
     run_options: list[ort.RunOptions] = field(default_factory=list)
     prefix_binding: ort.IOBinding | None = None
@@ -90,21 +108,23 @@ class ResidentStepper:
     """Runs the step form of ``plan`` with the states, the readout's running sums and the step
     outputs resident on the device of ``providers``."""
 
-    def __init__(self, plan: StepPlan, floats: Sequence[bool], providers: Sequence[Any],
-                 options: ort.SessionOptions, cuda_graph: bool = False) -> None:
+    def __init__(self, plan: StepPlan, floats: Sequence[bool], rest: Sequence[tuple[str, np.ndarray]],
+                 providers: Sequence[Any], options: ort.SessionOptions, cuda_graph: bool = False) -> None:
         """``floats``: per step output (in ``plan.step_outputs`` order), whether it is summed
-        (float) or read out as its last value. ``cuda_graph``: ``providers`` enable CUDA
-        graphs; every run of the resident session then goes through fixed buffers."""
+        (float) or read out as its last value. ``rest``: (state input, value at rest
+        broadcastable to a sample) per state. ``cuda_graph``: ``providers`` enable CUDA
+        graphs: the step session gets onnxruntime's ``enable_cuda_graph`` on ``providers``'s
+        CUDA provider, and every run of it goes through fixed buffers."""
         assert plan.reduced is not None and plan.prefix is not None
         self.plan = plan
         self.summed = [o for o, f in zip(plan.step_outputs, floats) if f]
-        self.last_only = [o for o, f in zip(plan.step_outputs, floats) if not f]
         model, self.constant_inputs = resident_model(plan, self.summed)
         self.device = ort_device(providers)
         self.cuda_graph = bool(cuda_graph)
         what = "the step graph" + (" with CUDA graphs" if cuda_graph else "")
         try:
-            self.session = open_session(model.SerializeToString(), options, providers, what)
+            self.session = open_session(model.SerializeToString(), options,
+                                        providers_for(self.device[0], providers, cuda_graph=self.cuda_graph), what)
         except DeviceError:
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's refusal (e.g. a node off the GPU with CUDA graphs)
@@ -112,6 +132,10 @@ class ResidentStepper:
             hint = ("; CUDA graphs need every node of the step graph on the CUDA provider: run without --cuda-graph"
                     if cuda_graph else "")
             raise ConfigError(f"onnxruntime cannot run {what}: {first}{hint}") from None
+        self._rest_values = dict(rest)
+        values = {s: np.asarray(v, np.float32) for s, v in rest}
+        values.update((f"{o}{SUM}", np.array(-0.0)) for o in self.summed)
+        self._rest = open_session(rest_model(values).SerializeToString(), None, providers, "the states at rest")
         self._buffers: dict[tuple, _Buffers] = {}
         self._graph_ids = itertools.count(1)  # 0 is onnxruntime's own, -1 means no capture
 
@@ -120,8 +144,8 @@ class ResidentStepper:
         kind, index = self.device
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, kind, index)
 
-    def _buffers_for(self, feeds: dict[str, np.ndarray], const: dict[str, np.ndarray] | None,
-                     states: dict[str, np.ndarray]) -> tuple[_Buffers, dict[str, np.ndarray] | None]:
+    def _buffers_for(self, feeds: dict[str, np.ndarray],
+                     const: dict[str, np.ndarray] | None) -> tuple[_Buffers, dict[str, np.ndarray] | None]:
         """The buffers of this input shape, made on first use (from one step run by the plain
         reduced session, which gives the outputs' shapes). Returns them and ``const`` (the
         constant values, computed here if they were needed)."""
@@ -131,6 +155,9 @@ class ResidentStepper:
         plan = self.plan
         if const is None:
             const = _constant_values(plan, feeds)
+        batch = next(iter(feeds.values())).shape[0]
+        states = {s: np.ascontiguousarray(np.broadcast_to(v, (batch, *plan.state_shape[s])), dtype=np.float32)
+                  for s, v in self._rest_values.items()}
         reduced_in = {n: const[n] for n in plan.reduced_inputs if n not in plan.state_in}
         shaped = dict(zip(plan.varying_outputs, plan.reduced.run(plan.varying_outputs, {**reduced_in, **states})))
         shaped.update((n, np.asarray(const[n])) for n in plan.constant_outputs)
@@ -138,10 +165,16 @@ class ResidentStepper:
         there = {s: here[s] if s in plan.inplace else self._empty(states[s].shape, states[s].dtype)
                  for s in plan.state_order}
         sums = {o: self._empty(shaped[o].shape, np.float64) for o in self.summed}
+        rest = self._rest.io_binding()
+        shapes = []
+        for name, target in [*here.items(), *((f"{o}{SUM}", v) for o, v in sums.items())]:
+            shapes.append(np.array(target.shape(), np.int64))
+            rest.bind_cpu_input(f"{name}@shape", shapes[-1])
+            rest.bind_ortvalue_output(name, target)
         b = _Buffers(const={n: self._empty(np.shape(const[n]), np.asarray(const[n]).dtype) for n in self.constant_inputs},
                      sides=[here, there], sums=sums,
                      outs={o: self._empty(shaped[o].shape, shaped[o].dtype) for o in plan.varying_outputs},
-                     zeros={o: np.full(shaped[o].shape, -0.0) for o in self.summed})
+                     rest=rest, shapes=shapes)
         for src, dst in ((0, 1), (1, 0)):
             binding = self.session.io_binding()
             for n, v in b.const.items():
@@ -170,15 +203,14 @@ class ResidentStepper:
         return b, const
 
     # -- running ------------------------------------------------------------------------------
-    def steps(self, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray],
-              T: int) -> Iterator[list[Any]]:
-        """Yield the step outputs of steps 0..T-1 from ``states`` (host arrays, e.g. from rest):
+    def steps(self, feeds: dict[str, np.ndarray], T: int) -> Iterator[list[Any]]:
+        """Yield the step outputs of steps 0..T-1 from rest:
         OrtValues on the device for the outputs that vary in time (valid until the next step;
         read them with :func:`host`), host arrays for those constant in time. The running sums
         and the states stay on the device (:meth:`sums`, :meth:`states`)."""
         plan = self.plan
         const = None if not plan.constant_outputs else _constant_values(plan, feeds)
-        b, const = self._buffers_for(feeds, const, states)
+        b, const = self._buffers_for(feeds, const)
         self._current = b
         if b.prefix_binding is not None:
             # bind_cpu_input views the array on the CPU: keep each alive until the prefix has run
@@ -190,10 +222,7 @@ class ResidentStepper:
         for n, v in b.const.items():
             if n not in plan.prefix_outputs:  # data inputs read by the step itself
                 v.update_inplace(np.ascontiguousarray(feeds[n] if n in feeds else const[n]))
-        for s in plan.state_order:
-            b.sides[0][s].update_inplace(np.ascontiguousarray(states[s]))
-        for o, v in b.sums.items():
-            v.update_inplace(b.zeros[o])
+        self._rest.run_with_iobinding(b.rest)  # the states at rest into sides[0], -0.0 into the sums
         b.latest = 0
         constants = {n: const[n] for n in plan.constant_outputs} if const is not None else {}
         for t in range(T):
@@ -205,10 +234,6 @@ class ResidentStepper:
     def sums(self) -> dict[str, np.ndarray]:
         """Host copies of the running sums (float64) of the summed step outputs, by name."""
         return {o: host(v) for o, v in self._current.sums.items()}
-
-    def last(self) -> dict[str, np.ndarray]:
-        """Host copies of the last step's outputs that vary in time, by name."""
-        return {o: host(v) for o, v in self._current.outs.items()}
 
     def states(self, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """Host copies of the latest states (of the batch rows ``rows`` only, if given)."""

@@ -222,8 +222,8 @@ class SpikingSession:
         self._float = [self.meta["types"][o]["elem_type"] == onnx.TensorProto.FLOAT for o in self.step_outputs]
         self._resident: ResidentStepper | None = None
         if self.resident and self._plan.reduced is not None:
-            graph_providers = providers_for(self.device, providers, cuda_graph=self.cuda_graph)
-            self._resident = ResidentStepper(self._plan, self._float, graph_providers, plan_options, self.cuda_graph)
+            self._resident = ResidentStepper(self._plan, self._float, [(s[0], s[2]) for s in self._state_specs],
+                                             self.providers, plan_options, self.cuda_graph)
         self._states: dict[str, np.ndarray] = {}
         self._sums: list[np.ndarray] | None = None
         self._last: list[np.ndarray] | None = None
@@ -254,9 +254,10 @@ class SpikingSession:
         return self._full
 
     # -- streaming interface -------------------------------------------------------------
-    def reset(self, batch_size: int) -> None:
-        """Set every membrane potential to v(0) = v0·θ (other states to 0) for a batch of ``batch_size``."""
-        self._states = initial_states(self._state_specs, batch_size)
+    def reset(self, batch_size: int, with_states: bool = True) -> None:
+        """Set every membrane potential to v(0) = v0·θ (other states to 0) for a batch of ``batch_size``.
+        (``with_states=False``: the counters only, for a run whose states are set on the device.)"""
+        self._states = initial_states(self._state_specs, batch_size) if with_states else {}
         self._sums, self._last, self._t, self._counted = None, None, 0, 0
         self._recent: list[list[np.ndarray]] = []  # the last min_window step outputs (readout window)
         self._nonfinite_warned = False
@@ -394,9 +395,11 @@ class SpikingSession:
             raise ConfigError(f"t0 must be >= 0, got {t0} (--t0)")
         feeds = self._feeds(inputs)
         batch = next(iter(feeds.values())).shape[0]
-        self.reset(batch)
+        form = self.choose_form(batch, Ts[-1], on_step is not None, feeds)
+        # the resident form sets its states at rest on the device: no host copy of them to make
+        self.reset(batch, with_states=form[0] != "resident")
         starts = {T: window_start(T, t0, self.min_window) for T in Ts}
-        steps = self._steps(feeds, batch, Ts[-1], with_probes=on_step is not None)
+        steps = self._steps(feeds, batch, Ts[-1], with_probes=on_step is not None, form=form)
         running: list[np.ndarray] | None = None  # sums of the float outputs over steps [0, t)
         at_start: dict[int, list[np.ndarray] | None] = {}
         results: dict[int, dict[str, np.ndarray]] = {}
@@ -463,7 +466,7 @@ class SpikingSession:
 
     def _measured_choice(self, feeds: dict[str, np.ndarray], batch: int, chunk: int) -> int | None:
         """``timed`` mode: ``chunk`` if the layered form runs ``chunk`` steps faster than the step
-        form on these inputs, else None. Timed once per (batch, chunk) on copies of the states
+        form on these inputs, else None. Timed once per (batch, chunk) on states at rest
         (a warm-up and two alternated rounds of each, best of each) and remembered in
         ``auto_choices``. The forms give the same outputs, so this changes only the speed."""
         key = (batch, chunk)
@@ -479,7 +482,7 @@ class SpikingSession:
             best = {"layered": float("inf"), "step": float("inf")}
             for rnd in range(3):
                 for name, form in (("layered", layered), ("step", stepped)):
-                    scratch = {k: v.copy() for k, v in self._states.items()}
+                    scratch = initial_states(self._state_specs, batch)  # runs start at rest
                     start = time.perf_counter()
                     form(scratch)
                     if rnd:  # round 0 warms up: the first call of a session plans its memory
@@ -515,7 +518,7 @@ class SpikingSession:
                 yield [o.copy() for o in outs]  # bound output buffers are rewritten by the next step
         elif form == "resident":
             assert self._resident is not None
-            yield from self._resident.steps(feeds, self._states, T)
+            yield from self._resident.steps(feeds, T)
         elif form == "constant":
             yield from run_constant(self._plan, feeds, T)
         else:
@@ -537,7 +540,8 @@ class SpikingSession:
             # a wrong buffer, row or step shows there, at a fraction of a step's cost
             began = time.perf_counter()  # the guard's own cost: these copies, the reference steps, the comparison
             rows = sorted({0, batch - 1})
-            ref_states = {name: v[rows] for name, v in self._states.items()}  # fancy indexing copies
+            ref_states = (initial_states(self._state_specs, len(rows)) if form == "resident"  # at rest on the device
+                          else {name: v[rows] for name, v in self._states.items()})  # fancy indexing copies
             spent = time.perf_counter() - began
             gen = self._form_steps(form, chunk, feeds, T)
             head = [[host(o) for o in next(gen)] for _ in range(n)]
@@ -575,9 +579,11 @@ class SpikingSession:
         self._states = initial_states(self._state_specs, batch)
         return "reference", [], self._form_steps("reference", None, feeds, T)
 
-    def _steps(self, feeds: dict[str, np.ndarray], batch: int, T: int, with_probes: bool):
-        """Generator of the step outputs for steps 0..T-1 from the current state."""
-        form, chunk = self.choose_form(batch, T, with_probes, feeds)
+    def _steps(self, feeds: dict[str, np.ndarray], batch: int, T: int, with_probes: bool,
+               form: tuple[str, int | None] | None = None):
+        """Generator of the step outputs for steps 0..T-1 from the current state, by ``form``
+        (``choose_form``'s answer) or the form ``choose_form`` picks."""
+        form, chunk = form if form is not None else self.choose_form(batch, T, with_probes, feeds)
         form, head, rest = self._guarded(form, chunk, feeds, batch, T)
         self.last_form = _describe(form, chunk)
         for outs in head:
