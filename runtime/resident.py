@@ -146,9 +146,9 @@ class ResidentStepper:
 
     def _buffers_for(self, feeds: dict[str, np.ndarray],
                      const: dict[str, np.ndarray] | None) -> tuple[_Buffers, dict[str, np.ndarray] | None]:
-        """The buffers of this input shape, made on first use (from one step run by the plain
-        reduced session, which gives the outputs' shapes). Returns them and ``const`` (the
-        constant values, computed here if they were needed)."""
+        """The buffers of this input shape, made on first use (one step of the plain reduced
+        session on the new state buffers, whatever they hold, gives the outputs' shapes).
+        Returns them and ``const`` (the constant values, computed here if they were needed)."""
         key = tuple((n, v.shape, v.dtype.str) for n, v in feeds.items())
         if key in self._buffers:
             return self._buffers[key], const
@@ -156,15 +156,23 @@ class ResidentStepper:
         if const is None:
             const = _constant_values(plan, feeds)
         batch = next(iter(feeds.values())).shape[0]
-        states = {s: np.ascontiguousarray(np.broadcast_to(v, (batch, *plan.state_shape[s])), dtype=np.float32)
-                  for s, v in self._rest_values.items()}
-        reduced_in = {n: const[n] for n in plan.reduced_inputs if n not in plan.state_in}
-        shaped = dict(zip(plan.varying_outputs, plan.reduced.run(plan.varying_outputs, {**reduced_in, **states})))
-        shaped.update((n, np.asarray(const[n])) for n in plan.constant_outputs)
-        here = {s: self._empty(states[s].shape, states[s].dtype) for s in plan.state_order}
-        there = {s: here[s] if s in plan.inplace else self._empty(states[s].shape, states[s].dtype)
+        here = {s: self._empty((batch, *plan.state_shape[s]), np.float32) for s in plan.state_order}
+        there = {s: here[s] if s in plan.inplace else self._empty((batch, *plan.state_shape[s]), np.float32)
                  for s in plan.state_order}
-        sums = {o: self._empty(shaped[o].shape, np.float64) for o in self.summed}
+        probe = plan.reduced.io_binding()  # no host copy of the states, even once
+        kept = {n: np.ascontiguousarray(const[n]) for n in plan.reduced_inputs if n not in plan.state_in}
+        for n, v in kept.items():
+            probe.bind_cpu_input(n, v)
+        for s, v in here.items():
+            probe.bind_ortvalue_input(s, v)
+        for o in plan.varying_outputs:
+            probe.bind_output(o, *self.device)
+        plan.reduced.run_with_iobinding(probe)
+        shaped = {o: (tuple(v.shape()), helper.tensor_dtype_to_np_dtype(v.element_type()))
+                  for o, v in zip(plan.varying_outputs, probe.get_outputs())}
+        del probe, kept
+        shaped.update((n, (np.shape(const[n]), np.asarray(const[n]).dtype)) for n in plan.constant_outputs)
+        sums = {o: self._empty(shaped[o][0], np.float64) for o in self.summed}
         rest = self._rest.io_binding()
         shapes = []
         for name, target in [*here.items(), *((f"{o}{SUM}", v) for o, v in sums.items())]:
@@ -173,7 +181,7 @@ class ResidentStepper:
             rest.bind_ortvalue_output(name, target)
         b = _Buffers(const={n: self._empty(np.shape(const[n]), np.asarray(const[n]).dtype) for n in self.constant_inputs},
                      sides=[here, there], sums=sums,
-                     outs={o: self._empty(shaped[o].shape, shaped[o].dtype) for o in plan.varying_outputs},
+                     outs={o: self._empty(*shaped[o]) for o in plan.varying_outputs},
                      rest=rest, shapes=shapes)
         for src, dst in ((0, 1), (1, 0)):
             binding = self.session.io_binding()
