@@ -86,7 +86,7 @@ def check_ray_device(ray_address: str | None, device: str) -> None:
 DEVICE_OPTION = click.option(
     "--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
     help="Run onnxruntime on the CPU or on the first CUDA GPU (needs onnxruntime-gpu: pip install 'ann2snn[gpu]', "
-         "see README 'One GPU'). On a GPU the membrane states and readout sums stay on the device between steps.")
+         "see README 'One GPU'); the ANN that eval and report compare with runs there too.")
 CUDA_GRAPH_OPTION = click.option(
     "--cuda-graph", "cuda_graph", is_flag=True, default=False,
     help="With --device cuda: capture the time step as a CUDA graph and replay it (one launch per step); needs "
