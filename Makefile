@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-ray wheel-smoke kernels clean
+.PHONY: demo test test-slow test-ray test-gpu wheel-smoke kernels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-slow: $(STAMP)
 test-ray: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[ray]'
 	$(BIN)/python -m pytest -q -m ray tests/test_distributed.py
+
+## the GPU tests (skipped without onnxruntime-gpu and a CUDA GPU; README "One GPU" installs them)
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu tests/test_device.py
 
 ## build the wheel with `python -m build`, install it in a fresh venv, smoke-test it there
 wheel-smoke: $(STAMP)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .device import check_device, require_cuda_provider
 from .errors import ConfigError
 
 METHODS = ("ltb", "max", "percentile")
@@ -57,6 +58,9 @@ class CompileConfig:
         tail (the boundary placed by hand).
     threads: onnxruntime intra-op threads for calibration (0: its default). The output
         is byte-identical whatever the value.
+    device: where the calibration (and the recipe search's simulations) run: ``cpu``, or
+        ``cuda`` (one GPU through onnxruntime-gpu, README "One GPU"). Thresholds calibrated on
+        a GPU can differ from the CPU's in the last bits (its convolutions sum in another order).
     resize, crop, crop_mode, mean, std, channel_order, layout: how image files (a class
         folder or list file given as data) become inputs; recorded in the compiled model so
         that run and eval apply the same (see ann2snn.data.images.Preprocess).
@@ -96,6 +100,7 @@ class CompileConfig:
     strict: bool = False
     spiking_until: tuple[str, ...] = ()
     threads: int = 0
+    device: str = "cpu"
     max_memory: float = 0.0
     resize: int = 0
     crop: int = 0
@@ -152,6 +157,12 @@ class CompileConfig:
         self.preprocess()  # validates the image options
         if self.max_memory < 0:
             raise ConfigError(f"max_memory is a size in GiB (0: the default), got {self.max_memory} (--max-memory)")
+        check_device(self.device)
+        if self.ray is not None and self.device != "cpu":
+            raise ConfigError("ray calibrates on CPU workers for now: drop --ray to calibrate on one GPU with "
+                              "--device cuda, or drop --device cuda to calibrate over Ray")
+        if self.device == "cuda":  # before the pipeline, not at the first calibration batch
+            require_cuda_provider()
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: onnxruntime's default), got {self.threads} (--threads)")
         if isinstance(self.target_T, bool) or int(self.target_T) != self.target_T or self.target_T < 0:
@@ -167,7 +178,7 @@ class CompileConfig:
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain dict (recorded in the compiled model's metadata)."""
         d = asdict(self)
-        for runtime_only in ("progress", "threads", "max_memory", "ray"):  # they do not change the output
+        for runtime_only in ("progress", "threads", "max_memory", "ray", "device"):  # they do not change the output
             d.pop(runtime_only)
         # the search chooses the recipe, which these options then state in full: the model records the
         # search under its own key (ann2snn.search), so compiling the chosen options gives the same bytes

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .device import open_session, providers_for
 from .errors import ModelLoadError
 
 # onnxruntime logs its own errors to stderr before raising them; ann2snn turns every one it
@@ -16,15 +18,17 @@ from .errors import ModelLoadError
 ort.set_default_logger_severity(4)
 
 
-def make_session(model: onnx.ModelProto, threads: int = 0, basic: bool = False) -> ort.InferenceSession:
-    """A CPU session; ``basic`` limits graph optimisations (stable last bits)."""
+def make_session(model: onnx.ModelProto, threads: int = 0, basic: bool = False, device: str = "cpu",
+                 providers: Sequence[Any] | None = None) -> ort.InferenceSession:
+    """A session on ``device`` (``cpu``, or ``cuda``: ann2snn.device; ``providers`` overrides
+    it); ``basic`` limits graph optimisations (stable last bits)."""
     so = ort.SessionOptions()
     so.log_severity_level = 4  # failures are raised to us and reported once, cleanly: log only fatal ones
     if threads:
         so.intra_op_num_threads = threads
     if basic:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return open_session(model.SerializeToString(), so, providers_for(device, providers))
 
 
 def run_checked(sess: ort.InferenceSession, names: Sequence[str] | None, feeds: dict[str, np.ndarray],

@@ -134,9 +134,9 @@ def _chunks(data: ArrayDict, size: int) -> list[ArrayDict]:
     return [{k: v[i:i + size] for k, v in data.items()} for i in range(0, n, size)]
 
 
-def _ann_reference(model: onnx.ModelProto, held: ArrayDict) -> tuple[str, np.ndarray]:
+def _ann_reference(model: onnx.ModelProto, held: ArrayDict, device: str = "cpu") -> tuple[str, np.ndarray]:
     """(output name, the ANN's first output on the held-out samples)."""
-    sess = make_session(model)
+    sess = make_session(model, device=device)
     name = sess.get_outputs()[0].name
     outs = [run_checked(sess, [name], feeds, "calibration data")[0]
             for feeds in _chunks(held, _fixed_batch(model) or SCORE_BATCH)]
@@ -144,13 +144,13 @@ def _ann_reference(model: onnx.ModelProto, held: ArrayDict) -> tuple[str, np.nda
 
 
 def _score(snn: onnx.ModelProto, held: ArrayDict, name: str, ref: np.ndarray, T: int,
-           threads: int) -> tuple[float, float | None]:
+           threads: int, device: str = "cpu") -> tuple[float, float | None]:
     """(top-1 agreement, relative output error) of ``snn`` against ``ref`` at T steps."""
     from ann2snn.runtime import SpikingSession
 
     from .analysis.evaluate import predictions
 
-    session = SpikingSession(snn, threads=threads or None)
+    session = SpikingSession(snn, threads=threads or None, device=device)
     outs = [session.run(feeds, T)[name] for feeds in _chunks(held, _fixed_batch(snn) or SCORE_BATCH)]
     y = np.concatenate(outs)
     agreement = float((predictions(y) == predictions(ref)).mean())
@@ -204,7 +204,7 @@ def search_recipe(proto: onnx.ModelProto, cfg: CompileConfig,
     has_cap = any(s.cap is not None for s in structure.sites)
     recipes = candidates(T, has_cap) if structure.sites else [Recipe(cfg.method, cfg.granularity, cfg.neuron,
                                                                      cfg.burst, cfg.keep_clip_cap)]
-    name, ref = _ann_reference(proto, held)
+    name, ref = _ann_reference(proto, held, cfg.device)
     record: dict[str, Any] = {
         "target_T": T, "budget_s": cfg.search_budget, "min_agreement": cfg.min_agreement,
         "holdout": {"seed": cfg.seed, "held_out": len(held_idx), "calibration": len(calib_idx)},
@@ -225,7 +225,7 @@ def search_recipe(proto: onnx.ModelProto, cfg: CompileConfig,
         t = time.perf_counter()
         try:
             snn = emit_spiking(_calibrated(proto, dataclasses.replace(base, **recipe.options()), calib, cache))
-            entry["agreement"], entry["relative_error"] = _score(snn, held, name, ref, T, cfg.threads)
+            entry["agreement"], entry["relative_error"] = _score(snn, held, name, ref, T, cfg.threads, cfg.device)
             entry["status"] = "scored"
         except Ann2SnnError as exc:  # e.g. a calibration that overflows: this recipe cannot work here
             entry["status"] = f"failed: {str(exc).splitlines()[0]}"

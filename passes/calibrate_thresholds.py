@@ -93,7 +93,7 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
         stat_outputs.append(stat)
     graph.inputs = list(graph.inputs) + theta_inputs
     graph.outputs = theta_outputs + stat_outputs
-    sess = make_session(export(graph.cleanup().toposort(), state.opset), cfg.threads)
+    sess = make_session(export(graph.cleanup().toposort(), state.opset), cfg.threads, device=cfg.device)
     out_names = [t.name for t in graph.outputs]
     thetas = [np.zeros(s.theta_shape(cfg.granularity), np.float32) for s in state.sites]
     stats = [np.zeros(s.shape, np.float64) for s in state.sites]
@@ -125,7 +125,7 @@ def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
     graph.outputs = [tensors[s.pre] for s in state.sites]
     for t in graph.outputs:
         t.dtype = np.float32
-    sess = make_session(export(graph.cleanup().toposort(), state.opset), cfg.threads)
+    sess = make_session(export(graph.cleanup().toposort(), state.opset), cfg.threads, device=cfg.device)
     names = [t.name for t in graph.outputs]
     per_channel = cfg.granularity == "channel"
     maxima: list[np.ndarray | None] = [None] * len(state.sites)
@@ -177,7 +177,7 @@ def calibrate_thresholds(state: PassState) -> PassState:
         state.calib, input_specs(model), cfg.preprocess())
     sample = source.first(min(8, cfg.batch))  # a model compiled for batch 1 takes one sample
     if sample is not None:  # the whole ANN, tail included, must run on the data before we calibrate
-        run_checked(make_session(model), None, sample, "calibration data")
+        run_checked(make_session(model, device=cfg.device), None, sample, "calibration data")
     if cfg.ray:
         from ann2snn.distributed_calibration import calibrate_ray
 

@@ -66,15 +66,17 @@ class InputSource:
 def run_file(model: str | os.PathLike[str], inputs: str | os.PathLike[str], T: int, *, t0: int | None = None,
              batch_size: int | None = None, form: str = "auto", allow_nonfinite: bool = False,
              threads: int | None = None, max_memory: int | None = None, show_progress: bool = False,
-             sink: Callable[[str, np.ndarray], None] | None = None, kernels: bool | None = None) -> FileRun:
+             sink: Callable[[str, np.ndarray], None] | None = None, kernels: bool | None = None,
+             device: str = "cpu", cuda_graph: bool = False) -> FileRun:
     """Run the compiled ``model`` for ``T`` steps on every sample of ``inputs``, ``batch_size``
     at a time (default: :func:`default_batch_size`), with the execution form ``form`` (see
     :class:`SpikingSession`). ``max_memory``: the bytes a batch may need (default: 75% of
     physical memory). Array files are read a batch at a time; with ``sink`` each batch's
     outputs are handed to ``sink(name, rows)`` instead of being kept, so memory does not grow
-    with the number of samples. ``kernels``: as for :class:`SpikingSession`."""
+    with the number of samples. ``kernels``, ``device``, ``cuda_graph``: as for :class:`SpikingSession`."""
     check_T(T)
-    session = SpikingSession(model, threads=threads, mode=form, allow_nonfinite=allow_nonfinite, kernels=kernels)
+    session = SpikingSession(model, threads=threads, mode=form, allow_nonfinite=allow_nonfinite, kernels=kernels,
+                             device=device, cuda_graph=cuda_graph)
     if batch_size is None:
         batch_size = default_batch_size(session)
     if batch_size <= 0:

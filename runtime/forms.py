@@ -20,13 +20,16 @@ invariant stated in runtime/reference.py: the reference's step outputs and state
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
+
+from ann2snn.device import CPU_EP, open_session
 
 from .kernels import COUNTING_KERNEL_OPS, KERNEL_DOMAIN
 from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS, UNIT_IF_OP
@@ -106,11 +109,13 @@ class StepPlan:
     plus, when the graph allows it, the stages of the layered form."""
 
     def __init__(self, proto: onnx.ModelProto, states: list[tuple[str, str, tuple[int, ...]]], step_outputs: list[str],
-                 session_options: ort.SessionOptions, types: dict[str, onnx.TypeProto] | None = None) -> None:
+                 session_options: ort.SessionOptions, types: dict[str, onnx.TypeProto] | None = None,
+                 providers: Sequence[Any] = (CPU_EP,)) -> None:
         """``states``: (state input, state output, sample shape) of every state. ``types``: the
         value types of ``proto``'s tensors if already inferred (tensors without one are taken as
-        float)."""
+        float). ``providers``: the onnxruntime providers of every session (ann2snn.device)."""
         self.proto, self.step_outputs, self.so = proto, list(step_outputs), session_options
+        self.providers = list(providers)
         graph = proto.graph
         self.state_order = [i for i, _, _ in states]
         self.state_in = set(self.state_order)
@@ -204,13 +209,13 @@ class StepPlan:
 
     def _session(self, nodes: list[onnx.NodeProto], inputs: list[str], outputs: list[str], name: str) -> ort.InferenceSession:
         model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, name)
-        return ort.InferenceSession(model.SerializeToString(), self.so, providers=["CPUExecutionProvider"])
+        return open_session(model.SerializeToString(), self.so, self.providers, "the step graph")
 
     def chunk_session(self, steps: int) -> ort.InferenceSession:
         """The session of :meth:`chunk_model` for ``steps`` timesteps (built once, then cached)."""
         if steps not in self._chunk_sessions:
-            self._chunk_sessions[steps] = ort.InferenceSession(self.chunk_model(steps).SerializeToString(), self.so,
-                                                               providers=["CPUExecutionProvider"])
+            self._chunk_sessions[steps] = open_session(self.chunk_model(steps).SerializeToString(), self.so,
+                                                       self.providers, "the layered step graph")
         return self._chunk_sessions[steps]
 
     # -- layered form ---------------------------------------------------------------------

@@ -9,7 +9,9 @@ that average.
 (``runtime/forms.py``): the time-constant prefix (input normalisation, the first layer
 under direct coding) runs once per input, IF neurons run in units of their threshold
 (``runtime/unitform.py``), and for small batches several timesteps run as one batch layer
-by layer. ``step`` and probes run the step graph itself. Every form keeps the invariant
+by layer; on a GPU (``device="cuda"``) the step form keeps its states and the readout's
+running sums on the device (``runtime/resident.py``). ``step`` and probes run the step graph
+itself. Every form keeps the invariant
 stated in runtime/reference.py (the reference's outputs); the guard checks it before a fast
 form is first used.
 """
@@ -27,11 +29,13 @@ import onnxruntime as ort
 from onnx import helper
 
 from ann2snn.data.arrays import InputSpec, as_array_dict, check_arrays, input_specs
+from ann2snn.device import check_device, on_cuda, open_session, providers_for
 from ann2snn.errors import ConfigError, DataError, ModelLoadError, NonFiniteError
 from ann2snn.modelio import load_model
 
 from .forms import StepPlan, run_constant, run_layered, run_steps
 from .kernels import KERNEL_DOMAIN, kernel_form, library, register
+from .resident import ResidentStepper, host
 from .reference import (METADATA_KEY, RTOL, initial_states, model_metadata, state_specs, tail_model, value_types,
                         window_start)
 from .unitform import exact_unit_ops
@@ -98,7 +102,9 @@ class SpikingSession:
     def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, *, threads: int | None = None,
                  probes: Sequence[str] = (), mode: str = "auto", chunk: int | None = None,
                  unit_thresholds: bool = True, bind: bool = True, guard: bool = True,
-                 allow_nonfinite: bool = False, kernels: bool | None = None) -> None:
+                 allow_nonfinite: bool = False, kernels: bool | None = None, device: str = "cpu",
+                 providers: Sequence[Any] | None = None, resident: bool | None = None,
+                 cuda_graph: bool = False) -> None:
         """Load a compiled model. ``probes`` names extra tensors (e.g. ``spike_tensors``) to
         fetch at every step; their latest values are in ``probe_values``.
 
@@ -124,12 +130,44 @@ class SpikingSession:
         error (:class:`~ann2snn.errors.NonFiniteError`). ``kernels``: run the neurons of the
         fast forms with the compiled kernel library (``make kernels``; runtime/kernels), the
         same arithmetic bit for bit: None (default) when it is built and the environment
-        variable ``ANN2SNN_KERNELS`` is not ``0``, False never, True or a ConfigError.
+        variable ``ANN2SNN_KERNELS`` is not ``0``, False never, True or a ConfigError. The
+        kernels run on the CPU only: with ``device="cuda"`` None means without them.
+
+        ``device``: ``"cpu"`` or ``"cuda"`` (the first GPU, through onnxruntime-gpu: the extra
+        ``ann2snn[gpu]``; a :class:`~ann2snn.device.DeviceError` says what is missing where it
+        cannot work). ``providers``: an onnxruntime provider list used as given instead of
+        the device's. ``resident``: run the step form device-resident (runtime/resident.py:
+        the states, the readout's running sums and the step outputs stay in onnxruntime
+        buffers on the device, one ``run_with_iobinding`` per step, copies to the host only
+        at a readout; the same outputs bit for bit); None (default): on a GPU only. On a GPU,
+        ``auto`` mode uses this step form at every batch (the layered rule was measured on
+        CPUs). After a resident run the states stay on the device: a following ``step()``
+        starts from rest. ``cuda_graph``: capture the resident step as CUDA graphs
+        (onnxruntime's ``enable_cuda_graph``) and replay it, one launch per step; needs
+        ``device="cuda"`` and every node of the step graph on the GPU.
         """
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r} (--form)")
         if chunk is not None and (isinstance(chunk, bool) or int(chunk) <= 0):
             raise ConfigError(f"chunk must be a positive number of timesteps, got {chunk!r}")
+        check_device(device)
+        if providers is not None and isinstance(providers, (str, bytes)):
+            raise ConfigError(f"providers is a list of onnxruntime execution providers, got {providers!r}")
+        if cuda_graph and (device != "cuda" if providers is None else not on_cuda(providers)):
+            raise ConfigError("CUDA graphs run on a GPU only: cuda_graph=True (--cuda-graph) needs device='cuda' "
+                              "(--device cuda)")
+        if cuda_graph and resident is False:
+            raise ConfigError("CUDA graphs replay the device-resident step: cuda_graph=True needs resident=True "
+                              "(or None)")
+        #: the onnxruntime providers of every session of this model
+        self.providers: list[Any] = providers_for(device, providers)
+        self.device = "cuda" if on_cuda(self.providers) else "cpu"
+        if self.device == "cuda" and kernels:
+            raise ConfigError("the compiled neuron kernels run on the CPU only: drop kernels=True (--kernels) "
+                              "with device='cuda' (--device cuda)")
+        self.cuda_graph = bool(cuda_graph)
+        #: whether the step form runs device-resident (runtime/resident.py)
+        self.resident = self.device == "cuda" if resident is None else bool(resident)
         self.mode, self.chunk = mode, (int(chunk) if chunk is not None else None)
         self.unit_thresholds = bool(unit_thresholds)
         self.bind = bool(bind)  # IOBinding of the states in the step form (False: through numpy)
@@ -163,7 +201,7 @@ class SpikingSession:
         self._full: ort.InferenceSession | None = None  # the whole step graph, built on first use
         fast_proto = exact_unit_ops(proto) if unit_thresholds else proto
         types = value_types(fast_proto)  # the kernels' outputs keep the names (and types) of the neurons'
-        lib = library(kernels)
+        lib = library(False if self.device == "cuda" else kernels)
         plan_options = _session_options(threads)
         if lib is not None:
             register(plan_options, lib)
@@ -171,7 +209,7 @@ class SpikingSession:
         #: whether the fast forms run the compiled neuron kernels
         self.kernels = lib is not None
         self._plan = StepPlan(fast_proto, [(s[0], s[1], s[3]) for s in self._state_specs], self.step_outputs,
-                              plan_options, types)
+                              plan_options, types, self.providers)
         if self.guard or self.probes:  # the reference session: the guard's yardstick, built with the others
             self._sess  # noqa: B018
         if mode == "layered" and self._plan.cuts is None:
@@ -179,9 +217,13 @@ class SpikingSession:
                               "use mode='step' or 'auto'")
         self._fetch = self.step_outputs + [n[1] for n in self._state_specs] + self.probes
         tail = tail_model(proto, self.meta)
-        self._tail = (ort.InferenceSession(tail.SerializeToString(), _session_options(threads),
-                                           providers=["CPUExecutionProvider"]) if tail is not None else None)
+        self._tail = (open_session(tail.SerializeToString(), _session_options(threads), self.providers,
+                                   "the analog tail") if tail is not None else None)
         self._float = [self.meta["types"][o]["elem_type"] == onnx.TensorProto.FLOAT for o in self.step_outputs]
+        self._resident: ResidentStepper | None = None
+        if self.resident and self._plan.reduced is not None:
+            self._resident = ResidentStepper(self._plan, self._float, [(s[0], s[2]) for s in self._state_specs],
+                                             self.providers, plan_options, self.cuda_graph)
         self._states: dict[str, np.ndarray] = {}
         self._sums: list[np.ndarray] | None = None
         self._last: list[np.ndarray] | None = None
@@ -207,14 +249,15 @@ class SpikingSession:
             proto.CopyFrom(self.model)
             proto.graph.output.extend(helper.make_tensor_value_info(p, onnx.TensorProto.FLOAT, None)
                                       for p in self._extra_outputs)
-            self._full = ort.InferenceSession(proto.SerializeToString(), _session_options(self._threads),
-                                              providers=["CPUExecutionProvider"])
+            self._full = open_session(proto.SerializeToString(), _session_options(self._threads), self.providers,
+                                      "the step graph")
         return self._full
 
     # -- streaming interface -------------------------------------------------------------
-    def reset(self, batch_size: int) -> None:
-        """Set every membrane potential to v(0) = v0·θ (other states to 0) for a batch of ``batch_size``."""
-        self._states = initial_states(self._state_specs, batch_size)
+    def reset(self, batch_size: int, with_states: bool = True) -> None:
+        """Set every membrane potential to v(0) = v0·θ (other states to 0) for a batch of ``batch_size``.
+        (``with_states=False``: the counters only, for a run whose states are set on the device.)"""
+        self._states = initial_states(self._state_specs, batch_size) if with_states else {}
         self._sums, self._last, self._t, self._counted = None, None, 0, 0
         self._recent: list[list[np.ndarray]] = []  # the last min_window step outputs (readout window)
         self._nonfinite_warned = False
@@ -352,25 +395,37 @@ class SpikingSession:
             raise ConfigError(f"t0 must be >= 0, got {t0} (--t0)")
         feeds = self._feeds(inputs)
         batch = next(iter(feeds.values())).shape[0]
-        self.reset(batch)
+        form = self.choose_form(batch, Ts[-1], on_step is not None, feeds)
+        # the resident form sets its states at rest on the device: no host copy of them to make
+        self.reset(batch, with_states=form[0] != "resident")
         starts = {T: window_start(T, t0, self.min_window) for T in Ts}
-        steps = self._steps(feeds, batch, Ts[-1], with_probes=on_step is not None)
+        steps = self._steps(feeds, batch, Ts[-1], with_probes=on_step is not None, form=form)
         running: list[np.ndarray] | None = None  # sums of the float outputs over steps [0, t)
         at_start: dict[int, list[np.ndarray] | None] = {}
         results: dict[int, dict[str, np.ndarray]] = {}
+        resident = None  # the resident form keeps the sums on the device: read at window starts and readouts
         for t in range(Ts[-1]):
             if t in starts.values():
+                if resident is not None:
+                    running = self._resident_sums(outs)
                 at_start[t] = None if running is None else [r.copy() for r in running]
             outs = next(steps)
+            if t == 0 and self.last_form == "resident":
+                resident = self._resident
             if on_step is not None:
                 on_step(t, self.probe_values)
-            if running is None:
+            if resident is not None:
+                running = []  # not None: the sums exist (on the device) from the first step on
+            elif running is None:
                 running = [np.asarray(o, np.float64) if f else o for o, f in zip(outs, self._float)]
             else:
                 with np.errstate(invalid="ignore", over="ignore"):
                     running = [r + o if f else o for r, o, f in zip(running, outs, self._float)]
             T = t + 1
             if T in starts:
+                if resident is not None:
+                    running = self._resident_sums(outs)
+                    outs = running
                 # NaN / inf stay in a running sum once they enter it: one check per readout instead of
                 # one per step; the first step is looked for only when there is one
                 if not all(np.isfinite(r).all() for r, f in zip(running, self._float) if f):
@@ -381,12 +436,23 @@ class SpikingSession:
                               for j, (r, o, f) in enumerate(zip(running, outs, self._float))]
                 results[T] = self.finish(values)
         steps.close()
+        if resident is not None:
+            self._states = {}  # the states stayed on the device: a following step() starts from rest
         return results
+
+    def _resident_sums(self, outs: list[Any]) -> list[np.ndarray]:
+        """The resident form's readout after the current step, as ``run_many`` keeps it: the
+        float64 running sum of each float step output, the last value of the others (host copies)."""
+        assert self._resident is not None
+        sums = self._resident.sums()
+        return [sums[o] if f else host(v) for o, v, f in zip(self.step_outputs, outs, self._float)]
 
     def _layered_chunk(self, batch: int, T: int) -> int | None:
         """Timesteps per chunk for the layered form, or None to step: a fixed rule of the batch,
         T and the state sizes (``auto``), or ``chunk`` / the rows rule (``layered``, ``timed``)."""
         if self._plan.cuts is None or self.mode in ("step", "reference"):
+            return None
+        if self.mode == "auto" and self.device == "cuda":  # the rule below was measured on CPUs
             return None
         if self.chunk is not None:
             return min(self.chunk, T)
@@ -400,7 +466,7 @@ class SpikingSession:
 
     def _measured_choice(self, feeds: dict[str, np.ndarray], batch: int, chunk: int) -> int | None:
         """``timed`` mode: ``chunk`` if the layered form runs ``chunk`` steps faster than the step
-        form on these inputs, else None. Timed once per (batch, chunk) on copies of the states
+        form on these inputs, else None. Timed once per (batch, chunk) on states at rest
         (a warm-up and two alternated rounds of each, best of each) and remembered in
         ``auto_choices``. The forms give the same outputs, so this changes only the speed."""
         key = (batch, chunk)
@@ -416,7 +482,7 @@ class SpikingSession:
             best = {"layered": float("inf"), "step": float("inf")}
             for rnd in range(3):
                 for name, form in (("layered", layered), ("step", stepped)):
-                    scratch = {k: v.copy() for k, v in self._states.items()}
+                    scratch = initial_states(self._state_specs, batch)  # runs start at rest
                     start = time.perf_counter()
                     form(scratch)
                     if rnd:  # round 0 warms up: the first call of a session plans its memory
@@ -438,7 +504,9 @@ class SpikingSession:
         chunk = self._layered_chunk(batch, T)
         if chunk is not None and self.mode == "timed" and self.chunk is None and feeds is not None:
             chunk = self._measured_choice(feeds, batch, chunk)
-        return ("layered", chunk) if chunk is not None else ("step", None)
+        if chunk is not None:
+            return "layered", chunk
+        return ("resident", None) if self._resident is not None else ("step", None)
 
     def _form_steps(self, form: str, chunk: int | None, feeds: dict[str, np.ndarray],
                     T: int) -> Iterator[list[np.ndarray]]:
@@ -448,6 +516,9 @@ class SpikingSession:
         elif form == "step":
             for outs in run_steps(self._plan, feeds, self._states, T, bind=self.bind):
                 yield [o.copy() for o in outs]  # bound output buffers are rewritten by the next step
+        elif form == "resident":
+            assert self._resident is not None
+            yield from self._resident.steps(feeds, T)
         elif form == "constant":
             yield from run_constant(self._plan, feeds, T)
         else:
@@ -469,12 +540,17 @@ class SpikingSession:
             # a wrong buffer, row or step shows there, at a fraction of a step's cost
             began = time.perf_counter()  # the guard's own cost: these copies, the reference steps, the comparison
             rows = sorted({0, batch - 1})
-            ref_states = {name: v[rows] for name, v in self._states.items()}  # fancy indexing copies
+            ref_states = (initial_states(self._state_specs, len(rows)) if form == "resident"  # at rest on the device
+                          else {name: v[rows] for name, v in self._states.items()})  # fancy indexing copies
             spent = time.perf_counter() - began
             gen = self._form_steps(form, chunk, feeds, T)
-            head = [[np.array(o) for o in next(gen)] for _ in range(n)]
+            head = [[host(o) for o in next(gen)] for _ in range(n)]
             began = time.perf_counter()
-            fast_states = {k: np.array(v[rows]) for k, v in self._states.items()}
+            if form == "resident":
+                assert self._resident is not None
+                fast_states = self._resident.states(rows)
+            else:
+                fast_states = {k: np.array(v[rows]) for k, v in self._states.items()}
             k, m = len(self.step_outputs), len(self._state_specs)
             ref_feeds = {name: v[rows] for name, v in feeds.items()}
             ref = []
@@ -484,13 +560,16 @@ class SpikingSession:
                 ref_states = {spec[0]: r for spec, r in zip(self._state_specs, results[k:])}
             head_rows = [[o[rows] if o.ndim and o.shape[0] == batch else o for o in step] for step in head]
             problem = _disagreement(head_rows, ref, self.step_outputs)
-            if problem is None and form == "step":  # the layered form's states are those after its whole chunk
+            if problem is None and form in ("step", "resident"):  # the layered form's: after its whole chunk
                 names = [spec[0] for spec in self._state_specs]
                 problem = _disagreement([[fast_states[x] for x in names]], [[ref_states[x] for x in names]], names)
             self.guard_verdicts[key] = problem is None
             self.guard_seconds += spent + time.perf_counter() - began
             if problem is None:
                 log.debug("guard: form %s (batch %d, chunk %s) agrees with the reference", form, batch, chunk)
+                if form == "resident":  # its sums on the device hold the head's steps: run again from rest
+                    gen.close()
+                    return form, [], self._form_steps(form, chunk, feeds, T)
                 return form, head, gen
             gen.close()
             log.warning("the %s form disagrees with the reference on its first %d step(s) at batch %d (%s); it is not "
@@ -500,9 +579,11 @@ class SpikingSession:
         self._states = initial_states(self._state_specs, batch)
         return "reference", [], self._form_steps("reference", None, feeds, T)
 
-    def _steps(self, feeds: dict[str, np.ndarray], batch: int, T: int, with_probes: bool):
-        """Generator of the step outputs for steps 0..T-1 from the current state."""
-        form, chunk = self.choose_form(batch, T, with_probes, feeds)
+    def _steps(self, feeds: dict[str, np.ndarray], batch: int, T: int, with_probes: bool,
+               form: tuple[str, int | None] | None = None):
+        """Generator of the step outputs for steps 0..T-1 from the current state, by ``form``
+        (``choose_form``'s answer) or the form ``choose_form`` picks."""
+        form, chunk = form if form is not None else self.choose_form(batch, T, with_probes, feeds)
         form, head, rest = self._guarded(form, chunk, feeds, batch, T)
         self.last_form = _describe(form, chunk)
         for outs in head:

@@ -14,6 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped, with the reason, where onnxruntime has no CUDA provider."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return
+    skip = pytest.mark.skip(reason="needs onnxruntime-gpu and a CUDA GPU (README 'One GPU')")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 def build(text: str, weights: dict[str, np.ndarray], opset: int = 17,
           ints: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """A model from ONNX text whose graph inputs listed in ``weights`` (float32) or ``ints``

@@ -55,7 +55,8 @@ def evaluate(
 
     ``snn`` is a SpikingSession or a path to a compiled model. Without labels under
     ``label_key`` only agreement and error are reported. The simulation's memory estimate
-    is checked against ``max_memory`` bytes (default: 75% of physical memory) first.
+    is checked against ``max_memory`` bytes (default: 75% of physical memory) first. The ANN
+    runs on the SNN session's device (its ``providers``).
     ``batch_size``: default :func:`ann2snn.runtime.batches.default_batch_size`.
     """
     from ann2snn.runtime.batches import default_batch_size
@@ -66,7 +67,7 @@ def evaluate(
         raise DataError(f"batch size must be positive, got {batch_size} (--batch-size)")
     n, labels, chunks = _chunks(data, specs, session, label_key, batch_size)
     check_memory(snn_proto, min(batch_size, n), max_memory)
-    ann_sess = make_session(ann_model)
+    ann_sess = make_session(ann_model, providers=getattr(session, "providers", None))  # the SNN's device
     Ts = sorted(set(Ts))
     sums = []  # per batch: memory does not grow with the number of samples
     start = 0

@@ -131,8 +131,9 @@ class SpikeCounter:
                 tot[s] += cur[s]
 
 
-def _counting_session(model: onnx.ModelProto, counter_holder: list):
-    """A SpikingSession that probes every spike tensor and feeds the counter on every step."""
+def _counting_session(model: onnx.ModelProto, counter_holder: list, device: str = "cpu"):
+    """A SpikingSession on ``device`` that probes every spike tensor and feeds the counter on
+    every step."""
     from ann2snn.runtime import SpikingSession
 
     class CountingSession(SpikingSession):
@@ -147,7 +148,7 @@ def _counting_session(model: onnx.ModelProto, counter_holder: list):
             return super().run_many(inputs, Ts, t0, on_step=hook)
 
     meta = json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
-    return CountingSession(model, probes=[n["spikes"] for n in meta["neurons"]])
+    return CountingSession(model, probes=[n["spikes"] for n in meta["neurons"]], device=device)
 
 
 def _simulate(session: Any, data: Any, Ts: Sequence[int], label_key: str, batch_size: int,
@@ -204,6 +205,7 @@ def report(
     mac_count: str = "dense",
     show_progress: bool = False,
     ray_address: str | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Firing rates, SOPs, MACs and energy per input, per layer and in total, at each T.
 
@@ -212,7 +214,8 @@ def report(
     agreement, and SOPs90 / SOPs95. The ANN's MACs always come from the compiled graph.
     ``batch_size``: default :func:`ann2snn.runtime.batches.default_batch_size`. With
     ``ray_address`` the simulation is sharded over Ray workers (``ann2snn.distributed``; ``snn``,
-    ``data`` and ``ann`` must then be paths): the same report.
+    ``data`` and ``ann`` must then be paths): the same report. ``device``: where the SNN and
+    the ANN run (``cpu`` or ``cuda``, ann2snn.device).
     """
     from ann2snn.runtime.batches import default_batch_size
     from ann2snn.runtime.session import check_T
@@ -225,7 +228,7 @@ def report(
     proto = load_model(snn)
     cost = analyse(proto, nonzero_weights=nonzero_weights, mac_count=mac_count)
     holder: list[SpikeCounter] = []
-    session = _counting_session(proto, holder)
+    session = _counting_session(proto, holder, device)
     signed = any(n["op"] in COUNTING_OPS for n in cost.neurons)
     holder.append(SpikeCounter({n["spikes"]: n["shape"] for n in cost.neurons}, Ts, signed=signed))
     batch_size = batch_size or default_batch_size(session)

@@ -104,7 +104,8 @@ class WindowReader:
             self._sim = SpikingSession(proto, threads=threads, mode=session.mode, chunk=session.chunk,
                                        unit_thresholds=session.unit_thresholds, bind=session.bind,
                                        guard=session.guard, allow_nonfinite=session.allow_nonfinite,
-                                       kernels=session.kernels)
+                                       kernels=session.kernels, providers=session.providers,
+                                       resident=session.resident, cuda_graph=session.cuda_graph)
             self._finish = session.finish  # the session's own tail, run once per readout
 
     def run(self, feeds: dict[str, np.ndarray], Ts: Sequence[int],
@@ -223,9 +224,10 @@ class _Scorer:
         return detection_ap(dets, targets["boxes"], targets["box_labels"], targets["box_image"], max_dets=max_dets)
 
 
-def _ann_runner(ann_model: onnx.ModelProto, threads: int | None):
-    """A function running the ANN on a batch; models with a fixed batch size get fed in pieces."""
-    sess = make_session(ann_model, threads=threads or 0)
+def _ann_runner(ann_model: onnx.ModelProto, threads: int | None, providers: list | None = None):
+    """A function running the ANN (on ``providers``: the SNN's) on a batch; models with a fixed
+    batch size get fed in pieces."""
+    sess = make_session(ann_model, threads=threads or 0, providers=providers)
     specs = input_specs(ann_model)
     fixed = specs[0].shape[0] if specs and isinstance(specs[0].shape[0], int) and specs[0].shape[0] > 0 else None
     names = [o.name for o in sess.get_outputs()]
@@ -282,7 +284,7 @@ def evaluate_task(
     Ts = sorted({int(T) for T in Ts})
     readouts = list(dict.fromkeys(readouts))
     check_memory(snn_proto, min(batch_size, n), max_memory)
-    run_ann = _ann_runner(ann_model, threads)
+    run_ann = _ann_runner(ann_model, threads, getattr(session, "providers", None))
     reader = WindowReader(session, threads)
     scored = score_batches(run_ann, reader, arrays, specs, targets, task, out_name, Ts, readouts, num_classes,
                            ignore_index, 0, n, batch_size, show_progress, keep_predictions)

@@ -10,9 +10,11 @@ from typing import Any
 import click
 
 from ..config import GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, NONLINEAR_MODES, TASKS, CompileConfig
+from ..device import DEVICES
 from ..errors import ConfigError
 from .errors import handle_errors
-from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, KERNELS_OPTION, RAY_OPTION, config_option, parse_ts
+from .options import (ALLOW_NONFINITE_OPTION, CUDA_GRAPH_OPTION, DEVICE_OPTION, FORM_OPTION, KERNELS_OPTION,
+                      RAY_OPTION, check_ray_device, config_option, parse_ts)
 
 
 @click.command("compile")
@@ -52,6 +54,9 @@ from .options import ALLOW_NONFINITE_OPTION, FORM_OPTION, KERNELS_OPTION, RAY_OP
                    "(repeatable).")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="onnxruntime threads for calibration (0: its default); the output does not depend on it.")
+@click.option("--device", type=click.Choice(DEVICES), default=CompileConfig.device, show_default=True,
+              help="Run the calibration (and the recipe search's simulations) on the CPU or the first CUDA GPU "
+                   "(pip install 'ann2snn[gpu]', README 'One GPU'); GPU thresholds can differ in the last bits.")
 @click.option("--max-memory", type=float, default=0.0, show_default=True,
               help="Refuse a calibration estimated above this many GiB (0: 75% of physical memory).")
 @click.option("--dump-dir", type=click.Path(file_okay=False), default=None, help="Write the graph after every pass here.")
@@ -159,12 +164,14 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
 @click.option("--max-memory", type=float, default=None, help="Refuse simulations estimated above this many GiB "
               "(default: 75% of physical memory).")
 @KERNELS_OPTION
+@DEVICE_OPTION
+@CUDA_GRAPH_OPTION
 @RAY_OPTION
 @click.pass_context
 @handle_errors
 def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int | None, T: int, output: str, t0: int | None,
             form: str, allow_nonfinite: bool, threads: int, max_memory: float | None, kernels: bool | None,
-            ray_address: str | None) -> None:
+            device: str, cuda_graph: bool, ray_address: str | None) -> None:
     """Run a compiled spiking MODEL for T timesteps and save the readout.
 
     The same command writes the same bytes every time."""
@@ -176,6 +183,7 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int | N
     from ..resources import GIB
 
     show = not ctx.obj["quiet"]
+    check_ray_device(ray_address, device)
     with NpzWriter(output) as out:  # outputs written batch by batch; the file appears only when complete
         if ray_address is not None:
             from ..distributed import run_file_ray
@@ -187,7 +195,7 @@ def run_cmd(ctx: click.Context, model: str, input_path: str, batch_size: int | N
             run = run_file(model, input_path, T, t0=t0, batch_size=batch_size, form=form,
                            allow_nonfinite=allow_nonfinite, threads=threads or None,
                            max_memory=int(max_memory * GIB) if max_memory is not None else None, show_progress=show,
-                           sink=out.append, kernels=kernels)
+                           sink=out.append, kernels=kernels, device=device, cuda_graph=cuda_graph)
         for k, v in run.extra.items():
             out.put(k, v)
         out.put("ann2snn_run", np.array(json.dumps(run.info, sort_keys=True)))
@@ -240,15 +248,19 @@ Data for --task detection: .npz with the model inputs, 'boxes' float [M,4]
               "(default: 75% of physical memory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @KERNELS_OPTION
+@DEVICE_OPTION
+@CUDA_GRAPH_OPTION
 @RAY_OPTION
 @click.pass_context
 @handle_errors
 def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: str, label_key: str,
              batch_size: int | None, t0: int | None, t0_frac: float | None, output_name: str | None,
              num_classes: int | None, ignore_index: int, json_path: str | None, form: str, allow_nonfinite: bool,
-             threads: int, max_memory: float | None, progress: bool, kernels: bool | None,
-             ray_address: str | None) -> None:
-    """Print ANN vs SNN accuracy (or mIoU, or mAP) of a compiled SNN at several T."""
+             threads: int, max_memory: float | None, progress: bool, kernels: bool | None, device: str,
+             cuda_graph: bool, ray_address: str | None) -> None:
+    """Print ANN vs SNN accuracy (or mIoU, or mAP) of a compiled SNN at several T.
+
+    With --device cuda the ANN runs on the same GPU."""
     from ann2snn.runtime import SpikingSession
     from ann2snn.runtime.batches import default_batch_size
 
@@ -261,6 +273,7 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
     show = progress and not ctx.obj["quiet"]
     if task == "classification" and t0_frac is not None:
         raise ConfigError("--t0-frac is for --task segmentation|detection; use --t0 for classification")
+    check_ray_device(ray_address, device)
     if ray_address is not None:
         from ..distributed import evaluate_ray, evaluate_task_ray
 
@@ -282,7 +295,7 @@ def eval_cmd(ctx: click.Context, ann: str, snn: str, data: str, task: str, Ts: s
         result["form"] = {"option": form}
     else:
         session = SpikingSession(snn, threads=threads or None, mode=form, allow_nonfinite=allow_nonfinite,
-                                 kernels=kernels)
+                                 kernels=kernels, device=device, cuda_graph=cuda_graph)
         if task == "classification":
             result = evaluate(ann, session, data, parse_ts(Ts), label_key=label_key, threads=threads or None,
                               batch_size=batch_size or default_batch_size(session), t0=t0, max_memory=limit,

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ..device import DEVICES
 from ..errors import ConfigError
 
 
@@ -74,6 +75,22 @@ RAY_OPTION = click.option(
     help="Shard the data (run, report, eval) over Ray workers (pip install 'ann2snn[ray]'): --ray alone starts a cluster on this machine "
          "(one worker per core), --ray ADDRESS joins one (e.g. auto). Results are those of one process; the data "
          "path must be readable on every node. --threads sets each worker's threads (default 1).")
+def check_ray_device(ray_address: str | None, device: str) -> None:
+    """--ray shards over CPU workers for now: --device cuda with it is an error."""
+    if ray_address is not None and device != "cpu":
+        raise ConfigError("--ray runs its workers on CPUs for now: drop --ray to run on one GPU with --device cuda, "
+                          "or drop --device cuda to shard over Ray")
+
+
+#: --device: where onnxruntime runs (README "One GPU")
+DEVICE_OPTION = click.option(
+    "--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+    help="Run onnxruntime on the CPU or on the first CUDA GPU (needs onnxruntime-gpu: pip install 'ann2snn[gpu]', "
+         "see README 'One GPU'); the ANN that eval and report compare with runs there too.")
+CUDA_GRAPH_OPTION = click.option(
+    "--cuda-graph", "cuda_graph", is_flag=True, default=False,
+    help="With --device cuda: capture the time step as a CUDA graph and replay it (one launch per step); needs "
+         "every node of the step graph on the GPU.")
 ALLOW_NONFINITE_OPTION = click.option(
     "--allow-nonfinite", is_flag=True, default=False,
     help="Keep NaN / inf outputs with a warning instead of stopping with an error that names the output and step.")

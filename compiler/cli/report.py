@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from .errors import handle_errors
-from .options import RAY_OPTION, parse_ts
+from .options import DEVICE_OPTION, RAY_OPTION, check_ray_device, parse_ts
 
 
 @click.command("report")
@@ -39,14 +39,19 @@ from .options import RAY_OPTION, parse_ts
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Also plot accuracy vs energy and SOPs per layer (.png/.pdf/.svg; needs matplotlib).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@DEVICE_OPTION
 @RAY_OPTION
 @click.pass_context
 @handle_errors
 def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | None, label_key: str, batch_size: int | None,
                t0: int | None, layer_T: int | None, weights: str, analog_macs: str, mac_count: str,
                sop_fj: float, flop_pj: float, flops_per_mac: float, ac_pj: float, mac_pj: float,
-               json_path: str | None, plot_path: str | None, progress: bool, ray_address: str | None) -> None:
-    """What the SNN MODEL costs per input at each T: spikes, SOPs, MACs, energy, per layer."""
+               json_path: str | None, plot_path: str | None, progress: bool, device: str,
+               ray_address: str | None) -> None:
+    """What the SNN MODEL costs per input at each T: spikes, SOPs, MACs, energy, per layer.
+
+    With --device cuda the SNN (and the ANN of --ann) run on the GPU; the spike counts are
+    copied to the host at every step."""
     from ..analysis.report import cmos45_energy, paper_energy, report
     from ..analysis.report_format import format_report, plot_report, require_matplotlib
     from ..errors import ConfigError
@@ -57,6 +62,7 @@ def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | No
     bad = [f"{k} {v}" for k, v in values.items() if not v >= 0]
     if bad:
         raise ConfigError(f"energy constants must be >= 0, got {', '.join(bad)}")
+    check_ray_device(ray_address, device)
     ts = parse_ts(Ts)
     if layer_T is not None and layer_T not in ts:
         raise ConfigError(f"--layer-T {layer_T} is not one of the timesteps -T {Ts}")
@@ -65,7 +71,7 @@ def report_cmd(ctx: click.Context, model: str, data: str, Ts: str, ann: str | No
     result = report(model, data, ts, ann=ann, label_key=label_key, batch_size=batch_size, t0=t0,
                     energy=(paper_energy(sop_fj, flop_pj, flops_per_mac), cmos45_energy(ac_pj, mac_pj)),
                     nonzero_weights=weights == "nonzero", analog_once=analog_macs == "once", mac_count=mac_count,
-                    show_progress=progress and not ctx.obj["quiet"], ray_address=ray_address)
+                    show_progress=progress and not ctx.obj["quiet"], ray_address=ray_address, device=device)
     click.echo(format_report(result, layer_T))
     if json_path:
         write_atomic(json_path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())

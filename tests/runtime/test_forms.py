@@ -6,7 +6,8 @@ conversion). Every form must give the same readouts to ``RTOL`` (1e-5) relative,
 invariant stated in runtime/reference.py (max|a - b| / max(max|ref|, 1e-6), per output,
 with NaN in the same places):
 
-* ``mode="step"`` with and without bound buffers (``bind``), with threads 1 and 2;
+* ``mode="step"`` with and without bound buffers (``bind``), with threads 1 and 2, and
+  device-resident (``resident=True``: states and readout sums in onnxruntime buffers);
 * ``mode="layered"`` with the automatic chunk and chunks of 1, 3 and 7 steps (skipped
   for a graph the layered form refuses with a ConfigError), with 2 threads;
 * ``unit_thresholds=False`` with step and with layered; ``mode="auto"``;
@@ -67,6 +68,7 @@ FORMS: dict[str, dict[str, Any]] = {
     "step/nounit": {"mode": "step", "unit_thresholds": False},
     "step/threads1": {"mode": "step", "threads": 1},
     "step/threads2": {"mode": "step", "threads": 2},
+    "step/resident": {"mode": "step", "resident": True},
     "layered": {"mode": "layered"},
     "layered/chunk1": {"mode": "layered", "chunk": 1},
     "layered/chunk3": {"mode": "layered", "chunk": 3},
