@@ -158,7 +158,7 @@ class CompileConfig:
         if self.max_memory < 0:
             raise ConfigError(f"max_memory is a size in GiB (0: the default), got {self.max_memory} (--max-memory)")
         check_device(self.device)
-        if self.ray is not None and self.device != "cpu":
+        if self.ray and self.device != "cpu":
             raise ConfigError("ray calibrates on CPU workers for now: drop --ray to calibrate on one GPU with "
                               "--device cuda, or drop --device cuda to calibrate over Ray")
         if self.device == "cuda":  # before the pipeline, not at the first calibration batch

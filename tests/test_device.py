@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import ann2snn
+from ann2snn.errors import ConfigError
 from ann2snn.cli import main
 from ann2snn.device import CUDA_EP, DeviceError, providers_for
 from ann2snn.runtime import SpikingSession
@@ -219,3 +220,11 @@ def test_gpu_resident_matches_the_cpu(name: str, data: str, tmp_path: Path) -> N
                     assert np.abs(got - ref).mean() <= 0.05 * max(float(np.abs(ref).mean()), 1e-6), (T, k)
     compiled = ann2snn.compile(MODELS / f"{name}.onnx", calib, iters=4, batch=16, device="cuda")
     assert isinstance(compiled, onnx.ModelProto)
+
+
+def test_ray_calibration_with_cuda_is_refused() -> None:
+    """compile --ray calibrates on CPU workers: asking for the GPU too is refused before anything runs."""
+    from ann2snn import CompileConfig
+
+    with pytest.raises(ConfigError, match="drop --ray"):
+        CompileConfig(ray="local", device="cuda")
