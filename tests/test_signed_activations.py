@@ -42,14 +42,18 @@ ACTS = {
 }
 
 
-def net(act: str) -> onnx.ModelProto:
+def net(act: str, pool: bool = False) -> onnx.ModelProto:
+    """NET with ACT, and with ``pool`` a 2x2 MaxPool after it."""
     rng = np.random.default_rng(1)
+    text = NET.replace("ACT", ACTS[act])
+    if pool:
+        text = text.replace("f = Flatten (a1)", "a2 = MaxPool <kernel_shape=[2,2], strides=[2,2]> (a1)\n  f = Flatten (a2)")
     w = {"W0": rng.normal(0, 0.5, (4, 2, 3, 3)), "b0": rng.normal(0, 0.1, 4), "W1": rng.normal(0, 0.4, (4, 4, 3, 3)),
-         "b1": rng.normal(0, 0.2, 4), "W2": rng.normal(0, 0.2, (8, 144)), "b2": rng.normal(0, 0.1, 8),
+         "b1": rng.normal(0, 0.2, 4), "W2": rng.normal(0, 0.2, (8, 36 if pool else 144)), "b2": rng.normal(0, 0.1, 8),
          "W3": rng.normal(0, 0.5, (3, 8)), "b3": np.zeros(3)}
     extra = {"PRelu": {"slope": rng.uniform(0.05, 0.3, (4, 1, 1))},
              "Gelu": {"sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5}}.get(act, {})
-    return build(NET.replace("ACT", ACTS[act]), {**w, **extra})
+    return build(text, {**w, **extra})
 
 
 def data(n: int, seed: int) -> dict[str, np.ndarray]:
@@ -210,3 +214,21 @@ def test_probe_refuses_signed_sites() -> None:
 
     with pytest.raises(UnsupportedModelError, match=r"LeakyRelu.*signed site.*--signed-sites off"):
         probe_layers(net("LeakyRelu"), data(64, 0), data(4, 1), [4], iters=5)
+
+
+@pytest.mark.parametrize("act,swapped", [("LeakyRelu", True), ("Gelu", False), ("HardSwish", False)])
+def test_maxpool_moves_before_monotone_sites_only(act: str, swapped: bool) -> None:
+    """max(f(z)) = f(max(z)) for non-decreasing f only: GELU and HardSwish keep the pool after them,
+    and the compiled model still converges to the ANN."""
+    from ann2snn.passes.canonicalize_activations import canonicalize_activations
+    from ann2snn.passes.find_activations import find_activations
+    from ann2snn.passes.swap_maxpool import swap_maxpool
+    from conftest import apply
+
+    ann = net(act, pool=True)
+    state, _ = apply(ann, canonicalize_activations, find_activations, swap_maxpool, signed_sites="output")
+    site = [s for s in state.sites if s.signed][0]
+    assert site.shape == ((4, 3, 3) if swapped else (4, 6, 6))
+    snn = ann2snn.compile(ann, data(256, 0), signed_sites="output", method="max")
+    err = rel_error(snn, ann, data(64, 1), [8, 256])
+    assert err[256][0] < err[8][0] and err[256][0] < 0.08, err
