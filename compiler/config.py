@@ -17,6 +17,16 @@ MAXPOOL_MODES = ("cumulative", "instant")
 NEURONS = ("if", "signed")
 #: how a nonlinear op on a time-varying signal is run (``--nonlinear``)
 NONLINEAR_MODES = ("analog", "compensate")
+#: where the neuron of a signed activation site sits (``--signed-sites``, docs/signed_activations.md):
+#: ``auto`` (LeakyReLU and PReLU as ``output`` sites, the smooth ones as ordinary analog ops), on
+#: the op's output (the op compensated on its input current), on its input current (the op
+#: compensated on the neuron's spikes), or nowhere (an ordinary analog op, as before)
+SIGNED_SITE_FORMS = ("auto", "output", "input", "off")
+#: the form ``auto`` gives LeakyReLU / PReLU (benchmarks/results/signed_activations.md)
+AUTO_SIGNED_FORM = "output"
+#: options added after format 1 of the metadata: recorded only when they differ from their
+#: defaults, so that a model compiled with the defaults keeps the bytes it had before them
+LATER_OPTIONS = ("signed_sites", "respike")
 #: what ``eval --task`` scores: top-1 accuracy, mIoU, mAP (ann2snn.analysis.tasks)
 TASKS = ("classification", "segmentation", "detection")
 
@@ -52,6 +62,17 @@ class CompileConfig:
         runs, with everything after it, in the analog tail on the readout. ``compensate``:
         expectation compensation keeps it in the step graph; it keeps the running sums of its
         time-varying inputs and emits the increment of t·f(mean input) (docs/compensation.md).
+    signed_sites: what becomes of LeakyReLU, PReLU, SiLU, GELU and HardSwish (activations with a
+        negative part). ``auto``: LeakyReLU and PReLU become ``output`` sites (without, they are an
+        error inside the spiking part), SiLU, GELU and HardSwish stay as with ``off``. ``output``: the op is applied with expectation compensation to its input
+        current and a symmetric signed neuron (spikes of ±1) sits on its output, so the next
+        weighted op reads signed spikes. ``input``: the signed neuron sits on the input current
+        and the op is applied with expectation compensation to its spikes. ``off``: an ordinary
+        analog op (LeakyReLU / PReLU inside the spiking part are then an error, the others end it
+        or are compensated with ``nonlinear='compensate'``).
+    respike: with ``nonlinear='compensate'``, a compensated op whose output reaches a weighted op
+        (Conv, ConvTranspose, Gemm, MatMul with a constant weight) gets a symmetric signed neuron on
+        its output, so that the weighted op reads spikes, not real-valued increments.
     strict: a non-spike-compatible op inside the spiking part is an error instead of
         ending the spiking part there with a warning.
     spiking_until: tensors whose consumers, and everything after them, run in the analog
@@ -97,6 +118,8 @@ class CompileConfig:
     neuron: str = "if"
     burst: int = 1
     nonlinear: str = "analog"
+    signed_sites: str = "auto"
+    respike: bool = True
     strict: bool = False
     spiking_until: tuple[str, ...] = ()
     threads: int = 0
@@ -132,6 +155,9 @@ class CompileConfig:
         if self.nonlinear not in NONLINEAR_MODES:
             raise ConfigError(f"nonlinear '{self.nonlinear}' is unknown; use one of {', '.join(NONLINEAR_MODES)} "
                               "(--nonlinear)")
+        if self.signed_sites not in SIGNED_SITE_FORMS:
+            raise ConfigError(f"signed_sites '{self.signed_sites}' is unknown; use one of "
+                              f"{', '.join(SIGNED_SITE_FORMS)} (--signed-sites)")
         if isinstance(self.burst, bool) or int(self.burst) != self.burst or self.burst < 1:
             raise ConfigError(f"burst is the most spikes per neuron and step, an integer >= 1, got {self.burst!r} "
                               "(--burst)")
@@ -184,6 +210,9 @@ class CompileConfig:
         # search under its own key (ann2snn.search), so compiling the chosen options gives the same bytes
         for search_only in ("target_T", "search_budget", "min_agreement"):
             d.pop(search_only)
+        for later in LATER_OPTIONS:
+            if d[later] == getattr(CompileConfig, later):
+                d.pop(later)
         d["spiking_until"] = list(d["spiking_until"])
         d["mean"], d["std"] = list(d["mean"]), list(d["std"])
         return d

@@ -194,6 +194,11 @@ def calibrate_ray(state: PassState, source: Any, workers: int | None = None) -> 
     from ann2snn.passes._thresholds import finish_ltb, finish_stats, ltb_step, stats_iters
 
     cfg = state.config
+    signed = [s.node for s in state.sites if s.signed]
+    if signed:
+        raise ConfigError(f"compile --ray does not calibrate signed activation sites yet ('{signed[0]}' and "
+                          f"{len(signed) - 1} more: LeakyReLU / PReLU / SiLU / GELU / HardSwish neurons); drop --ray, "
+                          "or pass --signed-sites off to keep those ops analog")
     source = _check_source(source, state)
     ray = connect(cfg.ray)
     threads = cfg.threads or 1

@@ -19,6 +19,13 @@ class Site:
     activation's output (after emission: the spike tensor). ``theta`` holds one threshold
     per channel (or one per layer) once calibration has run; ``mean_act`` the mean
     ReLU(pre) per neuron (shape ``shape``) over the calibration data (for the readout delay).
+
+    ``kind`` says which neuron: ``relu`` (the IF / signed neuron of ``--neuron`` on ``pre``), or
+    a signed site (docs/signed_activations.md) with a symmetric signed neuron: ``output`` (the
+    node applied with expectation compensation to its time-varying inputs, at the positions
+    ``varying``, and the neuron on its output ``post``) or ``input`` (the neuron on ``pre``, the
+    node compensated on its spikes). For signed sites θ is calibrated on |value| and
+    ``mean_act`` is the mean |value|.
     """
 
     node: str
@@ -29,6 +36,18 @@ class Site:
     shape: tuple[int, ...] = ()
     theta: np.ndarray | None = None
     mean_act: np.ndarray | None = None
+    kind: str = "relu"
+    varying: tuple[int, ...] = (0,)
+
+    @property
+    def signed(self) -> bool:
+        """Whether the site is a signed site (a symmetric signed neuron, the op compensated)."""
+        return self.kind != "relu"
+
+    @property
+    def probe(self) -> str:
+        """The tensor the neuron integrates in the ANN: the node's input, or its output for ``output``."""
+        return self.post if self.kind == "output" else self.pre
 
     def theta_shape(self, granularity: str) -> tuple[int, ...]:
         """Shape of the threshold tensor, broadcastable against ``[N, *shape]``."""

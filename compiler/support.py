@@ -86,6 +86,12 @@ VARYING_INPUTS: dict[str, str] = {
 
 #: activations with a negative part, which IF neurons (positive spikes only) cannot carry
 NEGATIVE_SLOPE = ("LeakyRelu", "PRelu")
+#: fixed one-input activations with a negative part that become signed activation sites
+#: (``--signed-sites``, docs/signed_activations.md): a symmetric signed neuron and the op under
+#: expectation compensation. Standard ops (PReLU with a constant slope) ...
+SIGNED_ACTIVATIONS = frozenset({"LeakyRelu", "PRelu", "HardSwish", "Gelu"})
+#: ... and the model-local functions of canonicalize_activations (ann2snn.activations domain)
+SIGNED_ACTIVATION_FUNCTIONS = frozenset({"SiLU", "HardSwish", "Gelu", "GeluTanh"})
 
 REJECT_REASONS: dict[str, tuple[str, str]] = {
     "control": (
@@ -155,6 +161,13 @@ def compensable(op_type: str, domain: str = "") -> bool:
     if domain == ACTIVATION_DOMAIN:
         return op_type in COMPENSABLE_FUNCTIONS
     return domain in ("", "ai.onnx") and op_type in COMPENSABLE
+
+
+def signed_activation(op_type: str, domain: str = "") -> bool:
+    """Whether the op may become a signed activation site (see SIGNED_ACTIVATIONS)."""
+    if domain == ACTIVATION_DOMAIN:
+        return op_type in SIGNED_ACTIVATION_FUNCTIONS
+    return domain in ("", "ai.onnx") and op_type in SIGNED_ACTIVATIONS
 
 
 def role(op_type: str, domain: str = "") -> str | None:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -119,14 +121,16 @@ class Normalised(nn.Module):
 ARCHS = {"vgg": FashionVGG, "resnet": FashionResNet}
 
 
-def train(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> None:
-    """SGD with momentum, one-cycle schedule, random horizontal flips and 2-pixel shifts."""
+def train(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, bs: int = 128,
+          optimizer: Callable[[Any], torch.optim.Optimizer] | None = None, max_lr: float = 0.1) -> None:
+    """SGD with momentum (or ``optimizer(parameters)``), one-cycle schedule up to ``max_lr``,
+    batches of ``bs``, random horizontal flips and 2-pixel shifts."""
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy((x - FASHION_MEAN) / FASHION_STD), torch.from_numpy(y)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    bs = 128
+    opt = (optimizer(net.parameters()) if optimizer is not None else
+           torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True))
     steps = epochs * (len(xt) // bs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps)
     loss_fn = nn.CrossEntropyLoss()
     net.train()
     for ep in range(epochs):

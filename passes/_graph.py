@@ -118,3 +118,20 @@ def apply_node(node: gs.Node, x: np.ndarray, opset: int = 17) -> list[np.ndarray
     model = gs.export_onnx(graph, do_type_check=False)
     sess = make_session(model)
     return [np.asarray(v) for v in sess.run(None, {"x": x})]
+
+
+def channel_axis(tensor: gs.Tensor, rank: int) -> int:
+    """Axis of the channels / neurons: 1 for Conv and Gemm outputs, the last for MatMul."""
+    t = tensor
+    for _ in range(8):  # look through bias adds, pooling and the like
+        if len(t.inputs) != 1:
+            break
+        prod = t.inputs[0]
+        if prod.op == "MatMul":
+            return rank - 1
+        if prod.op in ("Conv", "ConvTranspose", "Gemm"):
+            return 1
+        if not prod.inputs:
+            break
+        t = prod.inputs[0]
+    return 1

@@ -60,6 +60,29 @@ class _Builder:
         return gs.Constant(f"{self.prefix}/c_{self.count}", np.array(value, np.float32))
 
 
+def _signed_ltb_site(b: _Builder, act: gs.Node, site: Site, theta: gs.Variable, per_channel: bool,
+                     eta: float) -> tuple[gs.Variable, gs.Variable]:
+    """LTB at a signed site, on both signs with one θ: θ' = θ + 2η·mean(ReLU(|p| − θ)), and the
+    probed tensor p (the node's output, or its input for kind ``input``) is clipped to [−θ', θ'].
+    Returns (θ', the mean |p| per neuron)."""
+    if site.kind == "output":
+        out = act.outputs[0]
+        raw = gs.Variable(f"{b.prefix}/raw_{b.count}", dtype=np.float32)
+        act.outputs[0] = raw
+        p = raw
+    else:
+        p = act.inputs[0]
+    size = b.op("Abs", [p])
+    excess = b.op("Sub", [size, b.op("Min", [size, theta])])  # ReLU(|p| - θ), θ >= 0
+    step = b.op("Mul", [b.reduce_mean(excess, _reduce_axes(site, per_channel)), b.const(2.0 * eta)])
+    new_theta = b.op("Add", [theta, step])
+    clipped = b.op("Max", [b.op("Min", [p, new_theta]), b.op("Neg", [new_theta])],
+                   out=out if site.kind == "output" else None)
+    if site.kind == "input":
+        act.inputs[0] = clipped
+    return new_theta, b.reduce_mean(size, [0])
+
+
 def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
     cfg = state.config
     graph = state.graph.copy()
@@ -69,11 +92,17 @@ def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
     theta_inputs, theta_outputs, stat_outputs = [], [], []
     for i, site in enumerate(state.sites):
         act = nodes[site.node]
+        shape = site.theta_shape(cfg.granularity)
+        theta = gs.Variable(f"ltb/theta_{i}", dtype=np.float32, shape=list(shape))
+        if site.signed:
+            new_theta, stat = _signed_ltb_site(b, act, site, theta, cfg.granularity == "channel", cfg.eta)
+            theta_inputs.append(theta)
+            theta_outputs.append(new_theta)
+            stat_outputs.append(stat)
+            continue
         z, out = tensors[site.pre], act.outputs[0]
         act.inputs.clear()
         act.outputs.clear()
-        shape = site.theta_shape(cfg.granularity)
-        theta = gs.Variable(f"ltb/theta_{i}", dtype=np.float32, shape=list(shape))
         capped = site.cap is not None and cfg.keep_clip_cap
         relu = b.op("Relu", [z])  # z's only consumer: onnxruntime fuses it into the Conv / Gemm
         if not capped or site.cap >= 0:
@@ -122,7 +151,7 @@ def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
     cfg = state.config
     graph = state.graph.copy()
     tensors = graph.tensors()
-    graph.outputs = [tensors[s.pre] for s in state.sites]
+    graph.outputs = [tensors[s.probe] for s in state.sites]
     for t in graph.outputs:
         t.dtype = np.float32
     sess = make_session(export(graph.cleanup().toposort(), state.opset), cfg.threads, device=cfg.device)
@@ -135,6 +164,8 @@ def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
     seen = 0
     for feeds in progress(source.batches(iters, cfg.batch, cfg.seed), iters, f"calibrating ({cfg.method})", cfg.progress):
         for j, (site, z) in enumerate(zip(state.sites, run_checked(sess, names, feeds, "calibration data"))):
+            if site.signed:  # one θ for both signs: the statistics of |value|
+                z = np.abs(z)
             sums[j] += np.maximum(z, 0).mean(axis=0)
             flat = channel_rows(z, site, per_channel)
             if cfg.method == "max":

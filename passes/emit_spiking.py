@@ -33,7 +33,8 @@ from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
 from ann2snn.support import ACTIVATION_DOMAIN
 from ann2snn.runtime.reference import value_types
-from ann2snn.runtime.ops import BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, IF_OP, neuron_function, neuron_op
+from ann2snn.runtime.ops import (BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, IF_OP, SYMMETRIC_OP, neuron_function,
+                                 neuron_op)
 from ann2snn.runtime.unitform import unit_form
 
 from ._compensation import emit_compensation
@@ -265,6 +266,38 @@ def _burst_input(site: Site, cfg: CompileConfig, shared: gs.Constant) -> gs.Cons
     return gs.Constant(f"{site.node}/max_spikes_per_step", limit)
 
 
+def _place_signed_neurons(graph: gs.Graph, sites: list[Site], nodes: dict[str, gs.Node], batch: int | str
+                          ) -> tuple[dict[str, gs.Node], dict[str, list[int]]]:
+    """Put a (not yet configured) neuron node at each signed site: on the op's output (kind
+    ``output``: the op then writes its increments into the neuron) or on its input current
+    (``input``: the op then reads the neuron's spikes). Returns the neuron nodes by site and
+    the ops to compensate, with the positions of their time-varying inputs."""
+    neurons: dict[str, gs.Node] = {}
+    ops: dict[str, list[int]] = {}
+    taken = set(graph.tensors())
+    for site in sites:
+        if not site.signed:
+            continue
+        f = nodes[site.node]
+        shape = [batch] + list(site.shape)
+        if site.kind == "output":
+            y = f.outputs[0]
+            inc = gs.Variable(unique_name(taken, f"{y.name}/increment"), dtype=np.float32, shape=shape)
+            f.outputs[0] = inc
+            neuron = gs.Node(SYMMETRIC_OP, name=f"{site.node}/IF", domain=DOMAIN, inputs=[inc], outputs=[y])
+        else:
+            z = f.inputs[0]
+            spikes = gs.Variable(unique_name(taken, f"{site.node}/spikes"), dtype=np.float32, shape=shape)
+            f.inputs[0] = spikes
+            if f.outputs[0].shape is None:  # the compensated op's states need its output's shape
+                f.outputs[0].shape = shape
+            neuron = gs.Node(SYMMETRIC_OP, name=f"{site.node}/IF", domain=DOMAIN, inputs=[z], outputs=[spikes])
+        graph.nodes.append(neuron)
+        neurons[site.node] = neuron
+        ops[site.node] = list(site.varying)
+    return neurons, ops
+
+
 def emit_spiking(state: PassState) -> onnx.ModelProto:
     """Turn the calibrated graph into the spiking step model (see module doc)."""
     cfg = state.config
@@ -292,19 +325,26 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     if cfg.maxpool == "cumulative":
         for name in state.varying_pools:
             v_outs += _cumulative_maxpool(graph, nodes[name], batch, states)
+    # signed sites: a symmetric neuron placed on the op's output or input, the op compensated
+    signed_neurons, site_ops = _place_signed_neurons(graph, state.sites, nodes, batch)
     # nonlinear ops kept spiking by expectation compensation (--nonlinear compensate)
-    ec_functions, compensated = emit_compensation(graph, state.compensated, batch, state.opset, states, v_outs)
+    ec_functions, compensated = emit_compensation(graph, {**state.compensated, **site_ops}, batch, state.opset,
+                                                  states, v_outs)
     op = neuron_op(cfg.neuron, cfg.burst)
     burst_const = gs.Constant("ann2snn/max_spikes_per_step", np.array(cfg.burst, np.float32))
     for site in state.sites:
-        act = nodes[site.node]
-        z, spikes = tensors[site.pre], tensors[site.post]
+        if site.signed:
+            act = signed_neurons[site.node]
+            z, spikes = act.inputs[0], act.outputs[0]
+        else:
+            act = nodes[site.node]
+            z, spikes = tensors[site.pre], tensors[site.post]
         thresholds, values = _neuron_values(site, cfg.granularity)
         state_shape = [batch] + list(site.shape)
         v_in = gs.Variable(f"{site.node}/v", dtype=np.float32, shape=state_shape)
         v_out = gs.Variable(f"{site.node}/v_next", dtype=np.float32, shape=state_shape)
         theta = gs.Constant(f"{site.node}/threshold", thresholds)
-        act.op, act.domain, act.attrs = op, DOMAIN, {}
+        act.op, act.domain, act.attrs = SYMMETRIC_OP if site.signed else op, DOMAIN, {}
         act.name = f"{site.node}/IF"
         act.inputs = [z, v_in, theta]
         act.outputs = [spikes, v_out]
@@ -330,6 +370,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
             "spikes": spikes.name, "shape": list(site.shape), "channel_axis": site.channel_axis,
             "v0": cfg.v0, "units": int(np.prod(site.shape)), "dead_channels": int((site.theta <= 0).sum()),
             "theta_min": float(live.min()) if live.size else 0.0, "theta_max": float(live.max()) if live.size else 0.0,
+            **({"site": site.kind, "source": site.node} if site.signed else {}),
         })
     for name, t in graph.tensors().items():  # θ folded into weights must stay finite in float32
         if isinstance(t, gs.Constant) and t.values.dtype.kind == "f" and name not in nonfinite_before \
@@ -344,6 +385,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     graph.cleanup().toposort()
     model = export(graph, state.opset, state.ir_version)
     model.functions.append(neuron_function(op, state.opset))
+    if signed_neurons:
+        model.functions.append(neuron_function(SYMMETRIC_OP, state.opset))
     model.functions.extend(ec_functions)
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     # model-local activation functions (canonicalize_activations), also called from the tail

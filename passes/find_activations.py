@@ -1,4 +1,6 @@
-"""Find the activation sites: ReLU and Clip(0, c) / ReLU6 nodes."""
+"""Find the activation sites: ReLU and Clip(0, c) / ReLU6 nodes, and (``--signed-sites``, not
+``off``) the signed activation sites: LeakyReLU, PReLU with a constant slope, SiLU, GELU and
+HardSwish (docs/signed_activations.md)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +8,10 @@ import onnx_graphsurgeon as gs
 
 from ann2snn.errors import NodeProblem
 from ann2snn.state import PassState, Site
+from ann2snn.config import AUTO_SIGNED_FORM
+from ann2snn.support import NEGATIVE_SLOPE, signed_activation
 
-from ._graph import const_value, static_shape
+from ._graph import channel_axis, const_value, static_shape
 
 
 def _clip_bounds(node: gs.Node) -> tuple[float | None, float | None] | None:
@@ -24,29 +28,27 @@ def _clip_bounds(node: gs.Node) -> tuple[float | None, float | None] | None:
     return bounds[0], bounds[1]
 
 
-def _channel_axis(tensor: gs.Tensor, rank: int) -> int:
-    """Axis of the channels / neurons: 1 for Conv and Gemm outputs, the last for MatMul."""
-    t = tensor
-    for _ in range(8):  # look through bias adds, pooling and the like
-        if len(t.inputs) != 1:
-            break
-        prod = t.inputs[0]
-        if prod.op == "MatMul":
-            return rank - 1
-        if prod.op in ("Conv", "ConvTranspose", "Gemm"):
-            return 1
-        if not prod.inputs:
-            break
-        t = prod.inputs[0]
-    return 1
+def _signed_form(node: gs.Node, option: str) -> str:
+    """The form of a signed site at ``node`` under ``--signed-sites option`` ("off": none)."""
+    if not signed_activation(node.op, node.domain or ""):
+        return "off"
+    if option == "auto":
+        return AUTO_SIGNED_FORM if node.op in NEGATIVE_SLOPE and not node.domain else "off"
+    return option
 
 
 def find_activations(state: PassState) -> PassState:
-    """Record every ReLU-like node as a Site (pre-activation tensor, output, cap, shape)."""
+    """Record every ReLU-like node, and every signed activation, as a Site (pre-activation tensor,
+    output, cap, shape, kind)."""
     sites = []
+    signed = state.config.signed_sites
     for node in state.graph.nodes:
+        kind = "relu"
         if node.op == "Relu":
             cap = None
+        elif _signed_form(node, signed) != "off" and node.inputs \
+                and all(const_value(t) is not None for t in node.inputs[1:] if t.name):
+            cap, kind = None, _signed_form(node, signed)
         elif node.op == "Clip":
             bounds = _clip_bounds(node)
             if bounds is None or bounds[0] != 0.0:
@@ -64,7 +66,10 @@ def find_activations(state: PassState) -> PassState:
                 f"has an input '{pre.name}' whose per-sample shape is unknown ({pre.shape}), so its neurons cannot be laid out",
                 "export the model with a fixed input size (only the batch dimension may be dynamic)"))
             continue
-        axis = _channel_axis(pre, len(shape) + 1)
-        sites.append(Site(node=node.name, pre=pre.name, post=node.outputs[0].name, cap=cap, channel_axis=axis, shape=shape))
+        axis = channel_axis(pre, len(shape) + 1)
+        sites.append(Site(node=node.name, pre=pre.name, post=node.outputs[0].name, cap=cap, channel_axis=axis, shape=shape,
+                          kind=kind))
     state.sites = sites
+    if any(s.signed for s in sites):  # for inspect: told apart from the compensated ops re-spiked later
+        state.metadata["signed_activations"] = [s.node for s in sites if s.signed]
     return state

@@ -20,8 +20,10 @@ import onnx_graphsurgeon as gs
 
 from ann2snn.errors import NodeProblem, UnsupportedModelError
 from ann2snn.macs import node_macs
-from ann2snn.state import PassState
+from ann2snn.state import PassState, Site
 from ann2snn.support import NEGATIVE_SLOPE, PREPOOL, compensable, role, spike_safe
+
+from ._graph import channel_axis, static_shape
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +74,15 @@ def _classify(graph: gs.Graph, neuron_nodes: set[str], cumulative: bool,
     return spiking, tail
 
 
-def _reaches_weight(graph: gs.Graph, start: gs.Node, spiking: set[str]) -> bool:
-    """Whether a weighted node inside the spiking part lies downstream of ``start``."""
+def _reaches_weight(graph: gs.Graph, start: gs.Node, spiking: set[str], stop: set[str] | frozenset[str] = frozenset()
+                    ) -> bool:
+    """Whether a weighted node inside the spiking part lies downstream of ``start`` (not through
+    the nodes named in ``stop``)."""
     stack = [c for t in start.outputs for c in t.outputs]
     seen: set[str] = set()
     while stack:
         node = stack.pop()
-        if node.name in seen or node.name not in spiking:
+        if node.name in seen or node.name not in spiking or node.name in stop:
             continue
         seen.add(node.name)
         if node.op in WEIGHTED:
@@ -181,6 +185,7 @@ def partition_graph(state: PassState) -> PassState:
     neurons, spiking, tail, notes = _extend_prefix(graph, nodes, {s.node for s in state.sites}, cumulative, cut,
                                                    candidates)
     state.compensated = _compensated(graph, spiking, neurons, candidates)
+    respiked = _respike(state, spiking, neurons) if state.config.respike else []
     state.metadata["prefix_notes"] = notes
     analog_sites = {s.node for s in state.sites if s.node not in neurons}
     # nodes that end the spiking part: tail nodes fed by the spiking part, directly or through
@@ -234,10 +239,17 @@ def partition_graph(state: PassState) -> PassState:
     elif not state.sites:
         log.warning("the model has no ReLU-like activation, so no neuron: the compiled model is not spiking (it "
                     "computes the ANN's outputs once per input); run `ann2snn inspect model.onnx` to see each op's role")
-    share = _mac_share(graph, neurons, spiking, set(tail), set(state.compensated))
-    if state.compensated:  # for inspect: what reads a compensated op's real-valued increments
-        state.metadata["on_increments"] = sorted(spiking - neurons - set(state.compensated) - _on_spikes(
-            graph, neurons, spiking, set(state.compensated)))
+    # signed sites are neurons whose op is compensated: their own MACs (a compensated MatMul of
+    # two activations) run on increments, what reads their neuron's output reads spikes
+    # (kind 'input': the neuron sits before the op, so what reads the op reads increments)
+    signed_in = {s.node for s in state.sites if s.kind == "input" and s.node in neurons}
+    spike_sources = (neurons - signed_in) | {s.node for s in respiked}
+    analog_steps = set(state.compensated) | {s.node for s in state.sites if s.signed and s.node in neurons} \
+        | {s.node for s in respiked}
+    share = _mac_share(graph, spike_sources, spiking, set(tail), analog_steps)
+    if analog_steps:  # for inspect: what reads a compensated op's real-valued increments
+        state.metadata["on_increments"] = sorted(spiking - neurons - analog_steps - _on_spikes(
+            graph, spike_sources, spiking, analog_steps))
     state.metadata["macs"] = share
     if share["total"] and share["spiking"] < 0.5 * share["total"]:
         def named(ns: list[gs.Node]) -> str:
@@ -253,7 +265,8 @@ def partition_graph(state: PassState) -> PassState:
                     100.0 * share["spiking"] / share["total"], share["spiking"], share["total"], where,
                     100.0 * share["prefix"] / share["total"], 100.0 * share["tail"] / share["total"],
                     100.0 * share.get("compensated", 0) / share["total"])
-    state.sites = [s for s in state.sites if s.node in neurons]
+    order = {n.name: k for k, n in enumerate(graph.nodes)}
+    state.sites = sorted([s for s in state.sites if s.node in neurons] + respiked, key=lambda s: order[s.node])
     state.spiking = [n.name for n in graph.nodes if n.name in spiking and n.name not in neurons]
     # an activation that stayed analog is in the tail when it reads a time-varying signal (then
     # _classify put it there); one in the time-constant prefix stays there, computed once per
@@ -320,6 +333,28 @@ def _on_spikes(graph: gs.Graph, neurons: set[str], spiking: set[str], compensate
                     seen.add(c.name)
                     todo.append(c)
     return seen
+
+
+def _respike(state: PassState, spiking: set[str], neurons: set[str]) -> list[Site]:
+    """The compensated ops whose output a weighted op reads (``--respike``): each becomes a signed
+    site of kind ``output`` (its symmetric neuron re-spikes the increments) and leaves
+    ``state.compensated``. Their order is the graph's."""
+    graph = state.graph
+    stop = neurons | set(state.compensated)
+    out: list[Site] = []
+    for node in graph.nodes:
+        if node.name not in state.compensated or not _reaches_weight(graph, node, spiking, stop):
+            continue
+        y = node.outputs[0]
+        shape = static_shape(y)
+        if shape is None or len(shape) == 0:
+            continue  # candidates have static shapes; a scalar per sample has no channel to spike
+        out.append(Site(node=node.name, pre=node.inputs[state.compensated[node.name][0]].name, post=y.name, cap=None,
+                        channel_axis=channel_axis(y, len(shape) + 1), shape=shape, kind="output",
+                        varying=tuple(state.compensated[node.name])))
+    for site in out:
+        del state.compensated[site.node]
+    return out
 
 
 def _static_sample_shape(t: gs.Tensor) -> bool:

@@ -17,6 +17,13 @@ count_next)`` (``--neuron signed --burst N``): the signed neuron allowed to move
 to ``max_spikes`` per step (a burst of N spikes, as an integer-valued spike): spikes =
 clip(floor(v' / θ), max(-count, -N), N). It does not fall behind when one step brings more than θ.
 
+``ann2snn::SymmetricIFNeuron(current, v, threshold) -> (spikes, v_next)``: the neuron of the
+signed activation sites (LeakyReLU, PReLU, SiLU, GELU, HardSwish and the outputs of
+expectation-compensated ops, docs/signed_activations.md): a spike of +1 when ``v' >= θ`` and of
+-1 when ``v' < 0``, whatever its count, and ``v_next = v' - θ·spikes``. With v(0) = θ/2 and
+per-step currents in [-θ, θ] the membrane stays in [0, θ), so its net count after t steps is
+``round(Σ current / θ)`` for either sign: it stands for clip(x, -θ, θ), in steps of θ.
+
 Because they are FunctionProtos inside the model, stock onnxruntime inlines and runs them; no
 compiled extension is needed.
 """
@@ -30,10 +37,13 @@ DOMAIN = "ann2snn"
 IF_OP = "IFNeuron"
 SIGNED_OP = "SignedIFNeuron"
 BURST_OP = "SignedBurstIFNeuron"
+SYMMETRIC_OP = "SymmetricIFNeuron"
 #: the ops whose second and third inputs are the membrane and the spike-count states
 COUNTING_OPS = (SIGNED_OP, BURST_OP)
 #: every neuron op of the domain
-NEURON_OPS = (IF_OP, *COUNTING_OPS)
+NEURON_OPS = (IF_OP, *COUNTING_OPS, SYMMETRIC_OP)
+#: the neuron ops whose spikes may be negative (the cost report counts |spikes|; NIR cannot say them)
+SIGNED_SPIKE_OPS = (*COUNTING_OPS, SYMMETRIC_OP)
 #: the threshold given to channels that never activated during calibration: they never fire
 DEAD_THRESHOLD = 1e30
 #: runtime-only: IFNeuron with its threshold folded into its input (membrane in units of θ);
@@ -108,6 +118,27 @@ def signed_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+def symmetric_if_neuron_function(opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of SymmetricIFNeuron for a model whose ai.onnx opset is ``opset`` (>= 13)."""
+    nodes = [
+        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])),
+        helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
+        helper.make_node("GreaterOrEqual", ["v_charged", "threshold"], ["fire"], name="compare"),
+        helper.make_node("Less", ["v_charged", "zero"], ["below"], name="below_zero"),
+        helper.make_node("Cast", ["fire"], ["up"], to=TensorProto.FLOAT, name="to_up"),
+        helper.make_node("Cast", ["below"], ["down"], to=TensorProto.FLOAT, name="to_down"),
+        helper.make_node("Sub", ["up", "down"], ["spikes"], name="signed_spikes"),
+        helper.make_node("Mul", ["spikes", "threshold"], ["discharge"], name="discharge"),
+        helper.make_node("Sub", ["v_charged", "discharge"], ["v_next"], name="reset_by_subtraction"),
+    ]
+    return helper.make_function(
+        DOMAIN, SYMMETRIC_OP, ["current", "v", "threshold"], ["spikes", "v_next"], nodes,
+        [helper.make_opsetid("", opset)],
+        doc_string="Integrate-and-fire neuron with reset by subtraction and symmetric signed spikes: +1 when the "
+                   "membrane reaches the threshold, -1 when it falls below 0 (the count may be negative).",
+    )
+
+
 def unit_if_neuron_function(opset: int) -> onnx.FunctionProto:
     """The FunctionProto of UnitIFNeuron(current, v) -> (spikes, v_next): IFNeuron with θ = 1,
     in three elementwise kernels (integrate, a HardSigmoid that is exactly the step v' >= 1,
@@ -134,7 +165,7 @@ def neuron_op(neuron: str, burst: int = 1) -> str:
 def neuron_function(op: str, opset: int) -> onnx.FunctionProto:
     """The FunctionProto of the neuron op ``op`` for a model whose ai.onnx opset is ``opset``."""
     return {IF_OP: if_neuron_function, SIGNED_OP: signed_if_neuron_function,
-            BURST_OP: signed_burst_if_neuron_function}[op](opset)
+            BURST_OP: signed_burst_if_neuron_function, SYMMETRIC_OP: symmetric_if_neuron_function}[op](opset)
 
 
 def if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,3 +191,11 @@ def signed_burst_if_neuron_reference(current: np.ndarray, v: np.ndarray, count: 
     m = np.float32(max_spikes)
     spikes = np.minimum(np.maximum(np.maximum(whole, -count), -m), m).astype(np.float32)
     return spikes, (charged - spikes * threshold).astype(np.float32), (count + spikes).astype(np.float32)
+
+
+def symmetric_if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold: np.ndarray
+                                  ) -> tuple[np.ndarray, np.ndarray]:
+    """numpy reference of one SymmetricIFNeuron step: (spikes, v_next)."""
+    charged = (v + current).astype(np.float32)
+    spikes = (charged >= threshold).astype(np.float32) - (charged < 0).astype(np.float32)
+    return spikes, (charged - spikes * threshold).astype(np.float32)

@@ -80,11 +80,16 @@ def test_spiking_until_moves_the_boundary_by_hand() -> None:
         apply(model, fold_constants, find_activations, swap_maxpool, partition_graph, spiking_until=("nope",))
 
 
-def test_leaky_relu_in_the_middle_is_a_clear_error() -> None:
+def test_leaky_relu_in_the_middle_is_a_clear_error_without_signed_sites() -> None:
+    """--signed-sites off: LeakyReLU inside the spiking part is an error naming the remedy; by
+    default (auto) it is a signed site of kind 'output' and the spiking part goes through it."""
     rng = np.random.default_rng(0)
     text = MIDDLE.replace("s = Sigmoid (k)", "s = LeakyRelu <alpha=0.1> (k)")
     model = build(text, {"W1": rng.normal(0, 1, (6, 4)), "W2": rng.normal(0, 1, (6, 6)), "W3": rng.normal(0, 1, (3, 6))})
     with pytest.raises(UnsupportedModelError, match=r"\(ai.onnx::LeakyRelu\) has a negative slope.*--spiking-until 'k'"):
-        apply(model, fold_constants, find_activations, swap_maxpool, partition_graph)
-    state, _ = apply(model, fold_constants, find_activations, swap_maxpool, partition_graph, spiking_until=("k",))
+        apply(model, fold_constants, find_activations, swap_maxpool, partition_graph, signed_sites="off")
+    state, _ = apply(model, fold_constants, find_activations, swap_maxpool, partition_graph, spiking_until=("k",),
+                     signed_sites="off")
     assert len(state.sites) == 1 and state.boundary == ["k"]
+    state, _ = apply(model, fold_constants, find_activations, swap_maxpool, partition_graph)
+    assert [s.kind for s in state.sites] == ["relu", "output", "relu"] and not state.tail

@@ -117,7 +117,8 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         "neuron_layers": len(state.sites),
         "neurons": sum(int(_prod(s.shape)) for s in state.sites),
         "macs": {"total": total, "spiking": macs["spiking"], "prefix": macs["prefix"], "tail": macs["tail"],
-                 **({"compensated": macs["compensated"]} if state.compensated else {})},
+                 **({"compensated": macs["compensated"]}
+                    if state.compensated or any(s.signed for s in state.sites) else {})},
         "boundary": list(state.boundary),
         "problems": problems,
         "notes": _model_notes(state.metadata),
@@ -160,6 +161,18 @@ def _classify_row(name: str, op: str, domain: str, node: Any, state: Any, cfg: C
         return "unsupported", "; ".join(reject_reason(op, plain))
     if node is None:
         return "folded", state.removed.get(name, "folded into a constant")
+    if name in sites and sites[name].signed:
+        s = sites[name]
+        units = f"symmetric signed neurons (spikes of ±1), {_prod(s.shape)} units"
+        if name not in state.metadata.get("signed_activations", ()):
+            return "compensated", ("expectation-compensated: keeps the running sum of its time-varying input(s) and "
+                                   "emits the increment of t·f(mean input) (--nonlinear compensate); "
+                                   f"{units} re-spike its output for the weighted op after it (--respike)")
+        if s.kind == "output":
+            return "neuron", (f"signed activation site (--signed-sites output): {op} expectation-compensated on its "
+                              f"input current '{s.pre}', {units} on its output")
+        return "neuron", (f"signed activation site (--signed-sites input): {units} integrate '{s.pre}', {op} "
+                          "expectation-compensated on their spikes (what reads it reads increments)")
     if name in sites:
         s = sites[name]
         why = f"IF neurons, {_prod(s.shape)} units, integrates '{s.pre}'"

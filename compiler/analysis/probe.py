@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import CompileConfig
 from ..data.arrays import as_array_dict, check_arrays, input_specs
-from ..errors import DataError
+from ..errors import DataError, NodeProblem, UnsupportedModelError
 from ..modelio import load_model
 from ..ortsession import make_session, run_checked
 from ..state import PassState
@@ -76,6 +76,12 @@ def _activation_model(state: PassState, clip: bool) -> onnx.ModelProto:
     return restore_output_types(export(graph.cleanup().toposort(), state.opset), state.output_types)
 
 
+def _op_of(state: PassState, name: str) -> str:
+    """``domain::op`` of the node ``name`` of the state's graph."""
+    node = next(n for n in state.graph.nodes if n.name == name)
+    return f"{node.domain or 'ai.onnx'}::{node.op}"
+
+
 def probe_layers(model: str | os.PathLike[str] | onnx.ModelProto, calib: Any, data: Any, Ts: Sequence[int],
                  config: CompileConfig | None = None, **options: Any) -> dict[str, Any]:
     """Compile ``model`` on ``calib`` (``config`` / ``options`` as for ann2snn.compile) and
@@ -94,6 +100,12 @@ def probe_layers(model: str | os.PathLike[str] | onnx.ModelProto, calib: Any, da
     state = run_until(proto, cfg, calib, "calibrate_thresholds")
     if not state.sites:
         raise DataError("the model has no neuron layers: there is nothing to probe")
+    signed = [s for s in state.sites if s.signed]
+    if signed:  # the probe compares rate·θ with ReLU(current): not what a signed site stands for
+        raise UnsupportedModelError([NodeProblem(
+            s.node, _op_of(state, s.node), "is a signed site (a symmetric signed neuron with its op compensated), which "
+            "the probe does not measure yet (it compares rate·θ with ReLU of the neuron's current)",
+            "probe the model compiled with '--signed-sites off --no-respike'") for s in signed])
     ann = run_checked(make_session(_activation_model(state, clip=False)), None, feeds, "probe data")
     clipped = run_checked(make_session(_activation_model(state, clip=True)), None, feeds, "probe data")
     thetas = [np.asarray(s.theta, np.float32).reshape(s.theta_shape(cfg.granularity)) for s in state.sites]

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ann2snn.runtime.ops import COUNTING_OPS
+from ann2snn.runtime.ops import SIGNED_SPIKE_OPS
 
 from ..errors import ConfigError, DataError
 from ..modelio import load_model
@@ -229,7 +229,7 @@ def report(
     cost = analyse(proto, nonzero_weights=nonzero_weights, mac_count=mac_count)
     holder: list[SpikeCounter] = []
     session = _counting_session(proto, holder, device)
-    signed = any(n["op"] in COUNTING_OPS for n in cost.neurons)
+    signed = any(n["op"] in SIGNED_SPIKE_OPS for n in cost.neurons)
     holder.append(SpikeCounter({n["spikes"]: n["shape"] for n in cost.neurons}, Ts, signed=signed))
     batch_size = batch_size or default_batch_size(session)
     if ray_address is not None:
@@ -345,7 +345,7 @@ def report_shard(snn: str, data: str, ann: str | None, labels: np.ndarray | None
         _SESSIONS[key] = (_counting_session(proto, holder), holder, neurons)
     session, holder, neurons = _SESSIONS[key]
     counter = SpikeCounter({n["spikes"]: n["shape"] for n in neurons}, Ts,
-                           signed=any(n["op"] in COUNTING_OPS for n in neurons))
+                           signed=any(n["op"] in SIGNED_SPIKE_OPS for n in neurons))
     holder[:] = [counter]
     ann_sess = _ann_session(ann, threads) if ann is not None else None
     sums: list[Any] = []

@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from ..config import GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, NONLINEAR_MODES, TASKS, CompileConfig
+from ..config import (GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, NONLINEAR_MODES, SIGNED_SITE_FORMS, TASKS,
+                      CompileConfig)
 from ..device import DEVICES
 from ..errors import ConfigError
 from .errors import handle_errors
@@ -48,6 +49,15 @@ from .options import (ALLOW_NONFINITE_OPTION, CUDA_GRAPH_OPTION, DEVICE_OPTION, 
 @click.option("--nonlinear", type=click.Choice(NONLINEAR_MODES), default=CompileConfig.nonlinear, show_default=True,
               help="Nonlinear ops on a time-varying signal (Softmax, LayerNorm, GELU, attention products): end the "
                    "spiking part and run in the analog tail, or stay in the step graph by expectation compensation.")
+@click.option("--signed-sites", type=click.Choice(SIGNED_SITE_FORMS), default=CompileConfig.signed_sites,
+              show_default=True,
+              help="LeakyReLU, PReLU, SiLU, GELU, HardSwish: a signed neuron (spikes of +-1) on the op's output, the op "
+                   "compensated on its input current (output); the neuron on the input current, the op compensated on "
+                   "its spikes (input); or an analog op as before (off). auto: output for LeakyReLU and PReLU, off for "
+                   "the others.")
+@click.option("--respike/--no-respike", default=CompileConfig.respike, show_default=True,
+              help="With --nonlinear compensate: a signed neuron after each compensated op that feeds a weighted op, "
+                   "so that the weighted op reads spikes instead of real-valued increments.")
 @click.option("--strict", is_flag=True, help="A non-spike-compatible op inside the spiking part is an error.")
 @click.option("--spiking-until", multiple=True, metavar="TENSOR",
               help="End the spiking part at TENSOR: its consumers and everything after them run in the analog tail "
@@ -118,6 +128,9 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
               help="As for compile (compensated ops are shown as such).")
 @click.option("--keep-clip-cap/--drop-clip-cap", default=CompileConfig.keep_clip_cap, show_default=True,
               help="As for compile (shown in the ReLU6 / Clip rows).")
+@click.option("--signed-sites", type=click.Choice(SIGNED_SITE_FORMS), default=CompileConfig.signed_sites,
+              show_default=True, help="As for compile (signed activation sites are shown as neurons).")
+@click.option("--respike/--no-respike", default=CompileConfig.respike, show_default=True, help="As for compile.")
 @click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=D0xD1x...",
               help="Size of an input whose dimensions are symbolic (e.g. images=1x3x640x640), so that MACs can be "
                    "counted; repeat per input.")
@@ -126,7 +139,8 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
 @click.pass_context
 @handle_errors
 def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spiking_until: tuple[str, ...],
-                nonlinear: str, keep_clip_cap: bool, input_shape: tuple[str, ...], compiled: str | None) -> None:
+                nonlinear: str, keep_clip_cap: bool, signed_sites: str, respike: bool, input_shape: tuple[str, ...],
+                compiled: str | None) -> None:
     """Show, per node of MODEL, whether it spikes, becomes a neuron, is folded, or runs in the analog tail."""
     from ..analysis.inspection import format_inspection, inspect_model
 
@@ -141,7 +155,8 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
             raise ConfigError(f"--input-shape takes NAME=D0xD1x... with positive sizes, batch first "
                               f"(e.g. images=1x3x640x640), got '{item}'")
     info = inspect_model(model, CompileConfig(maxpool=maxpool, spiking_until=tuple(spiking_until),
-                                              keep_clip_cap=keep_clip_cap, nonlinear=nonlinear), input_shapes=shapes or None,
+                                              keep_clip_cap=keep_clip_cap, nonlinear=nonlinear,
+                                              signed_sites=signed_sites, respike=respike), input_shapes=shapes or None,
                          compiled=compiled)
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 

@@ -33,7 +33,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ann2snn.runtime.ops import COUNTING_OPS, DOMAIN, IF_OP
+from ann2snn.runtime.compensation import is_compensated
+from ann2snn.runtime.ops import DOMAIN, IF_OP, SIGNED_SPIKE_OPS, SYMMETRIC_OP
 
 from ..errors import NodeProblem, PassError, UnsupportedModelError
 from ..version import __version__
@@ -73,7 +74,21 @@ class _Exporter(NirBuilder):
             if any(x in broken for x in node.input):  # downstream of a reported node: not reported again
                 broken.update(node.output)
                 continue
-            if node.domain == DOMAIN and node.op_type in COUNTING_OPS:
+            if is_compensated(node):
+                self.problem(node, "is an expectation-compensated op (a signed activation site, or --nonlinear "
+                             "compensate), which NIR cannot express (it keeps running sums and emits increments)",
+                             "re-compile the model with '--signed-sites off --nonlinear analog' (the op and everything "
+                             "after it then run in the analog tail) to export it to NIR")
+                broken.update(node.output)
+                continue
+            if node.domain == DOMAIN and node.op_type == SYMMETRIC_OP:
+                self.problem(node, "is the symmetric signed-spike neuron of a signed activation site or of a "
+                             "re-spiked compensated op, which NIR cannot express (its IF neuron fires 0/1 spikes only)",
+                             "re-compile the model with '--signed-sites off --nonlinear analog' (the activation and "
+                             "everything after it then run in the analog tail) to export it to NIR")
+                broken.update(node.output)
+                continue
+            if node.domain == DOMAIN and node.op_type in SIGNED_SPIKE_OPS:
                 self.problem(node, "is a signed-spike neuron, which NIR cannot express (its IF neuron fires 0/1 "
                              "spikes only)", "re-compile the model with '--neuron if' to export it to NIR")
                 broken.update(node.output)
