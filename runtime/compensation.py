@@ -85,12 +85,12 @@ def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int
     standard = inner.domain in ("", "ai.onnx")
     if standard and inner.op_type in MAX_SHIFTED and args[0].startswith("mean"):
         axis = next((a.i for a in inner.attribute if a.name == "axis"), -1)  # opset >= 13: one axis
-        reduce = (helper.make_node("ReduceMax", [args[0], "axis"], ["row_max"], keepdims=1, name="row_max")
-                  if opsets.get("", 13) >= 18 else
-                  helper.make_node("ReduceMax", [args[0]], ["row_max"], axes=[axis], keepdims=1, name="row_max"))
-        if opsets.get("", 13) >= 18:
+        if opsets.get("", 13) >= 18:  # ReduceMax takes its axes as an input from opset 18
             nodes.append(helper.make_node("Constant", [], ["axis"],
                                           value=helper.make_tensor("axis", TensorProto.INT64, [1], [axis])))
+            reduce = helper.make_node("ReduceMax", [args[0], "axis"], ["row_max"], keepdims=1, name="row_max")
+        else:
+            reduce = helper.make_node("ReduceMax", [args[0]], ["row_max"], axes=[axis], keepdims=1, name="row_max")
         nodes += [reduce, helper.make_node("Sub", [args[0], "row_max"], ["shifted"], name="shift")]
         args[0] = "shifted"
     op = helper.make_node(inner.op_type, args, ["f_of_mean"], name="op", domain=inner.domain)
