@@ -17,10 +17,11 @@ import logging
 import time
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ann2snn.data.arrays import CalibrationSource, input_specs
-from ann2snn.errors import PassError
+from ann2snn.errors import NodeProblem, PassError, UnsupportedModelError
 from ann2snn.ortsession import make_session, run_checked
 from ann2snn.progress import progress
 from ann2snn.resources import GIB, check_calibration_memory
@@ -81,6 +82,36 @@ def _signed_ltb_site(b: _Builder, act: gs.Node, site: Site, theta: gs.Variable, 
     if site.kind == "input":
         act.inputs[0] = clipped
     return new_theta, b.reduce_mean(size, [0])
+
+
+def _check_compensated_finite(state: PassState, model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> None:
+    """Run the ANN ``model`` on ``sample``; every compensated op's output must be finite there.
+    Where the ANN itself gives inf / NaN, the op's running mean has nothing finite to converge to
+    and its guard (runtime/compensation.py) would hold it at its last finite total: refuse it."""
+    nodes = {n.name: n for n in state.graph.nodes if n.name in state.compensated}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)  # probes go on a copy, never on the model that is emitted
+    have = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n.outputs[0].name, onnx.TensorProto.FLOAT, None)
+                              for n in nodes.values() if n.outputs[0].name not in have)
+    values = dict(zip([o.name for o in probe.graph.output],
+                      run_checked(make_session(probe, device=state.config.device), None, sample, "calibration data")))
+    count = next(iter(sample.values())).shape[0]
+    problems = []
+    for name in sorted(nodes):
+        node = nodes[name]
+        v = np.asarray(values[node.outputs[0].name])
+        bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+        if bad:
+            before = next((t.name for t in node.inputs if t.name and not isinstance(t, gs.Constant)), "<its input>")
+            problems.append(NodeProblem(
+                name, f"{node.domain or 'ai.onnx'}::{node.op}",
+                f"gives {bad} of {v.size} values inf / NaN in the ANN itself on the first {count} calibration "
+                "sample(s), so its compensated running mean has nothing finite to converge to",
+                f"fix the model (e.g. an epsilon before the division, Sqrt or Log), or end the spiking part before "
+                f"it with --spiking-until {before} (or keep nonlinear ops analog: --nonlinear analog)"))
+    if problems:
+        raise UnsupportedModelError(problems, f"{len(problems)} compensated op(s) cannot be made numerically safe")
 
 
 def _calibrate_ltb(state: PassState, source: CalibrationSource) -> None:
@@ -208,7 +239,7 @@ def calibrate_thresholds(state: PassState) -> PassState:
         state.calib, input_specs(model), cfg.preprocess())
     sample = source.first(min(8, cfg.batch))  # a model compiled for batch 1 takes one sample
     if sample is not None:  # the whole ANN, tail included, must run on the data before we calibrate
-        run_checked(make_session(model, device=cfg.device), None, sample, "calibration data")
+        _check_compensated_finite(state, model, sample)
     if cfg.ray:
         from ann2snn.distributed_calibration import calibrate_ray
 

@@ -18,6 +18,17 @@ type, attributes and pattern of time-varying inputs), so stock onnxruntime runs 
     (x_1..x_k, sum_1..sum_k, total, count, c_1..c_m) -> (y, sum_1'..sum_k', total', count')
 
 with x the time-varying inputs in order, c the others in order, and the op itself inside.
+
+Numerical hazards (docs/compensation.md, "Numerical hazards"): the op only ever sees running
+means, never a step's increment, so a LayerNorm's variance and epsilon are those of the mean
+(a step that swings wildly does not reach it). Softmax and LogSoftmax subtract the row maximum
+of the mean inside the function, so they are stable at any input scale whatever the runtime's
+kernel does. Ops that can give inf or NaN on finite inputs (GUARDED: a division by a running
+mean still 0, Sqrt / Log of a mean that rounding left slightly negative, Exp or t·f(·)
+overflowing) keep their previous total where t·f(means) is not finite, i.e. emit 0 there: the
+running sum stays finite, and the first step whose means are back in the op's domain restores
+it to exactly t·f(means), so convergence is not lost. An op whose ANN output is itself not
+finite on the calibration data cannot converge at all: calibrate_thresholds refuses it by name.
 """
 from __future__ import annotations
 
@@ -31,6 +42,14 @@ from .ops import DOMAIN
 
 #: prefix of the function names (ExpectationCompensatedSoftmax, ...)
 EC_PREFIX = "ExpectationCompensated"
+
+#: ops whose output can be inf / NaN on finite inputs: their compensated total is guarded
+#: (kept where t·f(means) is not finite). Others are finite wherever their means are, and
+#: skip the guard's four element-wise ops per step.
+GUARDED = frozenset({"Div", "Reciprocal", "Log", "Sqrt", "Pow", "Exp", "Softplus", "LpNormalization",
+                     "ReduceLogSumExp", "ReduceL2", "InstanceNormalization", "GroupNormalization"})
+#: ops that get the row maximum of their (mean) input subtracted first: the same value, never overflowing
+MAX_SHIFTED = frozenset({"Softmax", "LogSoftmax"})
 
 
 def is_compensated(node: onnx.NodeProto) -> bool:
@@ -63,11 +82,27 @@ def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int
             args.append(f"mean{i}")
         else:
             args.append(next(ci))
+    standard = inner.domain in ("", "ai.onnx")
+    if standard and inner.op_type in MAX_SHIFTED and args[0].startswith("mean"):
+        axis = next((a.i for a in inner.attribute if a.name == "axis"), -1)  # opset >= 13: one axis
+        if opsets.get("", 13) >= 18:  # ReduceMax takes its axes as an input from opset 18
+            nodes.append(helper.make_node("Constant", [], ["axis"],
+                                          value=helper.make_tensor("axis", TensorProto.INT64, [1], [axis])))
+            reduce = helper.make_node("ReduceMax", [args[0], "axis"], ["row_max"], keepdims=1, name="row_max")
+        else:
+            reduce = helper.make_node("ReduceMax", [args[0]], ["row_max"], axes=[axis], keepdims=1, name="row_max")
+        nodes += [reduce, helper.make_node("Sub", [args[0], "row_max"], ["shifted"], name="shift")]
+        args[0] = "shifted"
     op = helper.make_node(inner.op_type, args, ["f_of_mean"], name="op", domain=inner.domain)
     op.attribute.extend(inner.attribute)
-    nodes += [op,
-              helper.make_node("Mul", ["f_of_mean", "t"], ["total_next"], name="total"),
-              helper.make_node("Sub", ["total_next", "total"], ["y"], name="increment")]
+    guarded = standard and inner.op_type in GUARDED
+    nodes += [op, helper.make_node("Mul", ["f_of_mean", "t"], ["raw_total" if guarded else "total_next"], name="total")]
+    if guarded:  # keep the previous total where t·f(means) is inf / NaN: the op emits 0 there
+        nodes += [helper.make_node("IsNaN", ["raw_total"], ["nan"], name="is_nan"),
+                  helper.make_node("IsInf", ["raw_total"], ["inf"], name="is_inf"),
+                  helper.make_node("Or", ["nan", "inf"], ["not_finite"], name="not_finite"),
+                  helper.make_node("Where", ["not_finite", "total", "raw_total"], ["total_next"], name="guard")]
+    nodes.append(helper.make_node("Sub", ["total_next", "total"], ["y"], name="increment"))
     return helper.make_function(
         DOMAIN, name, xs + sums + ["total", "count"] + consts, ["y"] + sums_next + ["total_next", "count_next"],
         nodes, [helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
@@ -76,11 +111,15 @@ def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int
 
 
 def compensated_reference(f: Callable[..., np.ndarray], xs: Sequence[np.ndarray], sums: Sequence[np.ndarray],
-                          total: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray,
+                          total: np.ndarray, count: np.ndarray, guarded: bool = False) -> tuple[np.ndarray, list[np.ndarray], np.ndarray,
                                                                          np.ndarray]:
-    """numpy reference of one step: (y, sums_next, total_next, count_next); ``f`` takes the means."""
+    """numpy reference of one step: (y, sums_next, total_next, count_next); ``f`` takes the means.
+    ``guarded``: keep the previous total where t·f(means) is not finite (the GUARDED ops)."""
     count_next = (count + 1).astype(np.float32)
     t = np.float32(count_next.max())
     sums_next = [(s + x).astype(np.float32) for s, x in zip(sums, xs)]
-    total_next = (np.asarray(f(*[s / t for s in sums_next]), np.float32) * t).astype(np.float32)
+    with np.errstate(all="ignore"):
+        total_next = (np.asarray(f(*[s / t for s in sums_next]), np.float32) * t).astype(np.float32)
+    if guarded:
+        total_next = np.where(np.isfinite(total_next), total_next, total).astype(np.float32)
     return (total_next - total).astype(np.float32), sums_next, total_next, count_next
