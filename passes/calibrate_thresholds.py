@@ -88,7 +88,9 @@ def _check_compensated_finite(state: PassState, model: onnx.ModelProto, sample: 
     """Run the ANN ``model`` on ``sample``; every compensated op's output must be finite there.
     Where the ANN itself gives inf / NaN, the op's running mean has nothing finite to converge to
     and its guard (runtime/compensation.py) would hold it at its last finite total: refuse it."""
-    nodes = {n.name: n for n in state.graph.nodes if n.name in state.compensated}
+    # the wrapped ops, and the ops of signed sites (an activation or a re-spiked op, compensated too)
+    wrapped = set(state.compensated) | {s.node for s in state.sites if s.signed}
+    nodes = {n.name: n for n in state.graph.nodes if n.name in wrapped}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)  # probes go on a copy, never on the model that is emitted
     have = {o.name for o in probe.graph.output}
