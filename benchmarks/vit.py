@@ -116,13 +116,13 @@ def inspect_summary(path: Path, opts: str) -> dict[str, Any]:
     from collections import Counter
 
     args, words, i = [], shlex.split(opts), 0
-    takes = {"--nonlinear", "--maxpool", "--spiking-until", "--input-shape"}
+    takes = {"--nonlinear", "--maxpool", "--spiking-until", "--input-shape", "--signed-sites"}
     while i < len(words):
         if words[i] in takes and i + 1 < len(words):
             args += words[i:i + 2]
             i += 2
             continue
-        if words[i] in ("--keep-clip-cap", "--drop-clip-cap"):
+        if words[i] in ("--keep-clip-cap", "--drop-clip-cap", "--respike", "--no-respike"):
             args.append(words[i])
         i += 1
     done = subprocess.run([sys.executable, "-m", "ann2snn", "inspect", str(path), "--json", *args],
