@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -39,6 +40,9 @@ MODELS = {
     # built by models/build_mobilenet.py (needs torch): real ImageNet weights, photo crops
     "mobilenet_v2": (ROOT / "models" / "mobilenet_v2.onnx", ROOT / "models" / "data" / "photos_calib.npz",
                      ROOT / "models" / "data" / "photos_eval.npz"),
+    # built by models/build_efficientnet_lite.py --variant 1: the same photo crops at 240 x 240
+    "efficientnet_lite1": (ROOT / "models" / "efficientnet_lite1.onnx", ROOT / "models" / "data" / "photos240_calib.npz",
+                           ROOT / "models" / "data" / "photos240_eval.npz"),
     **{name: (OLD / f"{name}.onnx", OLD / "calib.npz", OLD / "test.npz")
        for name in ("squeezenet", "shufflenet", "inception", "densenet", "alexnet", "googlenet")},
 }
@@ -53,13 +57,13 @@ def ann_outputs(path, x: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(None, {inp.name: x[i:i + step]})[0] for i in range(0, len(x), step)])
 
 
-def figures(snn, x: np.ndarray, ref: np.ndarray, Ts: list[int]) -> dict[int, tuple[float, float]]:
+def figures(snn, x: np.ndarray, ref: np.ndarray, Ts: list[int], batch: int = 64) -> dict[int, tuple[float, float]]:
     """(agreement, relative error) of the SNN against the ANN at each T."""
     session = SpikingSession(snn)
     name = session.output_names[0]
     outs = {T: [] for T in Ts}
-    for i in range(0, len(x), 64):
-        res = session.run_many({session.input_specs[0].name: x[i:i + 64]}, Ts)
+    for i in range(0, len(x), batch):
+        res = session.run_many({session.input_specs[0].name: x[i:i + batch]}, Ts)
         for T in Ts:
             outs[T].append(res[T][name])
     scale = float(np.abs(ref).mean())
@@ -81,6 +85,9 @@ def main() -> None:
     parser.add_argument("--options", default="", help="no search: compile with these options instead, "
                         "e.g. method=percentile,neuron=signed,burst=2 (to re-measure a chosen recipe)")
     parser.add_argument("--limit", type=int, default=500, help="evaluation samples per model (0: all)")
+    parser.add_argument("--spread", action="store_true", help="with --limit: samples evenly spread over the "
+                        "evaluation set instead of the first ones (the photo crops are grouped by photo)")
+    parser.add_argument("--sim-batch", type=int, default=64, help="samples simulated at once in the evaluation")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recipe_search.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -96,12 +103,15 @@ def main() -> None:
     for name in names:
         model, calib, test = MODELS[name]
         x = np.load(test)["input"]
-        x = x[:args.limit] if args.limit else x
+        if args.limit and args.spread:
+            x = x[np.unique(np.linspace(0, len(x) - 1, min(args.limit, len(x))).round().astype(int))]
+        elif args.limit:
+            x = x[:args.limit]
         ref = ann_outputs(model, x)
         if args.options:
             opts = {k: (int(v) if v.isdigit() else v) for k, v in (o.split("=") for o in args.options.split(","))}
-            snn = ann2snn.compile(model, calib, threads=args.threads, **opts)
-            f = figures(snn, x, ref, Ts)
+            snn = ann2snn.compile(model, calib, threads=args.threads, **{"target_T": 0, **opts})
+            f = figures(snn, x, ref, Ts, args.sim_batch)
             summary.append(md_row([name, f"given: {args.options}", "-", *(f"{f[T][0]:.1%}" for T in Ts),
                                    *(f"{f[T][1]:.4f}" for T in Ts), f"{f[Ts[-1]][1] / f[Ts[0]][1]:.2f}"]))
             print(summary[-1], file=sys.stderr)
@@ -115,13 +125,15 @@ def main() -> None:
             record = json.loads(report.read_text())["search"]  # with each candidate's seconds
         seconds = time.perf_counter() - start
         lines += [f"### {name} ({len(x)} evaluation samples)", "", format_search(record),
-                  f"(compile with search: {seconds:.1f} s)", ""]
+                  f"(compile with search: {seconds:.1f} s, of which the search {record['seconds']:.1f} s; load average "
+                  f"{os.getloadavg()[0]:.1f} at the end)", ""]
         rows = {f"chosen: {record['chosen_recipe']}": (snn, seconds)}
         if not args.skip_default:
-            rows = {"default (ltb/channel if)": (ann2snn.compile(model, calib, threads=args.threads), 0.0), **rows}
+            rows = {"no search (ltb/channel if)": (ann2snn.compile(model, calib, target_T=0, threads=args.threads), 0.0),
+                    **rows}
         payload[name] = {"search": record, "seconds": seconds}
         for label, (m, s) in rows.items():
-            f = figures(m, x, ref, Ts)
+            f = figures(m, x, ref, Ts, args.sim_batch)
             payload[name][label] = {str(T): f[T] for T in Ts}
             ratio = f[Ts[-1]][1] / f[Ts[0]][1] if f[Ts[0]][1] > 0 else float("nan")
             summary.append(md_row([name, label, f"{s:.1f}" if s else "-", *(f"{f[T][0]:.1%}" for T in Ts),

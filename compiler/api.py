@@ -6,14 +6,14 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from .config import CompileConfig
+from .config import RECIPE_FIELDS, CompileConfig
 from .data.arrays import CalibrationSource, DataLike, input_specs
 from .errors import PassError
 from .modelio import load_model, save_model, serialize, write_atomic
@@ -42,7 +42,9 @@ def compile(  # noqa: A001 - the public name the issue asks for
     (method, iters, batch, granularity, ...). With ``target_T`` the recipe (method, granularity,
     neuron, burst, clip cap) is chosen from the data within ``search_budget`` seconds
     (ann2snn.search); the model's metadata and the report record the search, and the chosen
-    options alone give the same model. With ``output`` the model is also written,
+    options alone give the same model. Without ``target_T`` the search runs at T = 64 on deep
+    networks when no recipe option is given (ann2snn.search.default_target_T); ``target_T=0``
+    never searches. With ``output`` the model is also written,
     atomically; with ``report`` a JSON report of the run (versions, hashes, options,
     partition, thresholds, calibration statistics, timings).
     """
@@ -53,12 +55,20 @@ def compile(  # noqa: A001 - the public name the issue asks for
         # check the data against the model's inputs before any work is done
         calib = CalibrationSource(calib, input_specs(proto), cfg.preprocess())
     search: dict[str, Any] | None = None
+    default: dict[str, Any] | None = None
+    if cfg.target_T is None:  # not given: a search on deep networks, unless a recipe option was given
+        from .search import default_target_T
+
+        target, default = default_target_T(proto, cfg, calib, explicit_recipe_options(config, options))
+        cfg = replace(cfg, target_T=target)
     if cfg.target_T:
         from .search import budget_note, model_record, search_recipe
 
         if not isinstance(calib, CalibrationSource):
             calib = CalibrationSource(calib, input_specs(proto), cfg.preprocess())
         cfg, search = search_recipe(proto, cfg, calib)
+        if default is not None:
+            search["default"] = default
         note = budget_note(search)
         if note:
             log.warning("%s; the best of those tried was chosen (a larger --search-budget tries more)", note)
@@ -78,6 +88,14 @@ def compile(  # noqa: A001 - the public name the issue asks for
         write_atomic(report, (json.dumps(build_report(model, snn, output, cfg, stats), indent=2, sort_keys=True)
                               + "\n").encode())
     return snn
+
+
+def explicit_recipe_options(config: CompileConfig | None, options: Mapping[str, Any]) -> list[str]:
+    """The recipe options (ann2snn.search.RECIPE_FIELDS) the caller set: given as keyword options, or
+    differing from the defaults in ``config``. Any of them turns the default search off."""
+    defaults = CompileConfig()
+    return [f for f in RECIPE_FIELDS
+            if f in options or (config is not None and getattr(config, f) != getattr(defaults, f))]
 
 
 def build_report(model: Any, snn: onnx.ModelProto, output: Any, cfg: CompileConfig,

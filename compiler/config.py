@@ -29,6 +29,15 @@ AUTO_SIGNED_FORM = "output"
 LATER_OPTIONS = ("signed_sites", "respike")
 #: what ``eval --task`` scores: top-1 accuracy, mIoU, mAP (ann2snn.analysis.tasks)
 TASKS = ("classification", "segmentation", "detection")
+#: the options a recipe sets (the recipe search, ann2snn.search, varies them); every other option is the caller's
+RECIPE_FIELDS = ("method", "granularity", "neuron", "burst", "keep_clip_cap")
+#: without --target-T and without a recipe option, the search runs on networks with at least this many
+#: neuron layers on one path from input to output. Measured (README "Defaults and why"): every reference
+#: network on which the default recipe converges has at most 13 (the DenseNet stand-in; the Fashion
+#: networks 6-7), MobileNetV2 35 and EfficientNet-Lite1 43, on which it plateaus far below the ANN
+DEEP_CHAIN = 20
+#: the T that default search scores at (issue 15's first target: agreement at T = 64)
+DEFAULT_TARGET_T = 64
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,9 @@ class CompileConfig:
         the data: part of the calibration set is held out, candidate recipes are compiled on
         the rest and simulated on it for T steps, and the best (top-1 agreement with the ANN,
         then relative output error) is compiled on the whole set (ann2snn.search). 0: no search,
-        the options as given.
+        the options as given. None (the default): a search at T = 64 when the network is deep
+        (DEEP_CHAIN neuron layers or more on one path) and no recipe option was
+        given, else none (DEEP_CHAIN, ann2snn.search.default_target_T).
     search_budget: seconds the recipe search may spend; the first candidate always runs, a
         later one only if it is expected to finish within the budget.
     min_agreement: a search whose best candidate agrees with the ANN on fewer than this
@@ -134,7 +145,7 @@ class CompileConfig:
     layout: str = "NCHW"
     progress: bool = False
     ray: str = ""
-    target_T: int = 0
+    target_T: int | None = None
     search_budget: float = 120.0
     min_agreement: float = 0.5
 
@@ -191,9 +202,10 @@ class CompileConfig:
             require_cuda_provider()
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: onnxruntime's default), got {self.threads} (--threads)")
-        if isinstance(self.target_T, bool) or int(self.target_T) != self.target_T or self.target_T < 0:
-            raise ConfigError(f"target_T is the number of timesteps the recipe search scores at (0: no search), "
-                              f"got {self.target_T!r} (--target-T)")
+        if self.target_T is not None and (isinstance(self.target_T, bool) or int(self.target_T) != self.target_T
+                                          or self.target_T < 0):
+            raise ConfigError(f"target_T is the number of timesteps the recipe search scores at (0: no search; "
+                              f"unset: a search on deep networks only), got {self.target_T!r} (--target-T)")
         if not self.search_budget > 0:
             raise ConfigError(f"search_budget is a number of seconds > 0, got {self.search_budget} (--search-budget)")
         if not 0.0 <= self.min_agreement <= 1.0:

@@ -11,7 +11,13 @@ with the options the search recorded: those options alone give the same model.
 Candidates run most promising first (measured: benchmarks/results/recipe_search.md) and
 the search stops before a candidate that would not finish within the budget (the longest
 candidate so far is the estimate); the first always runs. Candidates that share a calibration (method, granularity, cap) share one
-calibration run: only the neuron and its emission differ.
+calibration run: only the neuron and its emission differ. On costly models the max / percentile
+candidates calibrate on a seeded subset (:func:`stats_calibration_size`): that changes their
+scores and the time they take, never the model written.
+
+Without ``--target-T`` and without a recipe option the search runs at DEFAULT_TARGET_T on deep
+networks (:func:`default_target_T`, DEEP_CHAIN neuron layers on one path), where the default
+recipe plateaus; shallower networks compile with the defaults, unchanged.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .config import CompileConfig
+from .config import DEEP_CHAIN, DEFAULT_TARGET_T, RECIPE_FIELDS, CompileConfig
 from .data.arrays import ArrayDict, CalibrationSource
 from .errors import Ann2SnnError, DataError, SearchError
 from .ortsession import make_session, run_checked
@@ -39,6 +45,13 @@ log = logging.getLogger(__name__)
 HOLDOUT_FRACTION = 0.25
 MIN_HOLDOUT = 16
 MAX_HOLDOUT = 256
+#: the floor for models too costly to simulate even MIN_HOLDOUT samples within a quarter of the budget.
+#: Scoring is most of such a search (MobileNetV2, 16 crops x 64 steps: 96-170 s of 165-219 s at load
+#: 7-9 on 2 cores, benchmarks/results/search_time.md), and within the default budget only the first
+#: candidate runs there, so the held-out part only checks --min-agreement: a recipe that agrees on 90%
+#: fails a 0.5 floor on 8 samples with probability 0.0004, one that agrees on 30% passes it with 0.19
+#: (on 16: 0.07)
+MIN_COSTLY_HOLDOUT = 8
 #: samples left to calibrate each candidate on, at least
 MIN_CALIBRATION = 16
 #: multiply-accumulates per second a simulation was assumed to reach on 2 cores (the MobileNetV2
@@ -46,10 +59,17 @@ MIN_CALIBRATION = 16
 #: part is sized so that scoring one candidate takes about a quarter of the budget. A constant, not
 #: a timing: the split must not depend on the machine's load
 SCORE_MACS_PER_S = 5e9
+#: multiply-accumulates per second a max/percentile calibration was measured to reach on 2 cores
+#: (MobileNetV2: 240 crops in 68 s at load 7, the activations' statistics included). With it the
+#: candidates' max/percentile calibration uses at most an eighth of the budget, and never fewer than
+#: MIN_STATS_CALIBRATION samples. Measured on MobileNetV2 (benchmarks/results/search_time.md): the
+#: percentile candidate calibrated on 64 of the 240 crops in 39 s instead of 69 s and scored the same
+#: held-out agreement (93.8%; relative error 0.212 against 0.208). The chosen recipe is then compiled
+#: on the whole calibration set, so this changes the scores, never the model written
+CALIB_MACS_PER_S = 1e9
+MIN_STATS_CALIBRATION = 64
 #: samples simulated at once when scoring (a model compiled for a fixed batch takes that batch)
 SCORE_BATCH = 64
-#: the options a recipe sets; every other option is the caller's
-RECIPE_FIELDS = ("method", "granularity", "neuron", "burst", "keep_clip_cap")
 
 
 @dataclass(frozen=True)
@@ -101,11 +121,33 @@ def candidates(target_T: int, has_cap: bool) -> list[Recipe]:
 def holdout_size(n: int, macs_per_sample: int, target_T: int, budget: float) -> int:
     """How many of ``n`` calibration samples the search holds out: a quarter (at most
     MAX_HOLDOUT), fewer when simulating them at ``target_T`` would take more than a quarter of
-    the budget (see SCORE_MACS_PER_S), never fewer than MIN_HOLDOUT."""
-    held = min(MAX_HOLDOUT, int(round(n * HOLDOUT_FRACTION)))
+    the budget (see SCORE_MACS_PER_S), never fewer than MIN_HOLDOUT, or MIN_COSTLY_HOLDOUT when
+    not even MIN_HOLDOUT would fit."""
+    held, floor = min(MAX_HOLDOUT, int(round(n * HOLDOUT_FRACTION))), MIN_HOLDOUT
     if macs_per_sample > 0:
-        held = min(held, int(budget / 4 * SCORE_MACS_PER_S / (macs_per_sample * max(1, target_T))))
-    return max(MIN_HOLDOUT, held)
+        affordable = int(budget / 4 * SCORE_MACS_PER_S / (macs_per_sample * max(1, target_T)))
+        held = min(held, affordable)
+        floor = MIN_HOLDOUT if affordable >= MIN_HOLDOUT else MIN_COSTLY_HOLDOUT
+    return max(floor, held)
+
+
+def stats_calibration_size(n: int, macs_per_sample: int, budget: float) -> int:
+    """How many of the ``n`` samples left after the split calibrate a max / percentile candidate:
+    all, fewer when that would take more than an eighth of the budget (see CALIB_MACS_PER_S), never
+    fewer than MIN_STATS_CALIBRATION."""
+    if macs_per_sample <= 0:
+        return n
+    return min(n, max(MIN_STATS_CALIBRATION, int(budget / 8 * CALIB_MACS_PER_S / macs_per_sample)))
+
+
+def calibration_seconds(method: str, macs_per_sample: int, ltb_samples: int, stats_samples: int) -> float:
+    """A machine-independent estimate of one candidate calibration's seconds: LTB feeds ``ltb_samples``
+    (iters x batch) through the network at SCORE_MACS_PER_S, max / percentile ``stats_samples`` at
+    CALIB_MACS_PER_S. On MobileNetV2 an LTB candidate is estimated at 770 s (it took 340 s at low load
+    and overran the budget before this estimate), a percentile one at 19 s (7-20 s)."""
+    if method == "ltb":
+        return ltb_samples * macs_per_sample / SCORE_MACS_PER_S
+    return stats_samples * macs_per_sample / CALIB_MACS_PER_S
 
 
 def split_calibration(n: int, seed: int, held: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +162,54 @@ def split_calibration(n: int, seed: int, held: int | None = None) -> tuple[np.nd
             "compile without --target-T")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[held:]), np.sort(order[:held])
+
+
+def neuron_depth(state: PassState) -> int:
+    """The most neuron layers on one path from an input to an output of the partitioned graph."""
+    sites = {s.node for s in state.sites}
+    depth: dict[str, int] = {}
+    best = 0
+    for node in state.graph.copy().toposort().nodes:
+        d = max((depth.get(t.name, 0) for t in node.inputs), default=0) + (node.name in sites)
+        for t in node.outputs:
+            depth[t.name] = d
+        best = max(best, d)
+    return best
+
+
+def default_target_T(proto: onnx.ModelProto, cfg: CompileConfig, calib: Any,
+                     explicit: list[str]) -> tuple[int, dict[str, Any] | None]:
+    """The target T when none was given (``cfg.target_T is None``), and why.
+
+    (DEFAULT_TARGET_T, a note for the search record) when the network is at least DEEP_CHAIN neuron
+    layers deep and none of the recipe options (``explicit``) was given; (0, None), no search, otherwise,
+    and also when the calibration data cannot be split (an iterable of batches, too few samples): then a
+    warning names the fix, since the user did not ask for the search."""
+    if explicit:
+        return 0, None
+    package = logging.getLogger("ann2snn")
+    level = package.level
+    package.setLevel(logging.ERROR)  # the compile that follows repeats the passes and their warnings
+    try:
+        depth = neuron_depth(run_until(proto, dataclasses.replace(cfg, target_T=0), calib, "partition_graph"))
+    finally:
+        package.setLevel(level)
+    if depth < DEEP_CHAIN:
+        return 0, None
+    why = f"the network is {depth} neuron layers deep (the default recipe converges slowly from {DEEP_CHAIN} on)"
+    skip = ("--target-T 0, or any recipe option (--method, --granularity, --neuron, --burst, --keep-clip-cap / "
+            "--drop-clip-cap), compiles without the search")
+    n = calib.size if isinstance(calib, CalibrationSource) else None
+    if n is None or n - MIN_HOLDOUT < MIN_CALIBRATION:
+        have = "an iterable of batches" if n is None else f"{n} samples"
+        log.warning("%s, but the calibration data (%s) cannot be split for the recipe search (it needs %d samples "
+                    "or more, as arrays, a file or images): compiling the default recipe, which may agree poorly "
+                    "with the ANN; pass more calibration samples (--calib) or choose the recipe options",
+                    why, have, MIN_HOLDOUT + MIN_CALIBRATION)
+        return 0, None
+    log.warning("%s: choosing the recipe from the data for T = %d (recipe search, --search-budget %g s); %s, "
+                "--target-T N searches for another T", why, DEFAULT_TARGET_T, cfg.search_budget, skip)
+    return DEFAULT_TARGET_T, {"reason": why, "neuron_depth": depth, "deep_chain": DEEP_CHAIN, "skip": skip}
 
 
 def _fixed_batch(model: onnx.ModelProto) -> int | None:
@@ -201,13 +291,18 @@ def search_recipe(proto: onnx.ModelProto, cfg: CompileConfig,
     macs = int(structure.metadata.get("macs", {}).get("total", 0))
     calib_idx, held_idx = split_calibration(n, cfg.seed, holdout_size(n, macs, T, cfg.search_budget))
     calib, held = source.take(calib_idx), source.take(held_idx)
+    n_stats = stats_calibration_size(len(calib_idx), macs, cfg.search_budget)
+    # a seeded subset (the calibration indices are sorted, and data files are often grouped by source)
+    subset = np.sort(np.random.default_rng(cfg.seed).permutation(len(calib_idx))[:n_stats])
+    stats_calib = calib if n_stats == len(calib_idx) else {k: v[subset] for k, v in calib.items()}
     has_cap = any(s.cap is not None for s in structure.sites)
     recipes = candidates(T, has_cap) if structure.sites else [Recipe(cfg.method, cfg.granularity, cfg.neuron,
                                                                      cfg.burst, cfg.keep_clip_cap)]
     name, ref = _ann_reference(proto, held, cfg.device)
     record: dict[str, Any] = {
         "target_T": T, "budget_s": cfg.search_budget, "min_agreement": cfg.min_agreement,
-        "holdout": {"seed": cfg.seed, "held_out": len(held_idx), "calibration": len(calib_idx)},
+        "holdout": {"seed": cfg.seed, "held_out": len(held_idx), "calibration": len(calib_idx),
+                    "stats_calibration": n_stats},
         "scored_output": name, "candidates": [],
     }
     base = dataclasses.replace(cfg, target_T=0, progress=False, batch=min(cfg.batch, len(calib_idx)))
@@ -218,13 +313,18 @@ def search_recipe(proto: onnx.ModelProto, cfg: CompileConfig,
         record["candidates"].append(entry)
         elapsed = time.perf_counter() - start
         # the longest candidate so far is the estimate: times vary with the calibration (cached or
-        # not) and the machine's load, and a budget is better kept than used to the last second
-        if spent and elapsed + max(spent) > cfg.search_budget:
+        # not) and the machine's load, and a budget is better kept than used to the last second; a
+        # candidate with a calibration not yet run may cost more (LTB feeds iters x batch samples)
+        estimate = max(spent, default=0.0)
+        if (recipe.method, recipe.granularity, recipe.keep_clip_cap) not in cache:
+            estimate = max(estimate, calibration_seconds(recipe.method, macs, base.iters * base.batch, n_stats))
+        if spent and elapsed + estimate > cfg.search_budget:
             entry["status"] = "skipped (budget)"  # would not finish in time: not started
             continue
         t = time.perf_counter()
         try:
-            snn = emit_spiking(_calibrated(proto, dataclasses.replace(base, **recipe.options()), calib, cache))
+            data = calib if recipe.method == "ltb" else stats_calib
+            snn = emit_spiking(_calibrated(proto, dataclasses.replace(base, **recipe.options()), data, cache))
             entry["agreement"], entry["relative_error"] = _score(snn, held, name, ref, T, cfg.threads, cfg.device)
             entry["status"] = "scored"
         except Ann2SnnError as exc:  # e.g. a calibration that overflows: this recipe cannot work here
@@ -248,6 +348,7 @@ def search_recipe(proto: onnx.ModelProto, cfg: CompileConfig,
             f"ANN on {best['agreement']:.1%} of the {len(held_idx)} held-out samples (relative output error "
             f"{_fmt(best['relative_error'])}), below --min-agreement {cfg.min_agreement:g}; nothing was written.\n"
             f"{format_search(record)}\ntry a larger --target-T, a longer --search-budget or more calibration data; "
+            "--target-T 0 compiles the default recipe without a search; "
             f"--min-agreement 0 writes the best recipe anyway (its options: {_cli(best['options'])})", record)
     return chosen, record
 
@@ -292,6 +393,8 @@ def format_search(record: dict[str, Any]) -> str:
     hold = record["holdout"]
     lines = [f"recipe search at T = {record['target_T']}: {hold['held_out']} held-out samples, "
              f"candidates calibrated on {hold['calibration']}"
+             + (f" (max / percentile on {hold['stats_calibration']} of them)"
+                if hold.get("stats_calibration", hold["calibration"]) < hold["calibration"] else "")
              + (f", {record['seconds']:.1f} s of {record['budget_s']:g} s" if "seconds" in record else ""),
              "", "| # | recipe | agreement | relative error | seconds | status |", "|---|---|---|---|---|---|"]
     for i, c in enumerate(record["candidates"], 1):

@@ -148,8 +148,9 @@ def load_photos() -> list[np.ndarray]:
     return photos
 
 
-def random_crops(photos: list[np.ndarray], per_photo: int, seed: int) -> np.ndarray:
-    """``per_photo`` random square crops of each photo, flipped at random, resized to SIZE."""
+def random_crops(photos: list[np.ndarray], per_photo: int, seed: int, size: int = SIZE) -> np.ndarray:
+    """``per_photo`` random square crops of each photo, flipped at random, resized to ``size``
+    (the crops' positions depend only on the seed, not on ``size``)."""
     from skimage.transform import resize
 
     rng = np.random.default_rng(seed)
@@ -162,7 +163,7 @@ def random_crops(photos: list[np.ndarray], per_photo: int, seed: int) -> np.ndar
             crop = img[y : y + side, x : x + side]
             if rng.random() < 0.5:
                 crop = crop[:, ::-1]
-            crop = resize(crop, (SIZE, SIZE), anti_aliasing=True, preserve_range=True)
+            crop = resize(crop, (size, size), anti_aliasing=True, preserve_range=True)
             out.append(np.clip(crop, 0.0, 1.0).transpose(2, 0, 1))
     return np.stack(out).astype(np.float32)
 
@@ -193,16 +194,22 @@ def main() -> None:
     )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
+    write_crops(model, path, args.out_dir / "data", "photos", args.calib_per_photo, args.eval_per_photo)
+
+
+def write_crops(model: nn.Module, path: Path, data_dir: Path, prefix: str, calib_per_photo: int,
+                eval_per_photo: int, size: int = SIZE) -> None:
+    """Write ``{prefix}_calib.npz`` and ``{prefix}_eval.npz`` (with ``label``, the exported model's own
+    top-1 class) from the photos' crops, and print how the ONNX file ``path`` matches ``model``."""
     photos = load_photos()
-    calib = random_crops(photos, args.calib_per_photo, seed=1)
-    evalx = random_crops(photos, args.eval_per_photo, seed=2)
+    calib = random_crops(photos, calib_per_photo, seed=1, size=size)
+    evalx = random_crops(photos, eval_per_photo, seed=2, size=size)
     logits = onnx_logits(path, evalx, batch=32)
     with torch.no_grad():
         ref = model(torch.from_numpy(evalx[:8])).numpy()
-    data_dir = args.out_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(data_dir / "photos_calib.npz", input=calib)
-    np.savez_compressed(data_dir / "photos_eval.npz", input=evalx, label=logits.argmax(1).astype(np.int64))
+    np.savez_compressed(data_dir / f"{prefix}_calib.npz", input=calib)
+    np.savez_compressed(data_dir / f"{prefix}_eval.npz", input=evalx, label=logits.argmax(1).astype(np.int64))
     top = np.bincount(logits.argmax(1), minlength=1000)
     print(f"{path.name}: {path.stat().st_size} bytes; max |torch - ort| {np.abs(ref - logits[:8]).max():.2e}")
     print(f"photos: {len(photos)}; calib crops {len(calib)}, eval crops {len(evalx)}; "

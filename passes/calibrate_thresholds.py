@@ -205,7 +205,7 @@ def _calibrate_stats(state: PassState, source: CalibrationSource) -> None:
                 m = flat.max(axis=1)
                 maxima[j] = m if maxima[j] is None else np.maximum(maxima[j], m)
             else:
-                values[j].append(flat.astype(np.float32))
+                values[j].append(flat.astype(np.float32, copy=False))  # z is a fresh array: no copy needed
         seen += 1
     finish_stats(state, maxima, values, sums, seen)
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import MODELS
+from conftest import MODELS, build
 
 import ann2snn
 from ann2snn.analysis.probe import format_probe, probe_layers
 from ann2snn.cli import main
 from ann2snn.errors import DataError, SearchError
 from ann2snn.modelio import serialize
-from ann2snn.search import Recipe, candidates, choose, holdout_size, split_calibration
+from ann2snn.search import Recipe, candidates, choose, format_search, holdout_size, split_calibration
 
 DIGITS = MODELS / "digits_cnn.onnx"
 DIGITS_CALIB = MODELS / "data" / "digits_calib.npz"
@@ -51,7 +52,7 @@ def test_search_records_every_candidate_and_the_choice(searched) -> None:
     snn, report = searched
     record = search_record(snn)
     assert record["target_T"] == 16
-    assert record["holdout"] == {"seed": 0, "held_out": 75, "calibration": 225}
+    assert record["holdout"] == {"seed": 0, "held_out": 75, "calibration": 225, "stats_calibration": 225}
     tried = [c for c in record["candidates"] if c["status"] == "scored"]
     assert len(tried) >= 3
     for c in tried:
@@ -100,7 +101,7 @@ def test_iterable_calibration_cannot_be_split() -> None:
 
 def test_nothing_acceptable_is_an_error_with_the_figures_and_writes_nothing(tmp_path) -> None:
     out = tmp_path / "m.snn.onnx"
-    with pytest.raises(SearchError, match=r"(?s)agrees with the ANN on .*% of the 16 held-out samples.*below "
+    with pytest.raises(SearchError, match=r"(?s)agrees with the ANN on .*% of the 8 held-out samples.*below "
                                           r"--min-agreement 1.*\| 1 \| .*--min-agreement 0 writes the best recipe "
                                           r"anyway \(its options: --method ") as info:
         ann2snn.compile(OLD / "squeezenet.onnx", OLD / "calib.npz", out, target_T=2, search_budget=0.001,
@@ -120,7 +121,7 @@ def test_cli_prints_the_table_and_checks_the_floor_option(tmp_path) -> None:
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     # a budget this small also holds out the fewest samples (scoring must fit the budget)
-    assert "recipe search at T = 8: 16 held-out samples" in r.output and "(chosen)" in r.output
+    assert "recipe search at T = 8: 8 held-out samples" in r.output and "(chosen)" in r.output
     assert "skipped (budget)" in r.output
     r = CliRunner().invoke(main, [*args[:-1], "--min-agreement", "1.01"])
     assert r.exit_code == 2 and "min_agreement is a fraction in [0, 1]" in r.output
@@ -137,8 +138,10 @@ def test_split_is_seeded_disjoint_and_complete() -> None:
 
 def test_holdout_shrinks_for_costly_models_but_not_below_the_minimum() -> None:
     assert holdout_size(300, 100_000, 64, 120.0) == 75  # the digits CNN: a quarter
-    assert holdout_size(256, 300_000_000, 64, 120.0) == 16  # MobileNetV2-sized: the minimum
+    assert holdout_size(256, 300_000_000, 64, 120.0) == 8  # MobileNetV2-sized: the floor for costly models
     assert 16 < holdout_size(1000, 20_000_000, 64, 120.0) < 250
+    assert holdout_size(1000, 140_000_000, 64, 120.0) == 16  # 16 still fit in a quarter of the budget
+    assert holdout_size(1000, 150_000_000, 64, 120.0) == 15  # 15 do: what fits, down to the costly floor
 
 
 def test_candidates_skip_what_cannot_differ_and_order_by_T() -> None:
@@ -270,3 +273,98 @@ def test_a_candidate_from_the_shared_calibration_is_the_full_compile() -> None:
         shared = emit_spiking(_calibrated(proto, cfg, x, cache))
         assert serialize(shared) == serialize(ann2snn.compile(proto, x, neuron=neuron, burst=burst, **FAST))
     assert len(cache) == 1
+
+
+def chain_net(depth: int, seed: int = 0) -> onnx.ModelProto:
+    """``depth`` MatMul + ReLU layers of width 8 in one chain, then a linear output of 4: a deep network
+    (for the default search rule) that costs nothing to simulate. Weights keep the activations alive."""
+    rng = np.random.default_rng(seed)
+    lines, weights, prev = [], {}, "x"
+    for i in range(depth):
+        weights[f"w{i}"] = (np.eye(8) + 0.3 * rng.standard_normal((8, 8))).astype(np.float32)
+        lines += [f"m{i} = MatMul({prev}, w{i})", f"h{i} = Relu(m{i})"]
+        prev = f"h{i}"
+    weights["wo"] = rng.standard_normal((8, 4)).astype(np.float32)
+    lines.append(f"y = MatMul({prev}, wo)")
+    inputs = ", ".join(f"float[8, 8] w{i}" for i in range(depth))
+    text = f"net (float[N, 8] x, {inputs}, float[8, 4] wo) => (float[N, 4] y) {{\n" + "\n".join(lines) + "\n}"
+    return build(text, weights)
+
+
+def chain_calib() -> dict[str, np.ndarray]:
+    return {"x": np.abs(np.random.default_rng(1).standard_normal((96, 8))).astype(np.float32)}
+
+
+def test_deep_network_without_recipe_options_searches_by_default(caplog) -> None:
+    from ann2snn.config import DEEP_CHAIN, DEFAULT_TARGET_T
+    from ann2snn.search import neuron_depth
+    from ann2snn.pipeline import run_until
+
+    net = chain_net(DEEP_CHAIN)
+    assert neuron_depth(run_until(net, ann2snn.CompileConfig(), None, "partition_graph")) == DEEP_CHAIN
+    with caplog.at_level("WARNING", logger="ann2snn"):
+        snn = ann2snn.compile(net, chain_calib(), search_budget=0.001, **FAST)
+    record = search_record(snn)
+    assert record["target_T"] == DEFAULT_TARGET_T and record["default"]["neuron_depth"] == DEEP_CHAIN
+    assert "(chosen)" in format_search(record)
+    assert "choosing the recipe from the data for T = 64" in caplog.text and "--target-T 0" in caplog.text
+    # the same as asking for it, less the note; --target-T 0 or any recipe option turns it off
+    asked = ann2snn.compile(net, chain_calib(), target_T=DEFAULT_TARGET_T, search_budget=0.001, **FAST)
+    assert serialize(without_search(snn)) == serialize(without_search(asked))
+    plain = ann2snn.compile(net, chain_calib(), target_T=0, **FAST)
+    assert not any(p.key == "ann2snn.search" for p in plain.metadata_props)
+    for option in ({"neuron": "if"}, {"method": "ltb"}, {"keep_clip_cap": True}):
+        given = ann2snn.compile(net, chain_calib(), **option, **FAST)
+        assert serialize(given) == serialize(plain)
+    config = ann2snn.CompileConfig(neuron="signed", **FAST)  # a config that sets a recipe option
+    assert not any(p.key == "ann2snn.search" for p in ann2snn.compile(net, chain_calib(), config=config).metadata_props)
+
+
+def test_shallower_network_keeps_the_default_recipe_byte_for_byte(caplog) -> None:
+    from ann2snn.config import DEEP_CHAIN
+
+    net = chain_net(DEEP_CHAIN - 1)
+    with caplog.at_level("WARNING", logger="ann2snn"):
+        snn = ann2snn.compile(net, chain_calib(), **FAST)
+    assert "recipe" not in caplog.text
+    assert serialize(snn) == serialize(ann2snn.compile(net, chain_calib(), target_T=0, **FAST))
+
+
+def test_deep_network_with_unsplittable_data_compiles_the_defaults_with_a_warning(caplog) -> None:
+    from ann2snn.config import DEEP_CHAIN
+
+    net, x = chain_net(DEEP_CHAIN), chain_calib()["x"]
+    with caplog.at_level("WARNING", logger="ann2snn"):
+        snn = ann2snn.compile(net, {"x": x[:20]}, **FAST)
+    assert "cannot be split for the recipe search" in caplog.text and "--calib" in caplog.text
+    assert not any(p.key == "ann2snn.search" for p in snn.metadata_props)
+
+
+def test_cli_says_when_it_searched_by_default_and_explicit_flags_turn_it_off(tmp_path) -> None:
+    from ann2snn.config import DEEP_CHAIN
+
+    model, calib = tmp_path / "deep.onnx", tmp_path / "calib.npz"
+    onnx.save(chain_net(DEEP_CHAIN), model)
+    np.savez(calib, **chain_calib())
+    args = ["compile", str(model), "-o", str(tmp_path / "d.snn.onnx"), "--calib", str(calib), "--iters", "20",
+            "--batch", "32", "--search-budget", "0.001", "--no-progress"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert f"the network is {DEEP_CHAIN} neuron layers deep" in r.output and "--target-T 0" in r.output
+    assert "recipe search at T = 64" in r.output
+    for extra in (["--target-T", "0"], ["--neuron", "if"], ["--keep-clip-cap"]):
+        r = CliRunner().invoke(main, [*args, *extra])
+        assert r.exit_code == 0 and "recipe search" not in r.output, (extra, r.output)
+    toml = tmp_path / "c.toml"
+    toml.write_text('method = "ltb"\n')  # a recipe option from --config counts as given
+    r = CliRunner().invoke(main, [*args, "--config", str(toml)])
+    assert r.exit_code == 0 and "recipe search" not in r.output, r.output
+
+
+def test_costly_models_calibrate_stats_candidates_on_a_subset_never_below_the_minimum() -> None:
+    from ann2snn.search import MIN_STATS_CALIBRATION, stats_calibration_size
+
+    assert stats_calibration_size(225, 100_000, 120.0) == 225  # the digits CNN: all
+    assert stats_calibration_size(240, 300_000_000, 120.0) == MIN_STATS_CALIBRATION  # MobileNetV2-sized
+    assert stats_calibration_size(40, 300_000_000, 120.0) == 40  # never more than there are
+    assert stats_calibration_size(240, 0, 120.0) == 240  # MACs unknown: all

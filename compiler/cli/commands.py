@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from ..config import (GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, NONLINEAR_MODES, SIGNED_SITE_FORMS, TASKS,
-                      CompileConfig)
+from ..config import (DEEP_CHAIN, DEFAULT_TARGET_T, GRANULARITIES, MAXPOOL_MODES, METHODS, NEURONS, NONLINEAR_MODES,
+                      RECIPE_FIELDS, SIGNED_SITE_FORMS, TASKS, CompileConfig)
 from ..device import DEVICES
 from ..errors import ConfigError
 from .errors import handle_errors
@@ -80,13 +80,15 @@ from .options import (ALLOW_NONFINITE_OPTION, CUDA_GRAPH_OPTION, DEVICE_OPTION, 
               help="Images: channel order (L: grayscale).")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
               help="Images: tensor layout of the model's input.")
-@click.option("--target-T", "target_T", type=int, default=CompileConfig.target_T, show_default=True,
+@click.option("--target-T", "target_T", type=int, default=None,
               help="Choose the recipe (method, granularity, neuron, burst, clip cap) for this many timesteps: "
-                   "candidates are calibrated on part of --calib and scored on the rest (0: no search).")
+                   "candidates are calibrated on part of --calib and scored on the rest. 0: no search. Default: "
+                   f"T = {DEFAULT_TARGET_T} on networks {DEEP_CHAIN} or more neuron layers deep when no recipe option "
+                   "(--method, --granularity, --neuron, --burst, --keep/--drop-clip-cap) is given, else no search.")
 @click.option("--search-budget", type=float, default=CompileConfig.search_budget, show_default=True,
-              help="Seconds the recipe search (--target-T) may spend; the first candidate always runs.")
+              help="Seconds the recipe search may spend; the first candidate always runs.")
 @click.option("--min-agreement", type=float, default=CompileConfig.min_agreement, show_default=True,
-              help="With --target-T: stop with an error, writing nothing, when the best recipe agrees with the ANN on "
+              help="With a recipe search: stop with an error, writing nothing, when the best recipe agrees with the ANN on "
                    "fewer held-out samples than this fraction (0: write the best whatever it scores).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write a JSON report: versions, input hash, options, partition, thresholds, calibration, timings, "
@@ -105,6 +107,9 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
     from ..api import compile as compile_model
 
     options["progress"] = options["progress"] and not ctx.obj["quiet"]
+    for name in RECIPE_FIELDS:  # only recipe options given (flag or --config) turn the default search off
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+            del options[name]
     options["spiking_until"] = tuple(options["spiking_until"])
     snn = compile_model(model, calib, output, dump_dir=dump_dir, report=report, **options)
     meta = {p.key: p.value for p in snn.metadata_props}
@@ -112,7 +117,11 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
     if not ctx.obj["quiet"] and "ann2snn.search" in meta:
         from ..search import format_search
 
-        click.echo(format_search(json.loads(meta["ann2snn.search"])))
+        record = json.loads(meta["ann2snn.search"])
+        if "default" in record:
+            click.echo(f"{record['default']['reason']}: the recipe was chosen by a search at T = {record['target_T']} "
+                       f"({record['default']['skip']})")
+        click.echo(format_search(record))
     if not ctx.obj["quiet"]:
         click.echo(f"wrote {output}: {len(info['neurons'])} neuron layer(s), "
                    f"{sum(n['units'] for n in info['neurons'])} neurons, readout t0 = {info['readout']['t0']}")
