@@ -26,14 +26,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from _common import accuracy, onnx_logits
-from build_fashion import FASHION_MEAN, FASHION_STD
+from _common import onnx_logits
+from build_fashion import FASHION_MEAN, FASHION_STD, export_and_report
 from build_fashion import train as fashion_train
 from torch import nn
 
-OPSET = 17
 #: test images from here on are training data for these networks; evaluate below it
 TRAIN_FROM = 5000
 #: epochs per network for the committed files (the MobileNet-style ones learn more slowly)
@@ -165,14 +163,6 @@ def train(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) 
                   optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-4))
 
 
-def export_onnx(model: nn.Module, path: Path) -> None:
-    """Legacy exporter, opset 17, dynamic batch (it folds BatchNorm into the convolutions in eval mode)."""
-    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False, opset_version=OPSET,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-
-
 def main() -> None:
     """Train the requested networks, export them, report their accuracy on test images 0-4,999."""
     here = Path(__file__).resolve().parent
@@ -202,12 +192,7 @@ def main() -> None:
         train(net, x_train, y_train, args.epochs or EPOCHS[arch], args.seed)
         model = Normalised(net).eval()
         path = args.out_dir / f"fashion_{arch}.onnx"
-        export_onnx(model, path)
-        with torch.no_grad():
-            ref = model(torch.from_numpy(x_eval[:256])).numpy()
-        logits = onnx_logits(path, x_eval)
-        print(f"{path.name}: {path.stat().st_size} bytes; max |torch - ort| {np.abs(ref - logits[:256]).max():.2e}")
-        print(f"ANN accuracy, test images 0-{TRAIN_FROM - 1}: {accuracy(logits, y_eval):.2f}%", flush=True)
+        export_and_report(model, path, x_eval, y_eval, f"test images 0-{TRAIN_FROM - 1}")
 
 
 if __name__ == "__main__":
