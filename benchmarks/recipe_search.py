@@ -74,6 +74,16 @@ def figures(snn, x: np.ndarray, ref: np.ndarray, Ts: list[int], batch: int = 64)
     return result
 
 
+def _number(text: str) -> int | float | str:
+    """An option value from ``--options``: an int, a float, or the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default="digits,fashion_resnet,old")
@@ -109,7 +119,7 @@ def main() -> None:
             x = x[:args.limit]
         ref = ann_outputs(model, x)
         if args.options:
-            opts = {k: (int(v) if v.isdigit() else v) for k, v in (o.split("=") for o in args.options.split(","))}
+            opts = {k: _number(v) for k, v in (o.split("=") for o in args.options.split(","))}
             snn = ann2snn.compile(model, calib, threads=args.threads, **{"target_T": 0, **opts})
             f = figures(snn, x, ref, Ts, args.sim_batch)
             summary.append(md_row([name, f"given: {args.options}", "-", *(f"{f[T][0]:.1%}" for T in Ts),

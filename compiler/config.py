@@ -26,11 +26,11 @@ SIGNED_SITE_FORMS = ("auto", "output", "input", "off")
 AUTO_SIGNED_FORM = "output"
 #: options added after format 1 of the metadata: recorded only when they differ from their
 #: defaults, so that a model compiled with the defaults keeps the bytes it had before them
-LATER_OPTIONS = ("signed_sites", "respike")
+LATER_OPTIONS = ("signed_sites", "respike", "resolution")
 #: what ``eval --task`` scores: top-1 accuracy, mIoU, mAP (ann2snn.analysis.tasks)
 TASKS = ("classification", "segmentation", "detection")
 #: the options a recipe sets (the recipe search, ann2snn.search, varies them); every other option is the caller's
-RECIPE_FIELDS = ("method", "granularity", "neuron", "burst", "keep_clip_cap")
+RECIPE_FIELDS = ("method", "granularity", "neuron", "burst", "keep_clip_cap", "resolution")
 #: without --target-T and without a recipe option, the search runs on networks with at least this many
 #: neuron layers on one path from input to output. Measured (README "Defaults and why"): every reference
 #: network on which the default recipe converges has at most 13 (the DenseNet stand-in; the Fashion
@@ -66,6 +66,11 @@ class CompileConfig:
     burst: with ``neuron='signed'``, the most spikes (or take-backs) a neuron may emit in one
         step; 1 is the plain signed neuron, N > 1 emits integer-valued bursts so that a
         step bringing more than θ does not leave the count behind.
+    resolution: with ``neuron='signed'``, each ReLU-site threshold θ is divided by this integer N
+        and the neuron may emit up to N·burst spikes of θ/N per step: the same most per step
+        (burst·θ, and never above a kept ReLU6 cap), N times finer steps, so the rounding error
+        of each neuron falls like θ/(N·T) instead of θ/T, at up to N times the spike count. The
+        largest spike magnitude per step is N·burst (the cost report counts every spike).
     nonlinear: what becomes of a nonlinear op (Softmax, LayerNorm, GELU, a product of two
         activations, ...) whose input varies in time. ``analog``: it ends the spiking part and
         runs, with everything after it, in the analog tail on the readout. ``compensate``:
@@ -128,6 +133,7 @@ class CompileConfig:
     maxpool: str = "cumulative"
     neuron: str = "if"
     burst: int = 1
+    resolution: int = 1
     nonlinear: str = "analog"
     signed_sites: str = "auto"
     respike: bool = True
@@ -174,6 +180,12 @@ class CompileConfig:
                               "(--burst)")
         if self.burst > 1 and self.neuron != "signed":
             raise ConfigError(f"burst {self.burst} needs signed neurons: add --neuron signed (or use --burst 1)")
+        if isinstance(self.resolution, bool) or int(self.resolution) != self.resolution or self.resolution < 1:
+            raise ConfigError(f"resolution divides the thresholds, an integer >= 1, got {self.resolution!r} "
+                              "(--resolution)")
+        if self.resolution > 1 and self.neuron != "signed":
+            raise ConfigError(f"resolution {self.resolution} needs signed neurons (bursts of up to resolution x burst "
+                              "spikes): add --neuron signed (or use --resolution 1)")
         if self.iters <= 0:
             raise ConfigError(f"iters must be a positive number of calibration batches, got {self.iters} (--iters)")
         if self.batch <= 0:

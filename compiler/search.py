@@ -81,11 +81,13 @@ class Recipe:
     neuron: str
     burst: int
     keep_clip_cap: bool = True
+    resolution: int = 1
 
     @property
     def label(self) -> str:
-        """A short name, e.g. ``percentile/channel signed burst 2``."""
-        neuron = self.neuron + (f" burst {self.burst}" if self.burst > 1 else "")
+        """A short name, e.g. ``percentile/channel signed burst 2`` (``... resolution 2``)."""
+        neuron = (self.neuron + (f" burst {self.burst}" if self.burst > 1 else "")
+                  + (f" resolution {self.resolution}" if self.resolution > 1 else ""))
         return f"{self.method}/{self.granularity} {neuron}" + ("" if self.keep_clip_cap else ", cap dropped")
 
     def options(self) -> dict[str, Any]:
@@ -197,7 +199,7 @@ def default_target_T(proto: onnx.ModelProto, cfg: CompileConfig, calib: Any,
     if depth < DEEP_CHAIN:
         return 0, None
     why = f"the network is {depth} neuron layers deep (the default recipe converges slowly from {DEEP_CHAIN} on)"
-    skip = ("--target-T 0, or any recipe option (--method, --granularity, --neuron, --burst, --keep-clip-cap / "
+    skip = ("--target-T 0, or any recipe option (--method, --granularity, --neuron, --burst, --resolution, --keep-clip-cap / "
             "--drop-clip-cap), compiles without the search")
     n = calib.size if isinstance(calib, CalibrationSource) else None
     if n is None or n - MIN_HOLDOUT < MIN_CALIBRATION:
@@ -258,7 +260,7 @@ def _calibrated(proto: onnx.ModelProto, cfg: CompileConfig, calib: ArrayDict,
     key = (cfg.method, cfg.granularity, cfg.keep_clip_cap)
     if key not in cache:
         # the candidates calibrate in this process, on the arrays the search holds in memory
-        cache[key] = run_until(proto, dataclasses.replace(cfg, neuron="if", burst=1, ray=""), calib,
+        cache[key] = run_until(proto, dataclasses.replace(cfg, neuron="if", burst=1, resolution=1, ray=""), calib,
                                "calibrate_thresholds")
     base = cache[key]
     # emission changes the graph and its annotations: every field is copied (the calibration
@@ -297,7 +299,7 @@ def search_recipe(proto: onnx.ModelProto, cfg: CompileConfig,
     stats_calib = calib if n_stats == len(calib_idx) else {k: v[subset] for k, v in calib.items()}
     has_cap = any(s.cap is not None for s in structure.sites)
     recipes = candidates(T, has_cap) if structure.sites else [Recipe(cfg.method, cfg.granularity, cfg.neuron,
-                                                                     cfg.burst, cfg.keep_clip_cap)]
+                                                                     cfg.burst, cfg.keep_clip_cap, cfg.resolution)]
     name, ref = _ann_reference(proto, held, cfg.device)
     record: dict[str, Any] = {
         "target_T": T, "budget_s": cfg.search_budget, "min_agreement": cfg.min_agreement,
@@ -385,6 +387,7 @@ def _figures(entry: dict[str, Any]) -> str:
 def _cli(options: dict[str, Any]) -> str:
     flags = [f"--method {options['method']}", f"--granularity {options['granularity']}",
              f"--neuron {options['neuron']}", f"--burst {options['burst']}"]
+    flags += [f"--resolution {options['resolution']}"] if options.get("resolution", 1) > 1 else []
     return " ".join(flags + ([] if options["keep_clip_cap"] else ["--drop-clip-cap"]))
 
 

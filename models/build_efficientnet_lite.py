@@ -188,8 +188,8 @@ def main() -> None:
     p.add_argument("--variant", type=int, choices=sorted(VARIANTS), default=1)
     p.add_argument("--out-dir", type=Path, default=here)
     p.add_argument("--wheel-dir", type=Path, default=Path.home() / ".cache" / "ann2snn" / "wheels")
-    p.add_argument("--calib-per-photo", type=int, default=16, help="calibration crops per photo (as MobileNetV2)")
-    p.add_argument("--eval-per-photo", type=int, default=6, help="evaluation crops per photo (as MobileNetV2)")
+    p.add_argument("--calib-per-photo", type=int, default=22, help="crops per calibration photo (as MobileNetV2)")
+    p.add_argument("--eval-per-photo", type=int, default=8, help="crops per evaluation photo (as MobileNetV2)")
     args = p.parse_args()
     torch.set_num_threads(1)
     *_, width, depth, size = VARIANTS[args.variant]

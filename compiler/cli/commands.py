@@ -46,6 +46,9 @@ from .options import (ALLOW_NONFINITE_OPTION, CUDA_GRAPH_OPTION, DEVICE_OPTION, 
                    "spikes (signed: converges much faster on deep networks).")
 @click.option("--burst", type=int, default=CompileConfig.burst, show_default=True,
               help="With --neuron signed: the most spikes (or take-backs) a neuron may emit in one step.")
+@click.option("--resolution", type=int, default=CompileConfig.resolution, show_default=True,
+              help="With --neuron signed: divide each threshold by N and allow N times the burst per step: the same "
+                   "ceiling, N times finer steps (error ~ 1/(N T)), up to N times the spikes.")
 @click.option("--nonlinear", type=click.Choice(NONLINEAR_MODES), default=CompileConfig.nonlinear, show_default=True,
               help="Nonlinear ops on a time-varying signal (Softmax, LayerNorm, GELU, attention products): end the "
                    "spiking part and run in the analog tail, or stay in the step graph by expectation compensation.")
@@ -81,10 +84,10 @@ from .options import (ALLOW_NONFINITE_OPTION, CUDA_GRAPH_OPTION, DEVICE_OPTION, 
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
               help="Images: tensor layout of the model's input.")
 @click.option("--target-T", "target_T", type=int, default=None,
-              help="Choose the recipe (method, granularity, neuron, burst, clip cap) for this many timesteps: "
+              help="Choose the recipe (method, granularity, neuron, burst, resolution, clip cap) for this many timesteps: "
                    "candidates are calibrated on part of --calib and scored on the rest. 0: no search. Default: "
                    f"T = {DEFAULT_TARGET_T} on networks {DEEP_CHAIN} or more neuron layers deep when no recipe option "
-                   "(--method, --granularity, --neuron, --burst, --keep/--drop-clip-cap) is given, else no search.")
+                   "(--method, --granularity, --neuron, --burst, --resolution, --keep/--drop-clip-cap) is given, else no search.")
 @click.option("--search-budget", type=float, default=CompileConfig.search_budget, show_default=True,
               help="Seconds the recipe search may spend; the first candidate always runs.")
 @click.option("--min-agreement", type=float, default=CompileConfig.min_agreement, show_default=True,

@@ -20,6 +20,7 @@ from .options import parse_ts
               help="As for compile.")
 @click.option("--neuron", type=click.Choice(NEURONS), default=CompileConfig.neuron, show_default=True, help="As for compile.")
 @click.option("--burst", type=int, default=CompileConfig.burst, show_default=True, help="As for compile.")
+@click.option("--resolution", type=int, default=CompileConfig.resolution, show_default=True, help="As for compile.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON.")
 @click.pass_context
 @handle_errors
