@@ -27,7 +27,8 @@ so the output is the same as ``det_fcos.onnx``'s: ``detections`` float32 ``[K, 7
 post-processing against the numpy reference, onnxruntime against torch, and prints the ANN's mAP.
 
 Run: ``/work/torch-venv/bin/python models/build_yolo.py`` (1 thread; writes both files next to
-this script). ``--snn N`` also compiles each file with ann2snn's defaults and prints the SNN's
+this script; ``--pt FILE`` also saves the weights, ``--pt FILE --from-pt`` exports them again without
+training). ``--snn N`` also compiles each file with ann2snn's defaults and prints the SNN's
 mAP on the first N test scenes by T.
 """
 from __future__ import annotations
@@ -35,11 +36,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from build_detection import (RAW_NAMES, _Raw, add_heads, conv_bn, detection_parser, export_onnx, head_outputs,
                              report, train_timed)
+from onnx import TensorProto, helper
 from torch import nn
 
 SLOPE = 0.1
@@ -90,9 +93,6 @@ class YOLO(nn.Module):
 
 def max_torch_difference(net: nn.Module, path: Path, x: np.ndarray) -> float:
     """Max |torch - onnxruntime| over the raw head outputs of ``path`` on ``x``."""
-    import onnx
-    from onnx import TensorProto, helper
-
     model = onnx.load(str(path))
     model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in RAW_NAMES)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--pt", type=Path, default=None, help="save the trained weights here (or load them with --from-pt)")
     p.add_argument("--from-pt", action="store_true", help="load --pt instead of training, then export")
     args = p.parse_args()
+    if args.from_pt and args.pt is None:
+        p.error("--from-pt needs --pt FILE (the weights to load)")
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     outs = [(args.out, False), (args.out_dynamo, True)]
