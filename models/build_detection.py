@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,32 @@ def conv_bn(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
 
 
+def add_heads(net: nn.Module, width: int, act: Callable[[], nn.Module]) -> None:
+    """Give ``net`` the heads shared by the levels: a classification and a regression tower (one
+    3x3 Conv-BN-``act`` each), class logits, ``l, t, r, b`` distances with a learnt scale per level,
+    and centerness; class bias at the focal-loss prior."""
+    net.cls_tower = nn.Sequential(conv_bn(width, width), act())
+    net.reg_tower = nn.Sequential(conv_bn(width, width), act())
+    net.cls = nn.Conv2d(width, NUM_CLASSES, 3, 1, 1)
+    net.reg = nn.Conv2d(width, 4, 3, 1, 1)
+    net.ctr = nn.Conv2d(width, 1, 3, 1, 1)
+    net.scales = nn.Parameter(torch.ones(len(STRIDES)))
+    nn.init.normal_(net.cls.weight, std=0.01)
+    nn.init.constant_(net.cls.bias, -math.log((1 - PRIOR) / PRIOR))
+    for m in (net.reg, net.ctr):
+        nn.init.normal_(m.weight, std=0.01)
+        nn.init.zeros_(m.bias)
+
+
+def head_outputs(net: nn.Module, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The heads of ``add_heads`` on each level's features: [cls, reg, ctr] per level, in STRIDES order."""
+    outs = []
+    for i, p in enumerate(levels):
+        ct, rt = net.cls_tower(p), net.reg_tower(p)
+        outs += [net.cls(ct), net.reg(rt) * net.scales[i], net.ctr(rt)]
+    return outs
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block; a strided 1x1 Conv-BN shortcut when the shape changes."""
 
@@ -89,17 +116,7 @@ class FCOS(nn.Module):
         self.layer4 = BasicBlock(64, 96, 2)                                 # 4x4, stride 16 (C4)
         self.lat2, self.lat3, self.lat4 = nn.Conv2d(32, width, 1), nn.Conv2d(64, width, 1), nn.Conv2d(96, width, 1)
         self.out2, self.out3 = nn.Conv2d(width, width, 3, 1, 1), nn.Conv2d(width, width, 3, 1, 1)
-        self.cls_tower = nn.Sequential(conv_bn(width, width), nn.ReLU())
-        self.reg_tower = nn.Sequential(conv_bn(width, width), nn.ReLU())
-        self.cls = nn.Conv2d(width, NUM_CLASSES, 3, 1, 1)
-        self.reg = nn.Conv2d(width, 4, 3, 1, 1)
-        self.ctr = nn.Conv2d(width, 1, 3, 1, 1)
-        self.scales = nn.Parameter(torch.ones(len(STRIDES)))
-        nn.init.normal_(self.cls.weight, std=0.01)
-        nn.init.constant_(self.cls.bias, -math.log((1 - PRIOR) / PRIOR))
-        for m in (self.reg, self.ctr):
-            nn.init.normal_(m.weight, std=0.01)
-            nn.init.zeros_(m.bias)
+        add_heads(self, width, nn.ReLU)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[cls_P2, reg_P2, ctr_P2, cls_P3, reg_P3, ctr_P3]; reg is log(distance / stride)."""
@@ -109,11 +126,7 @@ class FCOS(nn.Module):
         up = lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest")
         t3 = self.lat3(c3) + up(self.lat4(c4))
         t2 = self.lat2(c2) + up(t3)
-        outs = []
-        for i, p in enumerate((self.out2(t2), self.out3(t3))):
-            ct, rt = self.cls_tower(p), self.reg_tower(p)
-            outs += [self.cls(ct), self.reg(rt) * self.scales[i], self.ctr(rt)]
-        return outs
+        return head_outputs(self, [self.out2(t2), self.out3(t3)])
 
 
 # -------------------------------------------------------------------- locations, targets
@@ -219,7 +232,7 @@ def flip_scenes(x: torch.Tensor, boxes: list[np.ndarray]) -> tuple[torch.Tensor,
     return x.flip(3), [np.stack([IMAGE - b[:, 2], b[:, 1], IMAGE - b[:, 0], b[:, 3]], 1) for b in boxes]
 
 
-def train(net: FCOS, scenes_total: int, batch: int, chunk: int, lr: float, seed: int) -> None:
+def train(net: nn.Module, scenes_total: int, batch: int, chunk: int, lr: float, seed: int) -> None:
     """AdamW with warm-up and cosine decay on training scenes: chunks of fresh scenes (seeds
     seed, seed+1, ...), each used twice, as drawn and mirrored."""
     from scenes import make_scenes
@@ -265,7 +278,7 @@ def train(net: FCOS, scenes_total: int, batch: int, chunk: int, lr: float, seed:
 
 # ------------------------------------------------------------------------------ export
 class _Raw(nn.Module):
-    def __init__(self, net: FCOS) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
@@ -341,12 +354,24 @@ def append_postprocess(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def export_onnx(net: FCOS, path: Path) -> None:
-    """Legacy exporter (raw head outputs, dynamic batch), then the post-processing nodes."""
+def export_onnx(net: nn.Module, path: Path, dynamo: bool = False) -> None:
+    """Export the raw head outputs (dynamic batch), then append the post-processing nodes.
+
+    ``dynamo=False``: the legacy exporter at ``OPSET``; ``dynamo=True``: the dynamo exporter at
+    opset 18, the weights inside the one file (no external ``.data``)."""
     tmp = path.with_suffix(".raw.onnx")
-    torch.onnx.export(_Raw(net), (torch.zeros(1, 1, IMAGE, IMAGE),), str(tmp), dynamo=False, opset_version=OPSET,
-                      input_names=["input"], output_names=RAW_NAMES,
-                      dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in RAW_NAMES}})
+    # eval mode, set on the wrapper: the legacy exporter restores the wrapper's mode to the whole
+    # module tree afterwards, so a fresh (training-mode) wrapper would leave ``net`` in training mode
+    raw = _Raw(net).eval()
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        prog = torch.onnx.export(raw, (torch.zeros(2, 1, IMAGE, IMAGE),), dynamo=True, opset_version=18,
+                                 input_names=["input"], output_names=RAW_NAMES, dynamic_shapes=({0: batch},))
+        prog.save(str(tmp), external_data=False)
+    else:
+        torch.onnx.export(raw, (torch.zeros(1, 1, IMAGE, IMAGE),), str(tmp), dynamo=False, opset_version=OPSET,
+                          input_names=["input"], output_names=RAW_NAMES,
+                          dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in RAW_NAMES}})
     model = append_postprocess(onnx.load(str(tmp)))
     tmp.unlink()
     onnx.save(model, str(path))
@@ -480,12 +505,12 @@ def snn_eval(path: Path, calib: Path, out: Path, test: dict[str, np.ndarray], n:
         print(f"SNN T={T}: mAP@0.5 {ap50:.4f}, mAP@[.5:.95] {ap:.4f}, detections {len(res[T]['detections'])}")
 
 
-def main() -> None:
-    """Train, export, verify the post-processing, report the ANN's (and optionally SNN's) mAP."""
+def detection_parser(description: str, out: Path, snn_out: Path, scenes: int) -> argparse.ArgumentParser:
+    """The options shared by the detector build scripts (training, data, evaluation, ``--snn``)."""
     here = Path(__file__).resolve().parent
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=here / "det_fcos.onnx")
-    p.add_argument("--scenes", type=int, default=80000, help="training scenes seen (half of them mirrored)")
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--scenes", type=int, default=scenes, help="training scenes seen (half of them mirrored)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--chunk", type=int, default=2048, help="scenes generated at a time")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -497,28 +522,47 @@ def main() -> None:
     p.add_argument("--snn", type=int, default=0, help="also compile and evaluate the SNN on this many test scenes")
     p.add_argument("--snn-T", default="32,64,128,256")
     p.add_argument("--snn-iters", type=int, default=200)
-    p.add_argument("--snn-out", type=Path, default=Path("/tmp/det_fcos.snn.onnx"), help="where the SNN is written")
-    args = p.parse_args()
+    p.add_argument("--snn-out", type=Path, default=snn_out, help="where the SNN is written")
+    return p
+
+
+def train_timed(net: nn.Module, args: argparse.Namespace) -> None:
+    """``train`` with the parsed options (seeded), printing the parameter count and the time taken."""
+    print(f"parameters: {sum(q.numel() for q in net.parameters()):,}")
+    t = time.perf_counter()
+    train(net, args.scenes, args.batch, args.chunk, args.lr, 1000 + args.seed)
+    print(f"training: {time.perf_counter() - t:.0f} s")
+
+
+def report(path: Path, args: argparse.Namespace, snn_out: Path | None = None) -> None:
+    """Check an exported detector's post-processing against the numpy reference, print its mAP on
+    the test scenes and, with ``--snn N``, compile it and print the SNN's mAP by T."""
+    test = dict(np.load(args.test))
+    diff = verify_postprocess(path, test["input"][:16])
+    print(f"{path.name}: ONNX post-processing matches the numpy reference on 16 scenes (max |diff| {diff:.2e})")
+    dets = onnx_detections(path, test["input"])
+    ap50, ap = mean_ap(dets, test)
+    print(f"ANN on {len(test['input'])} test scenes: mAP@0.5 {ap50:.4f}, mAP@[.5:.95] {ap:.4f}")
+    if args.snn:
+        snn_eval(path, args.calib, snn_out or args.snn_out, test, args.snn, [int(v) for v in args.snn_T.split(",")],
+                 args.snn_iters)
+
+
+def main() -> None:
+    """Train, export, verify the post-processing, report the ANN's (and optionally SNN's) mAP."""
+    here = Path(__file__).resolve().parent
+    args = detection_parser(__doc__.split("\n\n")[0], here / "det_fcos.onnx", Path("/tmp/det_fcos.snn.onnx"),
+                            80000).parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
 
     if not args.eval_only:
         torch.manual_seed(args.seed)
         net = FCOS()
-        print(f"parameters: {sum(q.numel() for q in net.parameters()):,}")
-        t = time.perf_counter()
-        train(net, args.scenes, args.batch, args.chunk, args.lr, 1000 + args.seed)
-        print(f"training: {time.perf_counter() - t:.0f} s")
+        train_timed(net, args)
         export_onnx(net, args.out)
         print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes)")
-    test = dict(np.load(args.test))
-    diff = verify_postprocess(args.out, test["input"][:16])
-    print(f"ONNX post-processing matches the numpy reference on 16 scenes (max |diff| {diff:.2e})")
-    dets = onnx_detections(args.out, test["input"])
-    ap50, ap = mean_ap(dets, test)
-    print(f"ANN on {len(test['input'])} test scenes: mAP@0.5 {ap50:.4f}, mAP@[.5:.95] {ap:.4f}")
-    if args.snn:
-        snn_eval(args.out, args.calib, args.snn_out, test, args.snn, [int(v) for v in args.snn_T.split(",")], args.snn_iters)
+    report(args.out, args)
 
 
 if __name__ == "__main__":
