@@ -1,18 +1,20 @@
-"""Signed activation sites (issue 16): LeakyReLU, SiLU, HardSwish and GELU networks converted with
+"""Signed activation sites (issue 16): LeakyReLU, SiLU, HardSwish, GELU and ConvNeXt networks converted with
 the symmetric signed neuron on the activation's output (form ``output``, the op compensated on its
 input current) or on its input current (form ``input``, the op compensated on the spikes), beside
 the analog baseline (``--signed-sites off``: the first such activation ends the spiking part).
 
-Networks: models/build_activations.py (Fashion-MNIST, evaluated on test images 0..limit-1, which
-they were never trained on). The SiLU and HardSwish networks have squeeze-excitation gates
-(Sigmoid / HardSigmoid times the features): they are compiled with ``--nonlinear compensate``
-(and ``--respike``, the default) so that nothing is left to the analog tail.
+Networks: models/build_activations.py and models/build_convnext.py (Fashion-MNIST, evaluated on
+test images 0..limit-1, which they were never trained on); a name ``<arch>_dynamo`` is the same
+weights from the dynamo exporter (``models/fashion_<arch>_dynamo.onnx``). The SiLU and HardSwish
+networks have squeeze-excitation gates (Sigmoid / HardSigmoid times the features) and the ConvNeXt
+has LayerNorms: they are compiled with ``--nonlinear compensate`` (and ``--respike``, the default)
+so that nothing is left to the analog tail.
 
 Per row: MAC shares (% of the ANN's MACs per sample on spikes / on compensated increments / in the
 time-constant prefix / in the analog tail), SNN accuracy at each T, and top-1 agreement with the
 ANN and relative output error at each T.
 
-Run: ``.venv/bin/python benchmarks/signed_activations.py [--models lrelu,silu,hswish,gelu]
+Run: ``.venv/bin/python benchmarks/signed_activations.py [--models lrelu,silu,hswish,gelu,convnext,gelu_dynamo]
 [--forms output,input,off] [--methods ltb,max] [--limit 1000] [-T 16,32,64,128]``
 (writes benchmarks/results/signed_activations.md and .json).
 """
@@ -30,8 +32,8 @@ import onnxruntime as ort
 from common import ROOT, T_header, command_line, md_row, write_results
 from expectation_compensation import shares
 
-#: networks whose gates need compensation to stay spiking
-GATED = ("silu", "hswish")
+#: networks whose gates (SiLU, HardSwish) or LayerNorms (ConvNeXt) need compensation to stay spiking
+COMPENSATED = ("silu", "hswish", "convnext")
 
 
 def measure(model: str, form: str, method: str, x: np.ndarray, y: np.ndarray, ann: np.ndarray, calib: np.ndarray,
@@ -41,7 +43,7 @@ def measure(model: str, form: str, method: str, x: np.ndarray, y: np.ndarray, an
     from ann2snn.runtime import SpikingSession
 
     options: dict[str, Any] = {"signed_sites": form, "method": method}
-    if model in GATED:
+    if model.removesuffix("_dynamo") in COMPENSATED:
         options["nonlinear"] = "compensate"
     start = time.perf_counter()
     snn = ann2snn.compile(ROOT / "models" / f"fashion_{model}.onnx", {"input": calib}, **options)
@@ -97,7 +99,7 @@ def main() -> None:
         ann_acc = float((ann.argmax(1) == y).mean() * 100)
         for form in args.forms.split(","):
             for method in args.methods.split(","):
-                if form == "off" and model == "lrelu":
+                if form == "off" and model.startswith("lrelu"):
                     continue  # LeakyReLU inside the spiking part is an error without signed sites
                 r = measure(model, form, method, x, y, ann, calib, Ts, args.batch)
                 r["ann_accuracy"] = ann_acc

@@ -15,20 +15,22 @@ calibration images plus test images 5,000-9,999, and **evaluated on test images 
 only** (never trained on). Training is brief (20 s to 3 minutes each on one core: 6 or 20 epochs, ``EPOCHS``).
 
 All take ``input`` float32 ``[N, 1, 28, 28]`` in [0, 1] (normalised inside the graph) and
-return ``logits`` ``[N, 10]``; legacy torch exporter, opset 17, symbolic batch. The dynamo
-exporter needs onnxscript, which the torch venv here lacks, so only legacy exports are built.
+return ``logits`` ``[N, 10]``, symbolic batch. Each network is exported twice from the same
+weights: ``fashion_<arch>.onnx`` with the legacy torch exporter (opset 17) and
+``fashion_<arch>_dynamo.onnx`` with the dynamo exporter (opset 18, one file, no external data).
 
 Run: ``/work/torch-venv/bin/python models/build_activations.py [--arch lrelu,silu,hswish,gelu]``
 """
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from _common import onnx_logits
-from build_fashion import FASHION_MEAN, FASHION_STD, export_and_report
+from build_fashion import FASHION_MEAN, FASHION_STD, export_and_report, export_dynamo
 from build_fashion import train as fashion_train
 from torch import nn
 
@@ -163,18 +165,9 @@ def train(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) 
                   optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-4))
 
 
-def main() -> None:
-    """Train the requested networks, export them, report their accuracy on test images 0-4,999."""
-    here = Path(__file__).resolve().parent
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="lrelu,silu,hswish,gelu")
-    p.add_argument("--out-dir", type=Path, default=here)
-    p.add_argument("--epochs", type=int, default=0, help="epochs for every network (0: EPOCHS, as committed)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+def training_data(here: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_eval, y_eval): the 1,000 calibration images plus test images
+    TRAIN_FROM.., and test images 0..TRAIN_FROM-1, from the data files in ``here``/data."""
     test = np.load(here / "data" / "fashion_test.npz")
     x_test, y_test = test["input"], test["label"]
     # the calibration images' labels are not stored: label them with the committed Fashion ResNet
@@ -183,16 +176,40 @@ def main() -> None:
     y_cal = onnx_logits(here / "fashion_resnet.onnx", x_cal).argmax(axis=1).astype(np.int64)
     x_train = np.concatenate([x_cal, x_test[TRAIN_FROM:]])
     y_train = np.concatenate([y_cal, y_test[TRAIN_FROM:]])
-    x_eval, y_eval = x_test[:TRAIN_FROM], y_test[:TRAIN_FROM]
+    return x_train, y_train, x_test[:TRAIN_FROM], y_test[:TRAIN_FROM]
+
+
+def main(archs: dict[str, Callable[[], nn.Module]] | None = None, epochs: dict[str, int] | None = None,
+         doc: str | None = None) -> None:
+    """Train the requested networks (``archs``, default ARCHS, for ``epochs`` each, default EPOCHS),
+    export each with both exporters, report their accuracy on test images 0-4,999."""
+    archs, epochs = archs or ARCHS, epochs or EPOCHS
+    here = Path(__file__).resolve().parent
+    p = argparse.ArgumentParser(description=(doc or __doc__).split("\n\n")[0])
+    p.add_argument("--arch", default=",".join(archs))
+    p.add_argument("--out-dir", type=Path, default=here)
+    p.add_argument("--epochs", type=int, default=0, help="epochs for every network (0: EPOCHS, as committed)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    x_train, y_train, x_eval, y_eval = training_data(here)
     for arch in args.arch.split(","):
         torch.manual_seed(args.seed)
-        net = ARCHS[arch]()
+        net = archs[arch]()
         print(f"training {arch} ({sum(q.numel() for q in net.parameters())} parameters) on {len(x_train)} images",
               flush=True)
-        train(net, x_train, y_train, args.epochs or EPOCHS[arch], args.seed)
+        train(net, x_train, y_train, args.epochs or epochs[arch], args.seed)
         model = Normalised(net).eval()
-        path = args.out_dir / f"fashion_{arch}.onnx"
-        export_and_report(model, path, x_eval, y_eval, f"test images 0-{TRAIN_FROM - 1}")
+        export_both(model, args.out_dir / f"fashion_{arch}", x_eval, y_eval)
+
+
+def export_both(model: nn.Module, stem: Path, x_eval: np.ndarray, y_eval: np.ndarray) -> None:
+    """``<stem>.onnx`` (legacy exporter) and ``<stem>_dynamo.onnx`` (dynamo exporter), each with its report."""
+    what = f"test images 0-{len(x_eval) - 1}"
+    export_and_report(model, stem.with_name(stem.name + ".onnx"), x_eval, y_eval, what)
+    export_and_report(model, stem.with_name(stem.name + "_dynamo.onnx"), x_eval, y_eval, what, export=export_dynamo)
 
 
 if __name__ == "__main__":

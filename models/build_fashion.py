@@ -164,10 +164,21 @@ def export_onnx(model: nn.Module, path: Path) -> None:
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
-def export_and_report(model: nn.Module, path: Path, x: np.ndarray, y: np.ndarray, what: str) -> None:
-    """Export ``model`` to ``path`` (export_onnx), print its size, the largest torch-vs-onnxruntime
-    logit difference on the first 256 images of ``x`` and its accuracy on ``x`` / ``y`` (``what``)."""
-    export_onnx(model, path)
+def export_dynamo(model: nn.Module, path: Path) -> None:
+    """Dynamo exporter (opset 18), dynamic batch, weights inside the one file."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    prog = torch.onnx.export(model, (torch.zeros(2, 1, 28, 28),), dynamo=True, opset_version=18,
+                             input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},))
+    prog.save(str(path), external_data=False)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def export_and_report(model: nn.Module, path: Path, x: np.ndarray, y: np.ndarray, what: str,
+                      export: Callable[[nn.Module, Path], None] = export_onnx) -> None:
+    """Export ``model`` to ``path`` (``export``: export_onnx or export_dynamo), print its size, the largest
+    torch-vs-onnxruntime logit difference on the first 256 images of ``x`` and its accuracy on ``x`` / ``y``
+    (``what``)."""
+    export(model, path)
     with torch.no_grad():
         ref = model(torch.from_numpy(x[:256])).numpy()
     logits = onnx_logits(path, x)

@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from _common import accuracy, onnx_logits
-from build_fashion import FASHION_MEAN, FASHION_STD, Normalised, load_fashion
+from build_fashion import FASHION_MEAN, FASHION_STD, Normalised, export_dynamo, export_onnx, load_fashion
 from scenes import FASHION_DIR
 from torch import nn
 
@@ -130,23 +129,6 @@ def train(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, minutes: fl
     net.eval()
 
 
-def export_legacy(model: nn.Module, path: Path) -> None:
-    """Legacy exporter, opset 17, dynamic batch."""
-    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-
-
-def export_dynamo(model: nn.Module, path: Path) -> None:
-    """Dynamo exporter (opset 18), dynamic batch, weights inside the one file."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    prog = torch.onnx.export(model, (torch.zeros(2, 1, 28, 28),), dynamo=True, opset_version=18,
-                             input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},))
-    prog.save(str(path), external_data=False)
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-
-
 def main() -> None:
     """Train, export with both exporters, report ONNX accuracy on the full test set."""
     here = Path(__file__).resolve().parent
@@ -176,7 +158,7 @@ def main() -> None:
     model = Normalised(net, FASHION_MEAN, FASHION_STD).eval()
     with torch.no_grad():
         ref = model(torch.from_numpy(x_test[:256])).numpy()
-    for name, export in (("fashion_vit.onnx", export_legacy), ("fashion_vit_dynamo.onnx", export_dynamo)):
+    for name, export in (("fashion_vit.onnx", export_onnx), ("fashion_vit_dynamo.onnx", export_dynamo)):
         path = args.out_dir / name
         export(model, path)
         logits = onnx_logits(path, x_test)
