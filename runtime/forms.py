@@ -31,21 +31,40 @@ from onnx import helper
 
 from ann2snn.device import CPU_EP, open_session
 
+from .compensation import is_compensated
 from .kernels import COUNTING_KERNEL_OPS, KERNEL_DOMAIN
-from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS, UNIT_IF_OP
+from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS, SYMMETRIC_OP, UNIT_IF_OP
 from .reference import ai_onnx_opset, value_types
 
 log = logging.getLogger(__name__)
 
 #: ops known to act on each sample of the batch (axis 0) independently, with the attribute
-#: checks that keep them so; anything else in a stage makes the layered form refuse the graph
+#: checks that keep them so (StepPlan._check_per_sample); anything else in a stage makes the
+#: layered form refuse the graph. Elementwise ops broadcast against constants or other [B, ...]
+#: tensors; the rest are listed in the tables below
 _PER_SAMPLE = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Sum", "Relu", "Clip",
     "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "MaxPool", "Flatten", "Pad", "Resize", "Upsample",
     "Identity", "Cast", "Neg", "Abs", "Max", "Min", "BatchNormalization", "LeakyRelu", "Sigmoid",
     "Tanh", "Softmax", "Concat", "Split", "Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
     "Constant", "Exp", "Sqrt", "Pow", "Where", "Equal", "Greater", "Less", "GreaterOrEqual",
+    # the modern activations and the ops of transformers (issue 16)
+    "Erf", "Gelu", "HardSigmoid", "HardSwish", "PRelu", "Softplus", "Softsign", "Elu", "Selu", "Celu", "Mish",
+    "ThresholdedRelu", "Log", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "LessOrEqual", "Not", "And", "Or",
+    "IsNaN", "IsInf", "LayerNormalization", "InstanceNormalization", "GroupNormalization", "LogSoftmax",
+    "Hardmax", "LpNormalization", *(f"Reduce{r}" for r in ("Mean", "Sum", "Max", "Min", "Prod", "L1", "L2",
+                                                          "SumSquare", "LogSum", "LogSumExp")),
 }
+#: the model-local activation functions of canonicalize_activations (domain ann2snn.activations):
+#: elementwise, or (LayerNormalization) normalising from its ``axis`` on
+_PER_SAMPLE_FUNCTIONS = {"SiLU", "HardSwish", "Gelu", "GeluTanh", "LayerNormalization"}
+_ACTIVATION_DOMAIN = "ann2snn.activations"
+#: ops whose ``axis`` attribute must not name the batch axis, with its default (None: required).
+#: Softmax / LogSoftmax / Hardmax before opset 13 coerce to 2-D at ``axis`` (default 1): the
+#: batch stays in the leading part as long as the axis is not 0. LayerNormalization normalises
+#: over the axes from ``axis`` on, so 0 would mix the samples
+_AXIS_OPS = {"Concat": None, "Split": 0, "Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "Flatten": 1,
+             "LayerNormalization": -1, "LpNormalization": -1}
 
 
 #: the layered form declares its spike tensors' shapes (see _subgraph_model); False builds chunk
@@ -57,7 +76,7 @@ SHAPE_SPIKES = True
 class Cut:
     """A stateful node: ``drive`` is computed by the graph, ``produced`` is fed back to it."""
 
-    kind: str  # "if" | "signed" | "accumulate" | "increment"
+    kind: str  # "if" | "signed" | "accumulate" | "increment" | "chain"
     drive: str
     produced: str
     state_in: str
@@ -65,6 +84,9 @@ class Cut:
     node: str
     count_in: str = ""  # "signed": the spike-count state, the node's second one
     count_out: str = ""
+    #: "chain" (an expectation-compensated op): every (state input, state output) of the node,
+    #: in the order of its inputs; its outputs are its result(s), then these states' next values
+    chain: tuple[tuple[str, str], ...] = ()
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -229,7 +251,9 @@ class StepPlan:
                 continue
             if not node.name or node.name in cuts:
                 raise _Refuse("a stateful node without a unique name")
-            single = (node.domain == DOMAIN and node.op_type in (IF_OP, UNIT_IF_OP)) \
+            # the symmetric neuron (signed activation sites, re-spiked compensated ops) has the
+            # IF neuron's signature: (current, v, threshold) -> (spikes, v_next)
+            single = (node.domain == DOMAIN and node.op_type in (IF_OP, UNIT_IF_OP, SYMMETRIC_OP)) \
                 or (node.domain == KERNEL_DOMAIN and node.op_type == "IFChunk")
             counting = (node.domain == DOMAIN and node.op_type in COUNTING_OPS) \
                 or (node.domain == KERNEL_DOMAIN and node.op_type in COUNTING_KERNEL_OPS)
@@ -246,6 +270,8 @@ class StepPlan:
                     raise _Refuse(f"threshold of {node.name} varies in time")
                 cuts[node.name] = Cut("signed", node.input[0], node.output[0], node.input[1], node.output[1], node.name,
                                       node.input[2], node.output[2])
+            elif is_compensated(node):
+                cuts[node.name] = self._compensated_cut(node, touching)
             elif node.op_type == "Add" and len(touching) == 1 and node.output[0] == self.state_out_of[touching[0]]:
                 other = node.input[1] if node.input[0] == touching[0] else node.input[0]
                 cuts[node.name] = Cut("accumulate", other, node.output[0], touching[0], node.output[0], node.name)
@@ -256,15 +282,39 @@ class StepPlan:
                 raise _Refuse(f"node {node.name} ({node.op_type}) uses a state in an unrecognised way")
         return cuts
 
+    def _compensated_cut(self, node: onnx.NodeProto, touching: list[str]) -> Cut:
+        """An expectation-compensated op (runtime/compensation.py): its states (the running sum
+        of each time-varying input, the previous total, the step count) are its inputs in
+        order, and its outputs after the first are their next values in the same order."""
+        if len(set(touching)) != len(touching) or len(node.output) != 1 + len(touching) \
+                or list(node.output[1:]) != [self.state_out_of[s] for s in touching]:
+            raise _Refuse(f"node {node.name} ({node.op_type}): its states are not fed back one to one")
+        if ai_onnx_opset(self.proto) < 13 and any(i in self.varying and self._sample_shape(i) is None
+                                                  for i in node.input if i not in self.state_in):
+            raise _Refuse(f"node {node.name} ({node.op_type}): an input of unknown shape under opset < 13")
+        return Cut("chain", "", node.output[0], touching[0], self.state_out_of[touching[0]], node.name,
+                   chain=tuple((s, self.state_out_of[s]) for s in touching))
+
+    def _sample_shape(self, tensor: str) -> tuple[int, ...] | None:
+        """The shape of one sample of ``tensor`` (all but the batch axis), if known."""
+        t = self.types.get(tensor)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        dims = t.tensor_type.shape.dim[1:]
+        return tuple(int(d.dim_value) for d in dims) if all(d.HasField("dim_value") for d in dims) else None
+
     def _check_layered(self) -> dict[str, Cut]:
         """The cuts, after checking that every other per-step node acts on each sample alone."""
         cuts = self._cuts()
-        if {c.state_in for c in cuts.values()} | {c.count_in for c in cuts.values() if c.count_in} != self.state_in:
+        handled = {c.state_in for c in cuts.values()} | {c.count_in for c in cuts.values() if c.count_in} \
+            | {s for c in cuts.values() for s, _ in c.chain}
+        if handled != self.state_in:
             raise _Refuse("some states are not handled by a recognised stateful node")
         for node in self.rest_nodes:
             if node.name in cuts or id(node) in self._static_ids:
                 continue
-            if node.op_type not in _PER_SAMPLE or node.domain not in ("", "ai.onnx"):
+            if not (node.op_type in _PER_SAMPLE and node.domain in ("", "ai.onnx")
+                    or node.op_type in _PER_SAMPLE_FUNCTIONS and node.domain == _ACTIVATION_DOMAIN):
                 raise _Refuse(f"node {node.name} ({node.domain}::{node.op_type}) is not known to act per sample")
             self._check_per_sample(node)
         return cuts
@@ -306,10 +356,15 @@ class StepPlan:
                 tiled[x] = p
             return tiled[x]
 
+        split: dict[str, list[str]] = {}
+
         def per_step(x: str, shape: tuple[int, ...]) -> list[str]:
-            """[steps·B, ...] -> one [B, ...] tensor per step (time-major rows: one Split)."""
+            """[steps·B, ...] -> one [B, ...] tensor per step (time-major rows: one Split; once
+            per tensor, however many stateful nodes read it)."""
             p = f"{x}@steps"
-            out = [f"{p}/{t}" for t in range(steps)]
+            if x in split:
+                return split[x]
+            out = split[x] = [f"{p}/{t}" for t in range(steps)]
             if steps == 1:
                 nodes.append(helper.make_node("Identity", [x], out))
             elif opset >= 18:
@@ -344,6 +399,24 @@ class StepPlan:
                 helper.make_node("Reshape", [seq, const(f"{p}/flat", [-1, *shape])], [cut.produced]),
                 helper.make_node("Gather", [last_of, const(f"{p}/last", steps - 1)], [f"{cut.state_out}@out"], axis=0),
             ])
+
+        def chain_copies(node: onnx.NodeProto, cut: Cut) -> None:
+            """``steps`` copies of ``node``, step t reading the states step t-1 wrote, the
+            time-varying inputs' rows of step t and the time-constant ones as they are; its
+            results are concatenated over the steps under their own names."""
+            prev = {s_in: s_in for s_in, _ in cut.chain}  # state input -> its value before this step
+            nexts = {s_out for _, s_out in cut.chain}
+            results = [o for o in node.output if o not in nexts]
+            for t in range(steps):
+                tag = "out" if t == steps - 1 else str(t)
+                ins = [prev[i] if i in prev else per_step(i, self._sample_shape(i) or ())[t] if i in self.varying else i
+                       for i in node.input]
+                outs = [f"{o}@{tag}" if o in nexts else f"{o}@{t}" for o in node.output]
+                copy = helper.make_node(node.op_type, ins, outs, domain=node.domain, name=f"{node.name}@{t}")
+                copy.attribute.extend(node.attribute)
+                nodes.append(copy)
+                prev = {s_in: f"{s_out}@{tag}" for s_in, s_out in cut.chain}
+            nodes.extend(helper.make_node("Concat", [f"{o}@{t}" for t in range(steps)], [o], axis=0) for o in results)
 
         for node in self.rest_nodes:
             cut = by_node.get(node.name)
@@ -380,6 +453,9 @@ class StepPlan:
                 ])
                 back_to_rows(cut, f"{p}/run", f"{p}/run", p, shape)
                 continue
+            if cut.kind == "chain":  # a compensated op: steps copies chained through all its states
+                chain_copies(node, cut)
+                continue
             if node.domain == KERNEL_DOMAIN:  # one kernel call runs the neuron over the whole chunk
                 states = [cut.state_in] + ([cut.count_in] if cut.count_in else [])
                 outs = [cut.produced, f"{cut.state_out}@out"] + ([f"{cut.count_out}@out"] if cut.count_out else [])
@@ -415,7 +491,7 @@ class StepPlan:
         inputs = self.state_order + [i for i in self.reduced_inputs if i not in self.state_in]
         model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, f"ann2snn_chunk{steps}",
                                 shaped=[c.produced for c in self.cuts.values()
-                                        if c.kind in ("if", "signed") and SHAPE_SPIKES])
+                                        if c.kind in ("if", "signed", "chain") and SHAPE_SPIKES])
         model.graph.initializer.extend(inits)
         for vi in model.graph.input:  # states keep the batch B, not steps·B
             if vi.name in self.state_in or vi.name not in self.varying:
@@ -434,43 +510,103 @@ class StepPlan:
                 need |= set(n.input)
         return list(reversed(out))
 
+    def _rank(self, tensor: str) -> int | None:
+        t = self.types.get(tensor)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        return len(t.tensor_type.shape.dim)
+
+    def _constant(self, tensor: str) -> np.ndarray | None:
+        """The value of an initializer, or None (computed or missing)."""
+        init = next((i for i in self.proto.graph.initializer if i.name == tensor), None) if tensor else None
+        return onnx.numpy_helper.to_array(init) if init is not None else None
+
+    def _touches_batch(self, node: onnx.NodeProto, axes: Iterable[int]) -> bool:
+        """Whether any of ``axes`` of ``node``'s first input is the batch axis (negative axes
+        count from its rank; an unknown rank makes a negative axis suspect)."""
+        rank = self._rank(node.input[0])
+        return any(int(a) == 0 or (int(a) < 0 and (rank is None or int(a) + rank == 0)) for a in axes)
+
     def _check_per_sample(self, node: onnx.NodeProto) -> None:
+        """Refuse (_Refuse) a whitelisted node whose attributes or inputs would mix the samples."""
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         op = node.op_type
-        if op in ("Concat", "Split", "Softmax") and int(attrs.get("axis", 0 if op != "Softmax" else -1)) == 0:
-            raise _Refuse(f"{node.name}: {op} along the batch axis")
-        if op == "Flatten" and int(attrs.get("axis", 1)) == 0:
-            raise _Refuse(f"{node.name}: Flatten with axis 0")
-        if op == "Transpose" and attrs.get("perm") is not None and next(iter(attrs["perm"])) != 0:
-            raise _Refuse(f"{node.name}: Transpose moves the batch axis")
-        if op in ("Reshape", "Squeeze", "Unsqueeze", "Slice", "Pad", "Resize", "Upsample", "Gemm", "MatMul"):
-            inits = {i.name: i for i in self.proto.graph.initializer}
-            if op == "Reshape":
-                shape = inits.get(node.input[1])
-                dims = onnx.numpy_helper.to_array(shape).reshape(-1).tolist() if shape is not None else []
-                # [-1] alone would merge the batch into one axis
-                if len(dims) < 2 or int(dims[0]) not in (0, -1):
-                    raise _Refuse(f"{node.name}: Reshape whose batch dimension is not 0 or -1")
-            elif op == "Gemm" and int(attrs.get("transA", 0)):
-                raise _Refuse(f"{node.name}: Gemm with transA")
-            elif op == "MatMul" and node.input[1] not in inits:
-                raise _Refuse(f"{node.name}: MatMul of two varying tensors")
-            elif op in ("Squeeze", "Unsqueeze", "Slice", "Pad") and len(node.input) > 1:
-                axes_src = node.input[1] if op != "Slice" else (node.input[3] if len(node.input) > 3 else "")
-                if op == "Pad":
-                    pads = inits.get(node.input[1])
-                    if pads is None:
-                        raise _Refuse(f"{node.name}: Pad with computed pads")
-                    p = onnx.numpy_helper.to_array(pads).reshape(2, -1) if len(node.input) < 4 or not node.input[3] else None
-                    if p is None or p[0, 0] or p[1, 0]:
-                        raise _Refuse(f"{node.name}: Pad along the batch axis or with explicit axes")
-                    return
-                if not axes_src or axes_src not in inits:
-                    raise _Refuse(f"{node.name}: {op} without constant axes")
-                if 0 in onnx.numpy_helper.to_array(inits[axes_src]).reshape(-1).tolist():
-                    raise _Refuse(f"{node.name}: {op} on the batch axis")
-            elif op in ("Squeeze", "Unsqueeze") and 0 in list(attrs.get("axes", [])):
+        if node.domain == _ACTIVATION_DOMAIN and op != "LayerNormalization":
+            return  # elementwise
+        if op in _AXIS_OPS:
+            default = _AXIS_OPS[op]
+            if op in ("Softmax", "LogSoftmax", "Hardmax") and ai_onnx_opset(self.proto) < 13:
+                default = 1
+            if self._touches_batch(node, [attrs.get("axis", default if default is not None else 0)]):
+                raise _Refuse(f"{node.name}: {op} along the batch axis")
+        elif op == "Transpose":
+            perm = attrs.get("perm")
+            if (perm is None and self._rank(node.input[0]) != 1) or (perm is not None and int(next(iter(perm))) != 0):
+                raise _Refuse(f"{node.name}: Transpose moves the batch axis")
+        elif op.startswith("Reduce"):
+            axes = self._constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("axes")
+            if len(node.input) > 1 and node.input[1] and axes is None:
+                raise _Refuse(f"{node.name}: {op} without constant axes")
+            axes = [] if axes is None else np.asarray(axes).reshape(-1).tolist()
+            if not axes and not int(attrs.get("noop_with_empty_axes", 0)):
+                raise _Refuse(f"{node.name}: {op} over every axis, the batch axis included")
+            if self._touches_batch(node, axes):
                 raise _Refuse(f"{node.name}: {op} on the batch axis")
+        elif op == "Reshape":
+            shape = self._constant(node.input[1])
+            dims = shape.reshape(-1).tolist() if shape is not None else []
+            # [-1] alone would merge the batch into one axis
+            if len(dims) < 2 or int(dims[0]) not in (0, -1):
+                raise _Refuse(f"{node.name}: Reshape whose batch dimension is not 0 or -1")
+        elif op == "Gemm" and int(attrs.get("transA", 0)):
+            raise _Refuse(f"{node.name}: Gemm with transA")
+        elif op == "MatMul":
+            self._check_matmul(node)
+        elif op == "Pad" and len(node.input) > 1:
+            pads = self._constant(node.input[1])
+            if pads is None:
+                raise _Refuse(f"{node.name}: Pad with computed pads")
+            p = pads.reshape(2, -1) if len(node.input) < 4 or not node.input[3] else None
+            if p is None or p[0, 0] or p[1, 0]:
+                raise _Refuse(f"{node.name}: Pad along the batch axis or with explicit axes")
+        elif op in ("Squeeze", "Unsqueeze", "Slice"):
+            axes_src = node.input[1] if op != "Slice" else (node.input[3] if len(node.input) > 3 else "")
+            if op != "Slice" and len(node.input) < 2:  # opset < 13: an attribute; Squeeze without it squeezes the batch of 1
+                axes = attrs.get("axes")
+                if axes is None and op == "Squeeze":
+                    raise _Refuse(f"{node.name}: Squeeze without axes (it would drop a batch of 1)")
+            elif op == "Slice" and len(node.input) < 3:  # opset < 10: attributes
+                axes = attrs.get("axes")
+                if axes is None:
+                    raise _Refuse(f"{node.name}: Slice without axes")
+            else:
+                axes = self._constant(axes_src)
+                if axes is None:
+                    raise _Refuse(f"{node.name}: {op} without constant axes")
+            axes = [] if axes is None else np.asarray(axes).reshape(-1).tolist()
+            rank = self._rank(node.input[0])
+            if op == "Unsqueeze":  # its axes count in the output's rank
+                if any(int(a) == 0 or (int(a) < 0 and (rank is None or int(a) + rank + len(axes) == 0)) for a in axes):
+                    raise _Refuse(f"{node.name}: Unsqueeze on the batch axis")
+            elif self._touches_batch(node, axes):
+                raise _Refuse(f"{node.name}: {op} on the batch axis")
+
+    def _check_matmul(self, node: onnx.NodeProto) -> None:
+        """MatMul with a constant operand, or of two per-sample tensors of one rank >= 3 (Q·Kᵀ,
+        attention·V: a batched product whose leading axis is the batch)."""
+        a, b = node.input[0], node.input[1]
+        batched = [x for x in (a, b) if x not in self.static_made]
+        if len(batched) == 1 and b not in batched:
+            return  # x · W: the rows of x are the samples'
+        if len(batched) == 1:  # W · x: per sample where W has no batch axes of its own to broadcast
+            ra, rb = self._rank(a), self._rank(b)
+            if ra is None or rb is None or ra > 2 or rb < 3:
+                raise _Refuse(f"{node.name}: MatMul of a constant by a varying tensor that is not a batched product")
+            return
+        ra, rb = self._rank(a), self._rank(b)
+        if ra is None or ra != rb or ra < 3:
+            raise _Refuse(f"{node.name}: MatMul of two varying tensors that are not batched products of one "
+                          "rank >= 3")
 
 
 class _Refuse(Exception):
