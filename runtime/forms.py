@@ -7,8 +7,9 @@ invariant stated in runtime/reference.py: the reference's step outputs and state
   first convolution under direct coding) form a *prefix* model, run once per input. The
   *reduced step* model takes the prefix's outputs as inputs and runs every step.
   The states are bound to two preallocated buffer sets used in turn (IOBinding).
-* **Layered (multi-step) execution.** The stateful nodes (IF neurons, and the accumulate /
-  increment ops of cumulative max pooling) are the only nodes that link timesteps; every
+* **Layered (multi-step) execution.** The stateful nodes (IF, signed and symmetric neurons,
+  the accumulate / increment ops of cumulative max pooling, and the expectation-compensated
+  ops with their running sums, total and step count) are the only nodes that link timesteps; every
   other per-step node acts on each sample alone (checked against a table; otherwise the
   form is refused and the step form is used). So a *chunk model* runs Tc timesteps in one
   call: each stateless node once on a batch of Tc·B (one larger Conv / Gemm instead of Tc

@@ -69,6 +69,11 @@ LAYERED_ROWS = 32
 #: 0.98-1.28x at 16 (benchmarks/results/cli_profile.md, "auto rule", measured with the compiled
 #: kernels, which speed the layered form up most: 2 keeps a margin without them)
 LAYERED_MAX_BATCH = 2
+#: and only for graphs without expectation-compensated ops (signed activation sites, --nonlinear
+#: compensate): each is unrolled over the chunk, one copy per step, and the layered form took
+#: 1.05x the step form's time on the ViT and 1.03x on the GELU CNN at batch 1, 1.08x / 1.16x at
+#: batch 8 (T = 32, benchmarks/results/layered_forms.md): not worth it, so auto steps them
+LAYERED_WITH_COMPENSATED_OPS = False
 #: and only while a chunk's membrane states (a proxy for its activations) stay below this, so
 #: that memory stays near the ANN's: large models at batch 1 already run big GEMMs per step
 LAYERED_STATE_BYTES = 16 * 2 ** 20
@@ -115,7 +120,8 @@ class SpikingSession:
         coding) computed once and the states in bound buffers (``bind``); ``"layered"`` runs
         each layer on ``chunk`` timesteps at once (a batch of chunk × B) with each neuron layer
         unrolled over the chunk; ``"auto"`` (default) uses layered for batches up to
-        ``LAYERED_MAX_BATCH`` when the graph allows it and the chunk's states stay under
+        ``LAYERED_MAX_BATCH`` when the graph allows it, holds no expectation-compensated op
+        (``LAYERED_WITH_COMPENSATED_OPS``) and the chunk's states stay under
         ``LAYERED_STATE_BYTES``, else step: a rule of shapes only, so a command gives the same
         bytes every time; ``"timed"`` times both once per batch size and keeps the faster;
         ``"reference"`` runs the whole step graph per step. The form used last is in
@@ -457,6 +463,9 @@ class SpikingSession:
         if self.chunk is not None:
             return min(self.chunk, T)
         chunk = max(1, min(T, -(-LAYERED_ROWS // batch)))
+        if self.mode == "auto" and not LAYERED_WITH_COMPENSATED_OPS \
+                and any(c.kind == "chain" for c in self._plan.cuts.values()):
+            return None
         if self.mode in ("auto", "timed"):
             per_sample = sum(4 * int(np.prod(shape)) for _, _, _, shape in self._state_specs)
             chunk = min(chunk, LAYERED_STATE_BYTES // max(per_sample * batch, 1))

@@ -482,3 +482,5 @@ def test_layered_runs_signed_sites_and_compensated_ops(name: str, options: dict[
     session = make_session(snn, mode="layered", chunk=3)
     kinds = {c.kind for c in session._plan.cuts.values()}
     assert {"if", "chain"} <= kinds, kinds
+    # measured no faster than stepping (runtime/session.py, LAYERED_WITH_COMPENSATED_OPS): auto steps
+    assert make_session(snn, mode="auto").choose_form(1, 32)[0] == "step"
