@@ -13,7 +13,8 @@ invariant stated in runtime/reference.py: the reference's step outputs and state
   other per-step node acts on each sample alone (checked against a table; otherwise the
   form is refused and the step form is used). So a *chunk model* runs Tc timesteps in one
   call: each stateless node once on a batch of Tc·B (one larger Conv / Gemm instead of Tc
-  small ones), each stateful node unrolled Tc times through its state(s). The neuron ops
+  small ones), each stateful node unrolled Tc times through its state(s) (a compensated op
+  whose steps are linked only by its running sums and count runs its Tc steps at once). The neuron ops
   keep their own functions (the same float32 arithmetic). Time goes in chunks, so memory does not grow
   with T; an unrolled chunk is one onnxruntime call with top-level ops only (a Loop / Scan
   body runs slower).
@@ -68,6 +69,10 @@ _AXIS_OPS = {"Concat": None, "Split": 0, "Softmax": -1, "LogSoftmax": -1, "Hardm
              "LayerNormalization": -1, "LpNormalization": -1}
 
 
+#: the layered form runs an expectation-compensated op's steps at once where it can
+#: (StepPlan._over_time); False unrolls every one, one copy per step
+OVER_TIME = True
+
 #: the layered form declares its spike tensors' shapes (see _subgraph_model); False builds chunk
 #: models without them, as before (benchmarks/kernels.py --without-shapes times both)
 SHAPE_SPIKES = True
@@ -88,6 +93,8 @@ class Cut:
     #: "chain" (an expectation-compensated op): every (state input, state output) of the node,
     #: in the order of its inputs; its outputs are its result(s), then these states' next values
     chain: tuple[tuple[str, str], ...] = ()
+    #: "chain": the op's function when its steps can run at once (see StepPlan._over_time), else None
+    body: onnx.FunctionProto | None = None
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -294,7 +301,50 @@ class StepPlan:
                                                   for i in node.input if i not in self.state_in):
             raise _Refuse(f"node {node.name} ({node.op_type}): an input of unknown shape under opset < 13")
         return Cut("chain", "", node.output[0], touching[0], self.state_out_of[touching[0]], node.name,
-                   chain=tuple((s, self.state_out_of[s]) for s in touching))
+                   chain=tuple((s, self.state_out_of[s]) for s in touching), body=self._over_time(node, touching))
+
+    def _over_time(self, node: onnx.NodeProto, touching: list[str]) -> onnx.FunctionProto | None:
+        """The function of compensated ``node`` if all its steps of a chunk can run at once, else
+        None (it is then unrolled, one copy per step). Its only links between steps are running
+        sums (a CumSum over time, the same sequential adds) and the step count (exact integers),
+        so the op itself, f(S_t / t), runs once on the chunk's Tc·B rows, and the increments are
+        time differences of the totals t·f(·): the step graph's arithmetic, element for element.
+        Not for a guarded op (a total kept where it is not finite depends on the one before), an
+        op that may not act per sample, or a function of another shape than compensation.py's."""
+        if not SHAPE_SPIKES or not OVER_TIME:
+            return None
+        body = next((f for f in self.proto.functions if f.domain == node.domain and f.name == node.op_type), None)
+        if body is None:
+            return None
+        names = [n.name for n in body.node]
+        k = (len(touching) - 2)  # running sums, then total and count
+        expected = {"step", "t", "op", "total", "increment", *(f"accumulate{i}" for i in range(k)),
+                    *(f"mean{i}" for i in range(k))}
+        named = [n for n in names if n]
+        if k < 1 or not expected <= set(names) or len(named) != len(set(named)) \
+                or set(names) - expected - {"", "row_max", "shift"}:
+            return None  # e.g. the guard's nodes (is_nan, ...): unrolled
+        inner = next(n for n in body.node if n.name == "op")
+        formal = list(body.input)
+        actual = dict(zip(formal, node.input))
+        proxy = onnx.NodeProto()
+        proxy.CopyFrom(inner)
+        del proxy.input[:]
+        # the op's own inputs as the node's: a mean (or the max-shifted mean0) has its input's shape
+        proxy.input.extend(actual[f"x{i[4:]}"] if i.startswith("mean") else actual["x0"] if i == "shifted"
+                           else actual.get(i, i) for i in inner.input)
+        proxy.name = node.name
+        per_sample = (inner.op_type in _PER_SAMPLE and inner.domain in ("", "ai.onnx")) \
+            or (inner.op_type in _PER_SAMPLE_FUNCTIONS and inner.domain == _ACTIVATION_DOMAIN)
+        try:
+            if not per_sample:
+                return None
+            self._check_per_sample(proxy)
+        except _Refuse:
+            return None
+        if self._rank(node.output[0]) is None or any(self._rank(actual[f"x{i}"]) is None for i in range(k)):
+            return None
+        return body
 
     def _sample_shape(self, tensor: str) -> tuple[int, ...] | None:
         """The shape of one sample of ``tensor`` (all but the batch axis), if known."""
@@ -326,7 +376,10 @@ class StepPlan:
         Inputs: the prefix outputs (and data inputs) at batch B, and the states; outputs: the
         step outputs as ``[steps·B, ...]`` (time-major) and the states after the last step.
         Each stateless node runs once on all steps; each stateful node becomes ``steps``
-        copies of itself chained through its state (IFNeuron keeps its exact arithmetic).
+        copies of itself chained through its state(s) (IFNeuron keeps its exact arithmetic),
+        except running sums and increments (a CumSum / a difference over time) and the
+        compensated ops that allow it (running sums by CumSum, the op once on all rows:
+        StepPlan._over_time).
         """
         if self.cuts is None:
             raise ValueError(f"layered execution is not available: {self.refusal}")
@@ -419,6 +472,100 @@ class StepPlan:
                 prev = {s_in: f"{s_out}@{tag}" for s_in, s_out in cut.chain}
             nodes.extend(helper.make_node("Concat", [f"{o}@{t}" for t in range(steps)], [o], axis=0) for o in results)
 
+        def rows(x: str) -> str:
+            """``x`` as [steps·B, ...]: itself where it varies or is a constant, else tiled."""
+            return x if x in self.varying or x in self.static_made or not x else tile(x)
+
+        def over_time(node: onnx.NodeProto, cut: Cut) -> None:
+            """The compensated op's chunk at once (see StepPlan._over_time): running sums by CumSum
+            over time, the step count t of each row, f(S/t)·t on all rows, increments as the
+            totals' differences over time."""
+            body, p = cut.body, f"{node.name}@time"
+            assert body is not None
+            states = [s_in for s_in, _ in cut.chain]
+            k = len(states) - 2
+            total_in, count_in = states[k], states[k + 1]
+            actual = dict(zip(body.input, node.input))
+            rename = {o: f"{p}/{o}" for n in body.node for o in n.output}
+            count_shape = self.state_shape[count_in]
+            # t of every row: max(count) + 1, ..., + steps (exact integers), as [steps, B] rows
+            ks = f"{p}/ks"
+            inits.append(onnx.numpy_helper.from_array(np.arange(1, steps + 1, dtype=np.float32), ks))
+            nodes.extend([
+                helper.make_node("ReduceMax", [count_in], [f"{p}/t0"], keepdims=0),
+                helper.make_node("Add", [f"{p}/t0", ks], [f"{p}/t_seq"]),
+                helper.make_node("Reshape", [f"{p}/t_seq", const(f"{p}/t_col_shape", [steps, 1])], [f"{p}/t_col"]),
+                helper.make_node("Shape", [count_in], [f"{p}/count_shape"]),
+                helper.make_node("Slice", [f"{p}/count_shape", const(f"{p}/s0", [0]), const(f"{p}/e1", [1])],
+                                 [f"{p}/batch"]),
+                helper.make_node("Concat", [const(f"{p}/steps", [steps]), f"{p}/batch"], [f"{p}/grid"], axis=0),
+                helper.make_node("Expand", [f"{p}/t_col", f"{p}/grid"], [f"{p}/t_grid"]),
+            ])
+            t_of_rank: dict[int, str] = {}
+
+            def t_rows(rank: int) -> str:
+                if rank not in t_of_rank:
+                    t_of_rank[rank] = f"{p}/t_rank{rank}"
+                    nodes.append(helper.make_node("Reshape", [f"{p}/t_grid", const(f"{p}/t_shape{rank}",
+                                                                                  [-1] + [1] * (rank - 1))],
+                                                  [t_of_rank[rank]]))
+                return t_of_rank[rank]
+
+            for i in range(k):  # the running sums of every step: [sum, x_1, ..., x_n] summed over time
+                shape = self.state_shape[states[i]]
+                q = f"{p}/sum{i}"
+                nodes.extend([
+                    helper.make_node("Reshape", [rows(actual[f"x{i}"]), const(f"{q}/shape", [steps, -1, *shape])],
+                                     [f"{q}/x"]),
+                    helper.make_node("Unsqueeze", [states[i], const(f"{q}/axes", [0])], [f"{q}/prev"]),
+                    helper.make_node("Concat", [f"{q}/prev", f"{q}/x"], [f"{q}/all"], axis=0),
+                    helper.make_node("CumSum", [f"{q}/all", const(f"{q}/axis", 0)], [f"{q}/sums"]),
+                    helper.make_node("Slice", [f"{q}/sums", const(f"{q}/s", [1]), const(f"{q}/e", [steps + 1])],
+                                     [f"{q}/run"]),
+                    helper.make_node("Reshape", [f"{q}/run", const(f"{q}/flat", [-1, *shape])], [rename[f"sum{i}_next"]]),
+                    helper.make_node("Gather", [f"{q}/run", const(f"{q}/last", steps - 1)],
+                                     [f"{cut.chain[i][1]}@out"], axis=0),
+                ])
+            out_rank = self._rank(node.output[0]) or 0
+            for n in body.node:  # the means, the op and the totals, renamed; t per row
+                if n.name in ("step", "t", "increment") or n.name.startswith("accumulate"):
+                    continue
+                copy = onnx.NodeProto()
+                copy.CopyFrom(n)
+                del copy.input[:]
+                for i in n.input:
+                    if i == "t":
+                        i = t_rows(out_rank if n.name == "total" else self._rank(actual[f"x{n.name[4:]}"]) or 0)
+                    elif i in rename:
+                        i = rename[i]
+                    elif i in actual:
+                        i = rows(actual[i])
+                    copy.input.append(i)
+                del copy.output[:]
+                copy.output.extend(rename[o] for o in n.output)
+                copy.name = f"{p}/{n.name}" if n.name else ""
+                nodes.append(copy)
+            # the increments: the totals' differences over time, [total, total_1, ..., total_n]
+            shape, q = self.state_shape[total_in], f"{p}/inc"
+            nodes.extend([
+                helper.make_node("Reshape", [rename["total_next"], const(f"{q}/shape", [steps, -1, *shape])],
+                                 [f"{q}/totals"]),
+                helper.make_node("Unsqueeze", [total_in, const(f"{q}/axes", [0])], [f"{q}/prev"]),
+                helper.make_node("Concat", [f"{q}/prev", f"{q}/totals"], [f"{q}/all"], axis=0),
+                helper.make_node("Slice", [f"{q}/all", const(f"{q}/s1", [1]), const(f"{q}/e1", [steps + 1])], [f"{q}/hi"]),
+                helper.make_node("Slice", [f"{q}/all", const(f"{q}/s0", [0]), const(f"{q}/e0", [steps])], [f"{q}/lo"]),
+                helper.make_node("Sub", [f"{q}/hi", f"{q}/lo"], [f"{q}/d"]),
+                helper.make_node("Reshape", [f"{q}/d", const(f"{q}/flat", [-1, *shape])], [node.output[0]]),
+                helper.make_node("Gather", [f"{q}/totals", const(f"{q}/last", steps - 1)], [f"{cut.chain[k][1]}@out"],
+                                 axis=0),
+                helper.make_node("Add", [count_in, const_float(f"{p}/n", float(steps), count_shape)],
+                                 [f"{cut.chain[k + 1][1]}@out"]),
+            ])
+
+        def const_float(name: str, value: float, shape: tuple[int, ...]) -> str:
+            inits.append(onnx.numpy_helper.from_array(np.full((1,) * (len(shape) + 1), value, np.float32), name))
+            return name
+
         for node in self.rest_nodes:
             cut = by_node.get(node.name)
             if cut is None:
@@ -453,6 +600,9 @@ class StepPlan:
                                      [f"{p}/run"]),
                 ])
                 back_to_rows(cut, f"{p}/run", f"{p}/run", p, shape)
+                continue
+            if cut.kind == "chain" and cut.body is not None and steps > 1:  # all its steps at once
+                over_time(node, cut)
                 continue
             if cut.kind == "chain":  # a compensated op: steps copies chained through all its states
                 chain_copies(node, cut)

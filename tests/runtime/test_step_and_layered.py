@@ -237,3 +237,55 @@ def test_per_sample_checks_of_the_transformer_ops(case: str) -> None:
     assert len(stepped) == len(layered) == 5
     for a, b in zip(stepped, layered):
         np.testing.assert_array_equal(a, b)
+
+
+def _compensated_step_graph(inner: onnx.NodeProto) -> tuple[onnx.ModelProto, list[tuple[str, str, tuple[int, ...]]]]:
+    """MatMul -> IFNeuron -> the expectation-compensated ``inner`` (reading ``s``) -> ``y``, with
+    the op's running sum, total and step count as states (as passes/_compensation.py emits)."""
+    from ann2snn.runtime.compensation import compensated_function
+
+    fn = compensated_function("ExpectationCompensatedTest", inner, [0], {"": 17})
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"], name="proj"),
+             helper.make_node("IFNeuron", ["z", "v", "theta"], ["s", "v_next"], domain=DOMAIN, name="if"),
+             helper.make_node(fn.name, ["s", "sum0", "total", "count"], ["y", "sum0_next", "total_next", "count_next"],
+                              domain=DOMAIN, name="ec")]
+    shapes = {"v": (2, 4), "sum0": (2, 4), "total": (2, 4), "count": (1,)}
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", *shape])
+                     for n, shape in {"x": (2, 4), **shapes}.items()],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("y", *(f"{s}_next" for s in shapes))],
+        [onnx.numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "W"),
+         onnx.numpy_helper.from_array(np.full(4, 0.7, np.float32), "theta")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.functions.extend([if_neuron_function(17), fn])
+    return model, [(n, f"{n}_next", shape) for n, shape in shapes.items()]
+
+
+@pytest.mark.parametrize("inner,at_once", [
+    (helper.make_node("Softmax", ["s"], ["y"], axis=-1), True),
+    (helper.make_node("Sqrt", ["s"], ["y"]), False),  # guarded: a total kept where not finite links the steps
+    (helper.make_node("Softmax", ["s"], ["y"], axis=0), False),  # mixes the samples: stepped one copy per step
+], ids=["softmax", "sqrt-guarded", "softmax-batch-axis"])
+def test_compensated_op_runs_its_chunk_at_once_or_unrolled(inner: onnx.NodeProto, at_once: bool) -> None:
+    """An expectation-compensated op runs all steps of a chunk at once (running sums by CumSum,
+    the op on every row, increments as differences of the totals) where nothing but its running
+    sums and count links the steps and the op acts per sample; else it is unrolled. Either way
+    the step outputs and the states after the chunk are the step form's, bit for bit."""
+    model, states = _compensated_step_graph(inner)
+    plan = StepPlan(model, states, ["y"], ort.SessionOptions())
+    assert plan.refusal is None, plan.refusal
+    assert (plan.cuts["ec"].body is not None) == at_once
+    x = {"x": np.random.default_rng(1).uniform(-1, 2, (3, 2, 4)).astype(np.float32)}
+
+    def rest() -> dict[str, np.ndarray]:
+        return {n: np.full((3, *shape), 0.35 if n == "v" else 0.0, np.float32) for n, _, shape in states}
+
+    after_steps, after_chunks = rest(), rest()
+    stepped = [o[0].copy() for o in run_steps(plan, x, after_steps, 7)]
+    layered = [o[0] for o in run_layered(plan, x, after_chunks, 7, 3)]  # chunks of 3, 3 and 1 steps
+    assert len(stepped) == len(layered) == 7 and np.abs(stepped[-1]).max() > 0
+    for a, b in zip(stepped, layered):
+        np.testing.assert_array_equal(a, b)
+    for name in after_steps:
+        np.testing.assert_array_equal(after_steps[name], after_chunks[name])
