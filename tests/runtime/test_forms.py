@@ -482,5 +482,29 @@ def test_layered_runs_signed_sites_and_compensated_ops(name: str, options: dict[
     session = make_session(snn, mode="layered", chunk=3)
     kinds = {c.kind for c in session._plan.cuts.values()}
     assert {"if", "chain"} <= kinds, kinds
-    # measured no faster than stepping (runtime/session.py, LAYERED_WITH_COMPENSATED_OPS): auto steps
-    assert make_session(snn, mode="auto").choose_form(1, 32)[0] == "step"
+    assert all(c.body is not None for c in session._plan.cuts.values() if c.kind == "chain")  # chunks at once
+    # auto: layered at batch 1 only (runtime/session.py, LAYERED_MAX_BATCH_COMPENSATED)
+    auto = make_session(snn, mode="auto")
+    assert auto.choose_form(1, 32)[0] == "layered" and auto.choose_form(2, 32)[0] == "step"
+    # the unit-threshold form is for IF neurons: the symmetric ones keep their calibrated θ in every form
+    symmetric = {n.name for n in snn.graph.node if n.op_type == "SymmetricIFNeuron"}
+    assert {n.name for n in session._plan.proto.graph.node if n.op_type == "SymmetricIFNeuron"} == symmetric
+
+
+def test_layered_unrolls_compensated_ops_on_the_vit(monkeypatch) -> None:
+    """With OVER_TIME off every compensated op of the ViT is unrolled, one copy per step
+    chained through its states: the same outputs as the reference."""
+    from ann2snn.runtime import forms
+
+    monkeypatch.setattr(forms, "OVER_TIME", False)
+    ann = onnx.load(str(MODELS / "fashion_vit.onnx"))
+    x = ann.graph.input[0].name
+    with np.load(MODELS / "data" / "fashion_calib.npz") as z:
+        calib = {x: z["input"][:16]}
+    with np.load(MODELS / "data" / "fashion_test.npz") as z:
+        test = {x: z["input"][:2]}
+    snn = compile_model(ann, calib, iters=2, nonlinear="compensate", signed_sites="output")
+    session = make_session(snn, mode="layered", chunk=3)
+    assert all(c.body is None for c in session._plan.cuts.values() if c.kind == "chain")
+    problems = check_forms(snn, test, Ts=[4, 7], forms=["layered/chunk3", "layered/chunk7"])
+    assert not problems, "\n  ".join(map(str, problems[:12]))
