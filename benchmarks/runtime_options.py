@@ -1,7 +1,11 @@
 """The runtime's choices, each timed in isolation: IF neurons in units of θ or as compiled, and
 onnxruntime intra-op threads spinning or not, against the ANN with and without spinning;
 with ``--layouts``, also the ANN and the default SNN without onnxruntime's blocked NCHWc
-layout (graph optimisation level EXTENDED instead of ALL).
+layout (graph optimisation level EXTENDED instead of ALL). With ``--forms``, instead: the
+step form against the layered form (``mode="step"`` / ``"layered"``, the automatic chunk)
+on networks whose step graphs hold symmetric neurons and expectation-compensated ops
+(issue 16: the ViT compiled with ``--nonlinear compensate --signed-sites output``, the
+activation CNNs with ``--signed-sites output``), with the form ``auto`` mode picks.
 
 Every configuration runs in its own child process (so that no other session's threads are
 alive beside it), warms up twice, then times ``--repeats`` simulations of T steps; the median
@@ -10,6 +14,7 @@ and the table gives the median over rounds, with each SNN configuration's ratio 
 faster ANN configuration.
 
     .venv/bin/python benchmarks/runtime_options.py [--models fashion_vgg,fashion_resnet] [--batches 1,32]
+    .venv/bin/python benchmarks/runtime_options.py --forms [--models fashion_vit,fashion_gelu] [--batches 1,8]
 """
 from __future__ import annotations
 
@@ -26,7 +31,12 @@ from common import ROOT, command_line
 
 MODELS = ROOT / "models"
 DATA = {"mnist_cnn": ("mnist_calib", "mnist_test"), "fashion_vgg": ("fashion_calib", "fashion_test"),
-        "fashion_resnet": ("fashion_calib", "fashion_test"), "mobilenet_v2": ("photos_calib", "photos_eval")}
+        "fashion_resnet": ("fashion_calib", "fashion_test"), "mobilenet_v2": ("photos_calib", "photos_eval"),
+        **{f"fashion_{a}": ("fashion_calib", "fashion_test") for a in ("vit", "gelu", "silu", "lrelu", "hswish")}}
+#: ``--forms``: the compile options of each model (the others: signed sites on the activations' outputs)
+FORM_OPTIONS = {"fashion_vit": {"nonlinear": "compensate", "signed_sites": "output"}}
+#: ``--forms``: (label, SpikingSession mode)
+FORM_CONFIGS = [("SNN step", "step"), ("SNN layered", "layered")]
 #: (label, what, unit thresholds, spinning, NCHWc layout)
 CONFIGS = [("ANN, spinning", "ann", None, True, True), ("ANN, not spinning", "ann", None, False, True),
            ("SNN compiled neurons, spinning", "snn", False, True, True),
@@ -68,7 +78,8 @@ def worker(spec: dict) -> None:
             return so
 
         session_module._session_options = options  # the runtime's options, with spinning as asked
-        snn = SpikingSession(spec["snn"], threads=spec["threads"], unit_thresholds=spec["unit"])
+        snn = SpikingSession(spec["snn"], threads=spec["threads"], unit_thresholds=spec["unit"],
+                             mode=spec.get("mode", "auto"))
 
         def run() -> None:
             snn.run({snn.input_specs[0].name: x}, T)
@@ -97,6 +108,51 @@ def agreement(snn_path: Path, model: str, batch: int, T: int) -> str:
     return f"{diff:.1e}, {same * 100:.0f}%"
 
 
+def _child(spec: dict) -> float:
+    """ms per step of one configuration, timed in a fresh child process."""
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["ms_per_step"]
+
+
+def forms(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """The ``--forms`` table: step vs layered form, each in its own child processes."""
+    import onnx
+
+    import ann2snn
+    from ann2snn.runtime import SpikingSession
+
+    lines = ["| model | compile options | B | T | " + " | ".join(f"{c[0]} (ms/step)" for c in FORM_CONFIGS)
+             + " | layered / step | auto picks |", "|---|---|---|---|" + "---|" * (len(FORM_CONFIGS) + 2)]
+    for model in args.models.split(","):
+        options = FORM_OPTIONS.get(model, {"signed_sites": "output"})
+        with np.load(MODELS / "data" / f"{DATA[model][0]}.npz") as z:
+            calib = z["input"][:args.calib_images]
+        snn_path = tmp / f"{model}.snn.onnx"
+        onnx.save(ann2snn.compile(MODELS / f"{model}.onnx", calib, iters=args.iters, batch=16, progress=False,
+                                  **options), snn_path)
+        for batch in (int(b) for b in args.batches.split(",")):
+            got: dict[str, list[float]] = {c[0]: [] for c in FORM_CONFIGS}
+            for _ in range(args.rounds):
+                for label, mode in FORM_CONFIGS:
+                    got[label].append(_child({"model": model, "batch": batch, "T": args.T, "what": "snn", "unit": True,
+                                              "spin": False, "nchwc": True, "repeats": args.repeats,
+                                              "threads": args.threads, "snn": str(snn_path), "mode": mode}))
+            med = {k: float(np.median(v)) for k, v in got.items()}
+            auto = SpikingSession(snn_path, threads=args.threads)
+            picks = auto.choose_form(batch, args.T)
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
+            lines.append(f"| {model} | {flags} | {batch} | {args.T} | "
+                         + " | ".join(f"{med[c[0]]:.3f}" for c in FORM_CONFIGS)
+                         + f" | {med['SNN layered'] / med['SNN step']:.2f} | {_describe_form(picks)} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def _describe_form(form: tuple[str, int | None]) -> str:
+    return f"{form[0]}(chunk={form[1]})" if form[0] == "layered" else form[0]
+
+
 def main() -> None:
     """Parse options, run every configuration in a child process, print the table."""
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
@@ -110,6 +166,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layouts", action="store_true", help="also time ANN and SNN without the NCHWc layout")
+    ap.add_argument("--forms", action="store_true", help="time the step and layered forms instead (see above)")
+    ap.add_argument("--iters", type=int, default=50, help="--forms: LTB iterations of the compile")
+    ap.add_argument("--calib-images", type=int, default=1000, help="--forms: calibration images")
+    ap.add_argument("--md", type=Path, default=None, help="also write the table, the command on top, here")
     args = ap.parse_args()
     configs = CONFIGS + (LAYOUT_CONFIGS if args.layouts else [])
     import onnx
@@ -118,6 +178,12 @@ def main() -> None:
 
     command = command_line()
     tmp = Path(tempfile.mkdtemp(prefix="ann2snn_options_"))
+    if args.forms:
+        text = "\n".join([f"command: `{command}`", "", *forms(args, tmp)])
+        print(text)
+        if args.md:
+            args.md.write_text(text + "\n")
+        return
     lines = [f"command: `{command}`", "",
              "| model | B | T | " + " | ".join(c[0] + " (ms/step)" for c in configs)
              + " | SNN default / best ANN | unit θ vs compiled: max diff / max, argmax agreement |",
@@ -132,9 +198,7 @@ def main() -> None:
                 for label, what, unit, spin, nchwc in configs:
                     spec = {"model": model, "batch": batch, "T": args.T, "what": what, "unit": unit, "spin": spin,
                             "nchwc": nchwc, "repeats": args.repeats, "threads": args.threads, "snn": str(snn_path)}
-                    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], check=True,
-                                         capture_output=True, text=True).stdout
-                    got[label].append(json.loads(out.strip().splitlines()[-1])["ms_per_step"])
+                    got[label].append(_child(spec))
             med = {k: float(np.median(v)) for k, v in got.items()}
             agree = agreement(snn_path, model, batch, args.T)
             best_ann = min(med[CONFIGS[0][0]], med[CONFIGS[1][0]])

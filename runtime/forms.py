@@ -7,12 +7,14 @@ invariant stated in runtime/reference.py: the reference's step outputs and state
   first convolution under direct coding) form a *prefix* model, run once per input. The
   *reduced step* model takes the prefix's outputs as inputs and runs every step.
   The states are bound to two preallocated buffer sets used in turn (IOBinding).
-* **Layered (multi-step) execution.** The stateful nodes (IF neurons, and the accumulate /
-  increment ops of cumulative max pooling) are the only nodes that link timesteps; every
+* **Layered (multi-step) execution.** The stateful nodes (IF, signed and symmetric neurons,
+  the accumulate / increment ops of cumulative max pooling, and the expectation-compensated
+  ops with their running sums, total and step count) are the only nodes that link timesteps; every
   other per-step node acts on each sample alone (checked against a table; otherwise the
   form is refused and the step form is used). So a *chunk model* runs Tc timesteps in one
   call: each stateless node once on a batch of Tc·B (one larger Conv / Gemm instead of Tc
-  small ones), each stateful node unrolled Tc times through its state(s). The neuron ops
+  small ones), each stateful node unrolled Tc times through its state(s) (a compensated op
+  whose steps are linked only by its running sums and count runs its Tc steps at once). The neuron ops
   keep their own functions (the same float32 arithmetic). Time goes in chunks, so memory does not grow
   with T; an unrolled chunk is one onnxruntime call with top-level ops only (a Loop / Scan
   body runs slower).
@@ -31,22 +33,45 @@ from onnx import helper
 
 from ann2snn.device import CPU_EP, open_session
 
+from .compensation import is_compensated
 from .kernels import COUNTING_KERNEL_OPS, KERNEL_DOMAIN
-from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS, UNIT_IF_OP
+from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS, SYMMETRIC_OP, UNIT_IF_OP
 from .reference import ai_onnx_opset, value_types
 
 log = logging.getLogger(__name__)
 
 #: ops known to act on each sample of the batch (axis 0) independently, with the attribute
-#: checks that keep them so; anything else in a stage makes the layered form refuse the graph
+#: checks that keep them so (StepPlan._check_per_sample); anything else in a stage makes the
+#: layered form refuse the graph. Elementwise ops broadcast against constants or other [B, ...]
+#: tensors; the rest are listed in the tables below
 _PER_SAMPLE = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Sum", "Relu", "Clip",
     "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "MaxPool", "Flatten", "Pad", "Resize", "Upsample",
     "Identity", "Cast", "Neg", "Abs", "Max", "Min", "BatchNormalization", "LeakyRelu", "Sigmoid",
     "Tanh", "Softmax", "Concat", "Split", "Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
     "Constant", "Exp", "Sqrt", "Pow", "Where", "Equal", "Greater", "Less", "GreaterOrEqual",
+    # the modern activations and the ops of transformers (issue 16)
+    "Erf", "Gelu", "HardSigmoid", "HardSwish", "PRelu", "Softplus", "Softsign", "Elu", "Selu", "Celu", "Mish",
+    "ThresholdedRelu", "Log", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "LessOrEqual", "Not", "And", "Or",
+    "IsNaN", "IsInf", "LayerNormalization", "InstanceNormalization", "GroupNormalization", "LogSoftmax",
+    "Hardmax", "LpNormalization", *(f"Reduce{r}" for r in ("Mean", "Sum", "Max", "Min", "Prod", "L1", "L2",
+                                                          "SumSquare", "LogSum", "LogSumExp")),
 }
+#: the model-local activation functions of canonicalize_activations (domain ann2snn.activations):
+#: elementwise, or (LayerNormalization) normalising from its ``axis`` on
+_PER_SAMPLE_FUNCTIONS = {"SiLU", "HardSwish", "Gelu", "GeluTanh", "LayerNormalization"}
+_ACTIVATION_DOMAIN = "ann2snn.activations"
+#: ops whose ``axis`` attribute must not name the batch axis, with its default (None: required).
+#: Softmax / LogSoftmax / Hardmax before opset 13 coerce to 2-D at ``axis`` (default 1): the
+#: batch stays in the leading part as long as the axis is not 0. LayerNormalization normalises
+#: over the axes from ``axis`` on, so 0 would mix the samples
+_AXIS_OPS = {"Concat": None, "Split": 0, "Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "Flatten": 1,
+             "LayerNormalization": -1, "LpNormalization": -1}
 
+
+#: the layered form runs an expectation-compensated op's steps at once where it can
+#: (StepPlan._over_time); False unrolls every one, one copy per step
+OVER_TIME = True
 
 #: the layered form declares its spike tensors' shapes (see _subgraph_model); False builds chunk
 #: models without them, as before (benchmarks/kernels.py --without-shapes times both)
@@ -57,7 +82,7 @@ SHAPE_SPIKES = True
 class Cut:
     """A stateful node: ``drive`` is computed by the graph, ``produced`` is fed back to it."""
 
-    kind: str  # "if" | "signed" | "accumulate" | "increment"
+    kind: str  # "if" | "signed" | "accumulate" | "increment" | "chain"
     drive: str
     produced: str
     state_in: str
@@ -65,6 +90,11 @@ class Cut:
     node: str
     count_in: str = ""  # "signed": the spike-count state, the node's second one
     count_out: str = ""
+    #: "chain" (an expectation-compensated op): every (state input, state output) of the node,
+    #: in the order of its inputs; its outputs are its result(s), then these states' next values
+    chain: tuple[tuple[str, str], ...] = ()
+    #: "chain": the op's function when its steps can run at once (see StepPlan._over_time), else None
+    body: onnx.FunctionProto | None = None
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -229,7 +259,9 @@ class StepPlan:
                 continue
             if not node.name or node.name in cuts:
                 raise _Refuse("a stateful node without a unique name")
-            single = (node.domain == DOMAIN and node.op_type in (IF_OP, UNIT_IF_OP)) \
+            # the symmetric neuron (signed activation sites, re-spiked compensated ops) has the
+            # IF neuron's signature: (current, v, threshold) -> (spikes, v_next)
+            single = (node.domain == DOMAIN and node.op_type in (IF_OP, UNIT_IF_OP, SYMMETRIC_OP)) \
                 or (node.domain == KERNEL_DOMAIN and node.op_type == "IFChunk")
             counting = (node.domain == DOMAIN and node.op_type in COUNTING_OPS) \
                 or (node.domain == KERNEL_DOMAIN and node.op_type in COUNTING_KERNEL_OPS)
@@ -246,6 +278,8 @@ class StepPlan:
                     raise _Refuse(f"threshold of {node.name} varies in time")
                 cuts[node.name] = Cut("signed", node.input[0], node.output[0], node.input[1], node.output[1], node.name,
                                       node.input[2], node.output[2])
+            elif is_compensated(node):
+                cuts[node.name] = self._compensated_cut(node, touching)
             elif node.op_type == "Add" and len(touching) == 1 and node.output[0] == self.state_out_of[touching[0]]:
                 other = node.input[1] if node.input[0] == touching[0] else node.input[0]
                 cuts[node.name] = Cut("accumulate", other, node.output[0], touching[0], node.output[0], node.name)
@@ -256,15 +290,82 @@ class StepPlan:
                 raise _Refuse(f"node {node.name} ({node.op_type}) uses a state in an unrecognised way")
         return cuts
 
+    def _compensated_cut(self, node: onnx.NodeProto, touching: list[str]) -> Cut:
+        """An expectation-compensated op (runtime/compensation.py): its states (the running sum
+        of each time-varying input, the previous total, the step count) are its inputs in
+        order, and its outputs after the first are their next values in the same order."""
+        if len(set(touching)) != len(touching) or len(node.output) != 1 + len(touching) \
+                or list(node.output[1:]) != [self.state_out_of[s] for s in touching]:
+            raise _Refuse(f"node {node.name} ({node.op_type}): its states are not fed back one to one")
+        if ai_onnx_opset(self.proto) < 13 and any(i in self.varying and self._sample_shape(i) is None
+                                                  for i in node.input if i not in self.state_in):
+            raise _Refuse(f"node {node.name} ({node.op_type}): an input of unknown shape under opset < 13")
+        return Cut("chain", "", node.output[0], touching[0], self.state_out_of[touching[0]], node.name,
+                   chain=tuple((s, self.state_out_of[s]) for s in touching), body=self._over_time(node, touching))
+
+    def _over_time(self, node: onnx.NodeProto, touching: list[str]) -> onnx.FunctionProto | None:
+        """The function of compensated ``node`` if all its steps of a chunk can run at once, else
+        None (it is then unrolled, one copy per step). Its only links between steps are running
+        sums (a CumSum over time, the same sequential adds) and the step count (exact integers),
+        so the op itself, f(S_t / t), runs once on the chunk's Tc·B rows, and the increments are
+        time differences of the totals t·f(·): the step graph's arithmetic, element for element.
+        Not for a guarded op (a total kept where it is not finite depends on the one before), an
+        op that may not act per sample, or a function of another shape than compensation.py's."""
+        if not SHAPE_SPIKES or not OVER_TIME:
+            return None
+        body = next((f for f in self.proto.functions if f.domain == node.domain and f.name == node.op_type), None)
+        if body is None:
+            return None
+        names = [n.name for n in body.node]
+        k = (len(touching) - 2)  # running sums, then total and count
+        expected = {"step", "t", "op", "total", "increment", *(f"accumulate{i}" for i in range(k)),
+                    *(f"mean{i}" for i in range(k))}
+        named = [n for n in names if n]
+        if k < 1 or not expected <= set(names) or len(named) != len(set(named)) \
+                or set(names) - expected - {"", "row_max", "shift"}:
+            return None  # e.g. the guard's nodes (is_nan, ...): unrolled
+        inner = next(n for n in body.node if n.name == "op")
+        formal = list(body.input)
+        actual = dict(zip(formal, node.input))
+        proxy = onnx.NodeProto()
+        proxy.CopyFrom(inner)
+        del proxy.input[:]
+        # the op's own inputs as the node's: a mean (or the max-shifted mean0) has its input's shape
+        proxy.input.extend(actual[f"x{i[4:]}"] if i.startswith("mean") else actual["x0"] if i == "shifted"
+                           else actual.get(i, i) for i in inner.input)
+        proxy.name = node.name
+        per_sample = (inner.op_type in _PER_SAMPLE and inner.domain in ("", "ai.onnx")) \
+            or (inner.op_type in _PER_SAMPLE_FUNCTIONS and inner.domain == _ACTIVATION_DOMAIN)
+        try:
+            if not per_sample:
+                return None
+            self._check_per_sample(proxy)
+        except _Refuse:
+            return None
+        if self._rank(node.output[0]) is None or any(self._rank(actual[f"x{i}"]) is None for i in range(k)):
+            return None
+        return body
+
+    def _sample_shape(self, tensor: str) -> tuple[int, ...] | None:
+        """The shape of one sample of ``tensor`` (all but the batch axis), if known."""
+        t = self.types.get(tensor)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        dims = t.tensor_type.shape.dim[1:]
+        return tuple(int(d.dim_value) for d in dims) if all(d.HasField("dim_value") for d in dims) else None
+
     def _check_layered(self) -> dict[str, Cut]:
         """The cuts, after checking that every other per-step node acts on each sample alone."""
         cuts = self._cuts()
-        if {c.state_in for c in cuts.values()} | {c.count_in for c in cuts.values() if c.count_in} != self.state_in:
+        handled = {c.state_in for c in cuts.values()} | {c.count_in for c in cuts.values() if c.count_in} \
+            | {s for c in cuts.values() for s, _ in c.chain}
+        if handled != self.state_in:
             raise _Refuse("some states are not handled by a recognised stateful node")
         for node in self.rest_nodes:
             if node.name in cuts or id(node) in self._static_ids:
                 continue
-            if node.op_type not in _PER_SAMPLE or node.domain not in ("", "ai.onnx"):
+            if not (node.op_type in _PER_SAMPLE and node.domain in ("", "ai.onnx")
+                    or node.op_type in _PER_SAMPLE_FUNCTIONS and node.domain == _ACTIVATION_DOMAIN):
                 raise _Refuse(f"node {node.name} ({node.domain}::{node.op_type}) is not known to act per sample")
             self._check_per_sample(node)
         return cuts
@@ -275,7 +376,10 @@ class StepPlan:
         Inputs: the prefix outputs (and data inputs) at batch B, and the states; outputs: the
         step outputs as ``[steps·B, ...]`` (time-major) and the states after the last step.
         Each stateless node runs once on all steps; each stateful node becomes ``steps``
-        copies of itself chained through its state (IFNeuron keeps its exact arithmetic).
+        copies of itself chained through its state(s) (IFNeuron keeps its exact arithmetic),
+        except running sums and increments (a CumSum / a difference over time) and the
+        compensated ops that allow it (running sums by CumSum, the op once on all rows:
+        StepPlan._over_time).
         """
         if self.cuts is None:
             raise ValueError(f"layered execution is not available: {self.refusal}")
@@ -306,10 +410,15 @@ class StepPlan:
                 tiled[x] = p
             return tiled[x]
 
+        split: dict[str, list[str]] = {}
+
         def per_step(x: str, shape: tuple[int, ...]) -> list[str]:
-            """[steps·B, ...] -> one [B, ...] tensor per step (time-major rows: one Split)."""
+            """[steps·B, ...] -> one [B, ...] tensor per step (time-major rows: one Split; once
+            per tensor, however many stateful nodes read it)."""
             p = f"{x}@steps"
-            out = [f"{p}/{t}" for t in range(steps)]
+            if x in split:
+                return split[x]
+            out = split[x] = [f"{p}/{t}" for t in range(steps)]
             if steps == 1:
                 nodes.append(helper.make_node("Identity", [x], out))
             elif opset >= 18:
@@ -344,6 +453,118 @@ class StepPlan:
                 helper.make_node("Reshape", [seq, const(f"{p}/flat", [-1, *shape])], [cut.produced]),
                 helper.make_node("Gather", [last_of, const(f"{p}/last", steps - 1)], [f"{cut.state_out}@out"], axis=0),
             ])
+
+        def chain_copies(node: onnx.NodeProto, cut: Cut) -> None:
+            """``steps`` copies of ``node``, step t reading the states step t-1 wrote, the
+            time-varying inputs' rows of step t and the time-constant ones as they are; its
+            results are concatenated over the steps under their own names."""
+            prev = {s_in: s_in for s_in, _ in cut.chain}  # state input -> its value before this step
+            nexts = {s_out for _, s_out in cut.chain}
+            results = [o for o in node.output if o not in nexts]
+            for t in range(steps):
+                tag = "out" if t == steps - 1 else str(t)
+                ins = [prev[i] if i in prev else per_step(i, self._sample_shape(i) or ())[t] if i in self.varying else i
+                       for i in node.input]
+                outs = [f"{o}@{tag}" if o in nexts else f"{o}@{t}" for o in node.output]
+                copy = helper.make_node(node.op_type, ins, outs, domain=node.domain, name=f"{node.name}@{t}")
+                copy.attribute.extend(node.attribute)
+                nodes.append(copy)
+                prev = {s_in: f"{s_out}@{tag}" for s_in, s_out in cut.chain}
+            nodes.extend(helper.make_node("Concat", [f"{o}@{t}" for t in range(steps)], [o], axis=0) for o in results)
+
+        def rows(x: str) -> str:
+            """``x`` as [steps·B, ...]: itself where it varies or is a constant, else tiled."""
+            return x if x in self.varying or x in self.static_made or not x else tile(x)
+
+        def over_time(node: onnx.NodeProto, cut: Cut) -> None:
+            """The compensated op's chunk at once (see StepPlan._over_time): running sums by CumSum
+            over time, the step count t of each row, f(S/t)·t on all rows, increments as the
+            totals' differences over time."""
+            body, p = cut.body, f"{node.name}@time"
+            assert body is not None
+            states = [s_in for s_in, _ in cut.chain]
+            k = len(states) - 2
+            total_in, count_in = states[k], states[k + 1]
+            actual = dict(zip(body.input, node.input))
+            rename = {o: f"{p}/{o}" for n in body.node for o in n.output}
+            count_shape = self.state_shape[count_in]
+            # t of every row: max(count) + 1, ..., + steps (exact integers), as [steps, B] rows
+            ks = f"{p}/ks"
+            inits.append(onnx.numpy_helper.from_array(np.arange(1, steps + 1, dtype=np.float32), ks))
+            nodes.extend([
+                helper.make_node("ReduceMax", [count_in], [f"{p}/t0"], keepdims=0),
+                helper.make_node("Add", [f"{p}/t0", ks], [f"{p}/t_seq"]),
+                helper.make_node("Reshape", [f"{p}/t_seq", const(f"{p}/t_col_shape", [steps, 1])], [f"{p}/t_col"]),
+                helper.make_node("Shape", [count_in], [f"{p}/count_shape"]),
+                helper.make_node("Slice", [f"{p}/count_shape", const(f"{p}/s0", [0]), const(f"{p}/e1", [1])],
+                                 [f"{p}/batch"]),
+                helper.make_node("Concat", [const(f"{p}/steps", [steps]), f"{p}/batch"], [f"{p}/grid"], axis=0),
+                helper.make_node("Expand", [f"{p}/t_col", f"{p}/grid"], [f"{p}/t_grid"]),
+            ])
+            t_of_rank: dict[int, str] = {}
+
+            def t_rows(rank: int) -> str:
+                if rank not in t_of_rank:
+                    t_of_rank[rank] = f"{p}/t_rank{rank}"
+                    nodes.append(helper.make_node("Reshape", [f"{p}/t_grid", const(f"{p}/t_shape{rank}",
+                                                                                  [-1] + [1] * (rank - 1))],
+                                                  [t_of_rank[rank]]))
+                return t_of_rank[rank]
+
+            for i in range(k):  # the running sums of every step: [sum, x_1, ..., x_n] summed over time
+                shape = self.state_shape[states[i]]
+                q = f"{p}/sum{i}"
+                nodes.extend([
+                    helper.make_node("Reshape", [rows(actual[f"x{i}"]), const(f"{q}/shape", [steps, -1, *shape])],
+                                     [f"{q}/x"]),
+                    helper.make_node("Unsqueeze", [states[i], const(f"{q}/axes", [0])], [f"{q}/prev"]),
+                    helper.make_node("Concat", [f"{q}/prev", f"{q}/x"], [f"{q}/all"], axis=0),
+                    helper.make_node("CumSum", [f"{q}/all", const(f"{q}/axis", 0)], [f"{q}/sums"]),
+                    helper.make_node("Slice", [f"{q}/sums", const(f"{q}/s", [1]), const(f"{q}/e", [steps + 1])],
+                                     [f"{q}/run"]),
+                    helper.make_node("Reshape", [f"{q}/run", const(f"{q}/flat", [-1, *shape])], [rename[f"sum{i}_next"]]),
+                    helper.make_node("Gather", [f"{q}/run", const(f"{q}/last", steps - 1)],
+                                     [f"{cut.chain[i][1]}@out"], axis=0),
+                ])
+            out_rank = self._rank(node.output[0]) or 0
+            for n in body.node:  # the means, the op and the totals, renamed; t per row
+                if n.name in ("step", "t", "increment") or n.name.startswith("accumulate"):
+                    continue
+                copy = onnx.NodeProto()
+                copy.CopyFrom(n)
+                del copy.input[:]
+                for i in n.input:
+                    if i == "t":
+                        i = t_rows(out_rank if n.name == "total" else self._rank(actual[f"x{n.name[4:]}"]) or 0)
+                    elif i in rename:
+                        i = rename[i]
+                    elif i in actual:
+                        i = rows(actual[i])
+                    copy.input.append(i)
+                del copy.output[:]
+                copy.output.extend(rename[o] for o in n.output)
+                copy.name = f"{p}/{n.name}" if n.name else ""
+                nodes.append(copy)
+            # the increments: the totals' differences over time, [total, total_1, ..., total_n]
+            shape, q = self.state_shape[total_in], f"{p}/inc"
+            nodes.extend([
+                helper.make_node("Reshape", [rename["total_next"], const(f"{q}/shape", [steps, -1, *shape])],
+                                 [f"{q}/totals"]),
+                helper.make_node("Unsqueeze", [total_in, const(f"{q}/axes", [0])], [f"{q}/prev"]),
+                helper.make_node("Concat", [f"{q}/prev", f"{q}/totals"], [f"{q}/all"], axis=0),
+                helper.make_node("Slice", [f"{q}/all", const(f"{q}/s1", [1]), const(f"{q}/e1", [steps + 1])], [f"{q}/hi"]),
+                helper.make_node("Slice", [f"{q}/all", const(f"{q}/s0", [0]), const(f"{q}/e0", [steps])], [f"{q}/lo"]),
+                helper.make_node("Sub", [f"{q}/hi", f"{q}/lo"], [f"{q}/d"]),
+                helper.make_node("Reshape", [f"{q}/d", const(f"{q}/flat", [-1, *shape])], [node.output[0]]),
+                helper.make_node("Gather", [f"{q}/totals", const(f"{q}/last", steps - 1)], [f"{cut.chain[k][1]}@out"],
+                                 axis=0),
+                helper.make_node("Add", [count_in, const_float(f"{p}/n", float(steps), count_shape)],
+                                 [f"{cut.chain[k + 1][1]}@out"]),
+            ])
+
+        def const_float(name: str, value: float, shape: tuple[int, ...]) -> str:
+            inits.append(onnx.numpy_helper.from_array(np.full((1,) * (len(shape) + 1), value, np.float32), name))
+            return name
 
         for node in self.rest_nodes:
             cut = by_node.get(node.name)
@@ -380,6 +601,12 @@ class StepPlan:
                 ])
                 back_to_rows(cut, f"{p}/run", f"{p}/run", p, shape)
                 continue
+            if cut.kind == "chain" and cut.body is not None and steps > 1:  # all its steps at once
+                over_time(node, cut)
+                continue
+            if cut.kind == "chain":  # a compensated op: steps copies chained through all its states
+                chain_copies(node, cut)
+                continue
             if node.domain == KERNEL_DOMAIN:  # one kernel call runs the neuron over the whole chunk
                 states = [cut.state_in] + ([cut.count_in] if cut.count_in else [])
                 outs = [cut.produced, f"{cut.state_out}@out"] + ([f"{cut.count_out}@out"] if cut.count_out else [])
@@ -415,7 +642,7 @@ class StepPlan:
         inputs = self.state_order + [i for i in self.reduced_inputs if i not in self.state_in]
         model = _subgraph_model(self.proto, nodes, inputs, outputs, self.types, f"ann2snn_chunk{steps}",
                                 shaped=[c.produced for c in self.cuts.values()
-                                        if c.kind in ("if", "signed") and SHAPE_SPIKES])
+                                        if c.kind in ("if", "signed", "chain") and SHAPE_SPIKES])
         model.graph.initializer.extend(inits)
         for vi in model.graph.input:  # states keep the batch B, not steps·B
             if vi.name in self.state_in or vi.name not in self.varying:
@@ -434,43 +661,103 @@ class StepPlan:
                 need |= set(n.input)
         return list(reversed(out))
 
+    def _rank(self, tensor: str) -> int | None:
+        t = self.types.get(tensor)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        return len(t.tensor_type.shape.dim)
+
+    def _constant(self, tensor: str) -> np.ndarray | None:
+        """The value of an initializer, or None (computed or missing)."""
+        init = next((i for i in self.proto.graph.initializer if i.name == tensor), None) if tensor else None
+        return onnx.numpy_helper.to_array(init) if init is not None else None
+
+    def _touches_batch(self, node: onnx.NodeProto, axes: Iterable[int]) -> bool:
+        """Whether any of ``axes`` of ``node``'s first input is the batch axis (negative axes
+        count from its rank; an unknown rank makes a negative axis suspect)."""
+        rank = self._rank(node.input[0])
+        return any(int(a) == 0 or (int(a) < 0 and (rank is None or int(a) + rank == 0)) for a in axes)
+
     def _check_per_sample(self, node: onnx.NodeProto) -> None:
+        """Refuse (_Refuse) a whitelisted node whose attributes or inputs would mix the samples."""
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         op = node.op_type
-        if op in ("Concat", "Split", "Softmax") and int(attrs.get("axis", 0 if op != "Softmax" else -1)) == 0:
-            raise _Refuse(f"{node.name}: {op} along the batch axis")
-        if op == "Flatten" and int(attrs.get("axis", 1)) == 0:
-            raise _Refuse(f"{node.name}: Flatten with axis 0")
-        if op == "Transpose" and attrs.get("perm") is not None and next(iter(attrs["perm"])) != 0:
-            raise _Refuse(f"{node.name}: Transpose moves the batch axis")
-        if op in ("Reshape", "Squeeze", "Unsqueeze", "Slice", "Pad", "Resize", "Upsample", "Gemm", "MatMul"):
-            inits = {i.name: i for i in self.proto.graph.initializer}
-            if op == "Reshape":
-                shape = inits.get(node.input[1])
-                dims = onnx.numpy_helper.to_array(shape).reshape(-1).tolist() if shape is not None else []
-                # [-1] alone would merge the batch into one axis
-                if len(dims) < 2 or int(dims[0]) not in (0, -1):
-                    raise _Refuse(f"{node.name}: Reshape whose batch dimension is not 0 or -1")
-            elif op == "Gemm" and int(attrs.get("transA", 0)):
-                raise _Refuse(f"{node.name}: Gemm with transA")
-            elif op == "MatMul" and node.input[1] not in inits:
-                raise _Refuse(f"{node.name}: MatMul of two varying tensors")
-            elif op in ("Squeeze", "Unsqueeze", "Slice", "Pad") and len(node.input) > 1:
-                axes_src = node.input[1] if op != "Slice" else (node.input[3] if len(node.input) > 3 else "")
-                if op == "Pad":
-                    pads = inits.get(node.input[1])
-                    if pads is None:
-                        raise _Refuse(f"{node.name}: Pad with computed pads")
-                    p = onnx.numpy_helper.to_array(pads).reshape(2, -1) if len(node.input) < 4 or not node.input[3] else None
-                    if p is None or p[0, 0] or p[1, 0]:
-                        raise _Refuse(f"{node.name}: Pad along the batch axis or with explicit axes")
-                    return
-                if not axes_src or axes_src not in inits:
-                    raise _Refuse(f"{node.name}: {op} without constant axes")
-                if 0 in onnx.numpy_helper.to_array(inits[axes_src]).reshape(-1).tolist():
-                    raise _Refuse(f"{node.name}: {op} on the batch axis")
-            elif op in ("Squeeze", "Unsqueeze") and 0 in list(attrs.get("axes", [])):
+        if node.domain == _ACTIVATION_DOMAIN and op != "LayerNormalization":
+            return  # elementwise
+        if op in _AXIS_OPS:
+            default = _AXIS_OPS[op]
+            if op in ("Softmax", "LogSoftmax", "Hardmax") and ai_onnx_opset(self.proto) < 13:
+                default = 1
+            if self._touches_batch(node, [attrs.get("axis", default if default is not None else 0)]):
+                raise _Refuse(f"{node.name}: {op} along the batch axis")
+        elif op == "Transpose":
+            perm = attrs.get("perm")
+            if (perm is None and self._rank(node.input[0]) != 1) or (perm is not None and int(next(iter(perm))) != 0):
+                raise _Refuse(f"{node.name}: Transpose moves the batch axis")
+        elif op.startswith("Reduce"):
+            axes = self._constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("axes")
+            if len(node.input) > 1 and node.input[1] and axes is None:
+                raise _Refuse(f"{node.name}: {op} without constant axes")
+            axes = [] if axes is None else np.asarray(axes).reshape(-1).tolist()
+            if not axes and not int(attrs.get("noop_with_empty_axes", 0)):
+                raise _Refuse(f"{node.name}: {op} over every axis, the batch axis included")
+            if self._touches_batch(node, axes):
                 raise _Refuse(f"{node.name}: {op} on the batch axis")
+        elif op == "Reshape":
+            shape = self._constant(node.input[1])
+            dims = shape.reshape(-1).tolist() if shape is not None else []
+            # [-1] alone would merge the batch into one axis
+            if len(dims) < 2 or int(dims[0]) not in (0, -1):
+                raise _Refuse(f"{node.name}: Reshape whose batch dimension is not 0 or -1")
+        elif op == "Gemm" and int(attrs.get("transA", 0)):
+            raise _Refuse(f"{node.name}: Gemm with transA")
+        elif op == "MatMul":
+            self._check_matmul(node)
+        elif op == "Pad" and len(node.input) > 1:
+            pads = self._constant(node.input[1])
+            if pads is None:
+                raise _Refuse(f"{node.name}: Pad with computed pads")
+            p = pads.reshape(2, -1) if len(node.input) < 4 or not node.input[3] else None
+            if p is None or p[0, 0] or p[1, 0]:
+                raise _Refuse(f"{node.name}: Pad along the batch axis or with explicit axes")
+        elif op in ("Squeeze", "Unsqueeze", "Slice"):
+            axes_src = node.input[1] if op != "Slice" else (node.input[3] if len(node.input) > 3 else "")
+            if op != "Slice" and len(node.input) < 2:  # opset < 13: an attribute; Squeeze without it squeezes the batch of 1
+                axes = attrs.get("axes")
+                if axes is None and op == "Squeeze":
+                    raise _Refuse(f"{node.name}: Squeeze without axes (it would drop a batch of 1)")
+            elif op == "Slice" and len(node.input) < 3:  # opset < 10: attributes
+                axes = attrs.get("axes")
+                if axes is None:
+                    raise _Refuse(f"{node.name}: Slice without axes")
+            else:
+                axes = self._constant(axes_src)
+                if axes is None:
+                    raise _Refuse(f"{node.name}: {op} without constant axes")
+            axes = [] if axes is None else np.asarray(axes).reshape(-1).tolist()
+            rank = self._rank(node.input[0])
+            if op == "Unsqueeze":  # its axes count in the output's rank
+                if any(int(a) == 0 or (int(a) < 0 and (rank is None or int(a) + rank + len(axes) == 0)) for a in axes):
+                    raise _Refuse(f"{node.name}: Unsqueeze on the batch axis")
+            elif self._touches_batch(node, axes):
+                raise _Refuse(f"{node.name}: {op} on the batch axis")
+
+    def _check_matmul(self, node: onnx.NodeProto) -> None:
+        """MatMul with a constant operand, or of two per-sample tensors of one rank >= 3 (Q·Kᵀ,
+        attention·V: a batched product whose leading axis is the batch)."""
+        a, b = node.input[0], node.input[1]
+        batched = [x for x in (a, b) if x not in self.static_made]
+        if len(batched) == 1 and b not in batched:
+            return  # x · W: the rows of x are the samples'
+        if len(batched) == 1:  # W · x: per sample where W has no batch axes of its own to broadcast
+            ra, rb = self._rank(a), self._rank(b)
+            if ra is None or rb is None or ra > 2 or rb < 3:
+                raise _Refuse(f"{node.name}: MatMul of a constant by a varying tensor that is not a batched product")
+            return
+        ra, rb = self._rank(a), self._rank(b)
+        if ra is None or ra != rb or ra < 3:
+            raise _Refuse(f"{node.name}: MatMul of two varying tensors that are not batched products of one "
+                          "rank >= 3")
 
 
 class _Refuse(Exception):

@@ -69,6 +69,12 @@ LAYERED_ROWS = 32
 #: 0.98-1.28x at 16 (benchmarks/results/cli_profile.md, "auto rule", measured with the compiled
 #: kernels, which speed the layered form up most: 2 keeps a margin without them)
 LAYERED_MAX_BATCH = 2
+#: graphs with expectation-compensated ops (signed activation sites, --nonlinear compensate)
+#: only up to this batch: layered / step time at T = 32 was 0.63 (ViT), 0.94 (GELU CNN), 0.81
+#: (SiLU CNN), 0.97 (LeakyReLU CNN) at batch 1, but 0.75, 1.18, 0.96, 1.05 at batch 2 and
+#: 1.16-1.76 at 8 (benchmarks/results/layered_forms.md): their symmetric neurons, unrolled
+#: over the chunk on whole feature maps, cost the CNNs more than the batched layers save
+LAYERED_MAX_BATCH_COMPENSATED = 1
 #: and only while a chunk's membrane states (a proxy for its activations) stay below this, so
 #: that memory stays near the ANN's: large models at batch 1 already run big GEMMs per step
 LAYERED_STATE_BYTES = 16 * 2 ** 20
@@ -115,7 +121,8 @@ class SpikingSession:
         coding) computed once and the states in bound buffers (``bind``); ``"layered"`` runs
         each layer on ``chunk`` timesteps at once (a batch of chunk × B) with each neuron layer
         unrolled over the chunk; ``"auto"`` (default) uses layered for batches up to
-        ``LAYERED_MAX_BATCH`` when the graph allows it and the chunk's states stay under
+        ``LAYERED_MAX_BATCH`` (``LAYERED_MAX_BATCH_COMPENSATED`` for graphs with
+        expectation-compensated ops) when the graph allows it and the chunk's states stay under
         ``LAYERED_STATE_BYTES``, else step: a rule of shapes only, so a command gives the same
         bytes every time; ``"timed"`` times both once per batch size and keeps the faster;
         ``"reference"`` runs the whole step graph per step. The form used last is in
@@ -457,6 +464,9 @@ class SpikingSession:
         if self.chunk is not None:
             return min(self.chunk, T)
         chunk = max(1, min(T, -(-LAYERED_ROWS // batch)))
+        if self.mode == "auto" and batch > LAYERED_MAX_BATCH_COMPENSATED \
+                and any(c.kind == "chain" for c in self._plan.cuts.values()):
+            return None
         if self.mode in ("auto", "timed"):
             per_sample = sum(4 * int(np.prod(shape)) for _, _, _, shape in self._state_specs)
             chunk = min(chunk, LAYERED_STATE_BYTES // max(per_sample * batch, 1))

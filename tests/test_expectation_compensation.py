@@ -194,8 +194,8 @@ def test_compensated_model_converges(compiled, net: str, exporter: str) -> None:
 
 
 def test_forms_agree_with_the_reference_on_a_compensated_model(compiled) -> None:
-    """Step form (batch 3 and 1) and the streaming API equal the reference; the layered form
-    refuses the model cleanly, so ``auto`` takes the step form."""
+    """The auto form (step at batch 3, layered at batch 1: runtime/session.py,
+    LAYERED_MAX_BATCH_COMPENSATED) and the layered form with chunks of 4 equal the reference."""
     snn = compiled("transformer", "torch_legacy", "compensate")
     path = matrix.cell_path("transformer", "torch_legacy")
     x = matrix.cell_inputs(path, "test", limit=3)
@@ -204,11 +204,11 @@ def test_forms_agree_with_the_reference_on_a_compensated_model(compiled) -> None
         ref = reference_run(snn, feed, 9)
         session = SpikingSession(snn)
         got = session.run(feed, T=9)
-        assert session.last_form.startswith("step"), session.last_form
+        assert session.last_form.startswith("step" if batch > 1 else "layered"), session.last_form
+        layered = SpikingSession(snn, mode="layered", chunk=4, guard=False).run(feed, T=9)
         for k in ref:
             np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ann2snn.ConfigError, match="layered"):
-        SpikingSession(snn, mode="layered")
+            np.testing.assert_allclose(layered[k], ref[k], rtol=1e-5, atol=1e-6)
 
 
 def test_inspect_names_compensated_ops() -> None:

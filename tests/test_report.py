@@ -513,3 +513,56 @@ def test_routing_through_pad() -> None:
     # an explicit zero Pad of 1 then a 3x3 conv = a 3x3 conv with pads 1: every element reaches 2 x (taps in range)
     per_dim = np.array([2, 3, 2])
     np.testing.assert_array_equal(m[0, 0], 2 * np.outer(per_dim, per_dim))
+
+
+def _conv_conv_relu(spiking_first: bool) -> onnx.ModelProto:
+    """A hand-built CNN with Conv -> Conv -> Relu (no neuron between the two convolutions),
+    behind a Conv + Relu when ``spiking_first`` (so the pair reads spikes, then a current)."""
+    rng = np.random.default_rng(0)
+    values = {"w0": rng.normal(0, 0.5, (4, 1, 3, 3)), "w1": rng.normal(0, 0.5, (4, 4 if spiking_first else 1, 3, 3)),
+              "w2": rng.normal(0, 0.3, (4, 4, 3, 3)), "b": np.full(4, 0.1), "wf": rng.normal(0, 0.2, (3, 64)),
+              "bf": np.zeros(3)}
+    first = [helper.make_node("Conv", ["x", "w0", "b"], ["c0"], pads=[1] * 4, name="conv0"),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0")] if spiking_first else []
+    nodes = first + [
+        helper.make_node("Conv", ["r0" if spiking_first else "x", "w1", "b"], ["c1"], pads=[1] * 4, name="conv1"),
+        helper.make_node("Conv", ["c1", "w2", "b"], ["c2"], pads=[1] * 4, name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Flatten", ["r2"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "conv_conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+                              [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in values.items()
+                               if spiking_first or k != "w0"])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _layer_line(text: str, name: str) -> list[str]:
+    line = next(li for li in text.splitlines() if li.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+@pytest.mark.parametrize("spiking_first", [False, True], ids=["prefix", "after-spikes"])
+def test_conv_reading_a_conv_gets_no_sops(spiking_first: bool) -> None:
+    """A Conv that reads another Conv with no neuron between them receives no spikes: the
+    report shows "-" for its SOPs and counts its MACs (once per input in the time-constant
+    prefix; at every step behind spikes, where the current it reads changes every step)."""
+    x = np.random.default_rng(1).uniform(0, 1, (32, 1, 4, 4)).astype(np.float32)
+    snn = ann2snn.compile(_conv_conv_relu(spiking_first), {"x": x}, iters=4, batch=16)
+    T = 4
+    result = report(snn, {"x": x[:8]}, [T])
+    rows = {la["name"]: la for la in result["synaptic_layers"]}
+    conv2 = rows["conv2"]
+    dense = 4 * 4 * 9 * 16  # out channels × in channels × taps × output positions
+    assert not conv2["from_spikes"] and conv2["by_T"][-1]["sops_per_input"] == 0
+    assert conv2["by_T"][-1]["macs_per_input"] == dense * (T if spiking_first else 1)
+    assert conv2["inputs"] == (["analog current every step"] if spiking_first else ["analog input"])
+    text = format_report(result)
+    cells = _layer_line(text, "conv2")
+    assert cells[2] == conv2["inputs"][0] and cells[3] == "-", cells
+    assert _layer_line(text, "fc")[3] != "-"  # it reads spikes
+    if spiking_first:
+        assert rows["conv1"]["from_spikes"] and _layer_line(text, "conv1")[3] != "-"
+        assert result["mac_share"]["analog_steps"] == dense and "on analog currents" in text
+    else:
+        assert _layer_line(text, "conv1")[3] == "-"

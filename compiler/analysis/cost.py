@@ -370,6 +370,15 @@ def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights:
             increments.add(n.output[0])
         elif n.op_type not in NEURON_OPS and any(x in increments for x in n.input):
             increments.update(o for o in n.output if o)
+    # real-valued currents computed every step: the output of a weighted op that is not in the
+    # time-constant prefix, up to the next neuron. A weighted op that reads one (a Conv after a
+    # Conv with no neuron between them) receives no spikes: it multiplies analog values every step
+    currents: set[str] = set()
+    for n in proto.graph.node:
+        if n.op_type in NEURON_OPS or is_compensated(n):
+            continue
+        if (n.op_type in WEIGHTED and n.input[0] not in analog) or any(x in currents for x in n.input):
+            currents.update(o for o in n.output if o)
     targets = {t for per in fanout.values() for t in per}
     layers = []
     ann_macs = 0
@@ -382,9 +391,11 @@ def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights:
             layers.append({"name": n.name, "op": n.op_type, "part": "spiking", "ann_macs": macs,
                            "analog_macs_per_step": macs if n.op_type in WEIGHTED and n.input[0] in analog else 0,
                            "increment_macs_per_step": macs if n.op_type in WEIGHTED and n.input[0] in increments
-                           else 0})
+                           else 0,
+                           "current_macs_per_step": macs if n.op_type in WEIGHTED and n.input[0] in currents
+                           and n.input[0] not in increments else 0})
     layers += [{"name": t, "op": "readout", "part": "spiking", "ann_macs": 0, "analog_macs_per_step": 0,
-                "increment_macs_per_step": 0}
+                "increment_macs_per_step": 0, "current_macs_per_step": 0}
                for t in sorted(targets) if t.startswith("readout:")]
     tail_macs = 0
     for layer in _tail_layers(proto, meta, nonzero_weights, mac_count):

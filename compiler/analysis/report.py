@@ -279,24 +279,28 @@ def summarise(cost: NetworkCost, counter: SpikeCounter, acc: dict[str, Any], ene
     layer_rows = []
     for layer in cost.layers:
         sources = [nl["name"] for nl in cost.neurons if layer["name"] in cost.fanout[nl["spikes"]]]
+        spiking_sources = bool(sources)
         if layer["analog_macs_per_step"]:
             sources.append("analog input")
         if layer.get("increment_macs_per_step"):
             sources.append("compensated increments")
+        if layer.get("current_macs_per_step"):
+            sources.append("analog current every step")
         if layer["part"] == "tail":
             sources.append("readout")
         rows = []
         for T in Ts:
             sops = sum(pair[T][s].get(layer["name"], 0.0) for s in cost.fanout)
             macs = (layer["analog_macs_per_step"] * (1 if analog_once else T) + layer.get("tail_macs", 0)
-                    + layer.get("increment_macs_per_step", 0) * T)
+                    + (layer.get("increment_macs_per_step", 0) + layer.get("current_macs_per_step", 0)) * T)
             rows.append({"T": T, "sops_per_input": sops, "macs_per_input": macs,
                          "energy_j": {e.name: sops * e.sop_j + macs * e.mac_j for e in energy}})
         layer_rows.append({"name": layer["name"], "op": layer["op"], "part": layer["part"], "inputs": sources,
-                           "ann_macs": layer["ann_macs"], "by_T": rows})
+                           "from_spikes": spiking_sources, "ann_macs": layer["ann_macs"], "by_T": rows})
     ann_energy = {e.name: cost.ann_macs * e.mac_j for e in energy}
     analog_step = sum(layer["analog_macs_per_step"] for layer in cost.layers)
-    increment_step = sum(layer.get("increment_macs_per_step", 0) for layer in cost.layers)
+    increment_step = sum(layer.get("increment_macs_per_step", 0) + layer.get("current_macs_per_step", 0)
+                         for layer in cost.layers)
     snn_rows = []
     for i, T in enumerate(Ts):
         sops = sum(r["by_T"][i]["sops_per_input"] for r in neuron_rows)
@@ -311,11 +315,14 @@ def summarise(cost: NetworkCost, counter: SpikeCounter, acc: dict[str, Any], ene
         snn_rows.append(row)
     ann_acc = acc.get("ann_accuracy")
     on_spikes = sum(r["ann_macs"] for r in layer_rows if r["part"] == "spiking" and "analog input" not in r["inputs"]
-                    and "compensated increments" not in r["inputs"] and r["inputs"])
+                    and "compensated increments" not in r["inputs"] and "analog current every step" not in r["inputs"]
+                    and r["inputs"])
     tail = sum(r["ann_macs"] for r in layer_rows if r["part"] == "tail")
     stepped = sum(r["ann_macs"] for r in layer_rows if "compensated increments" in r["inputs"])
+    currents = sum(r["ann_macs"] for r in layer_rows if "analog current every step" in r["inputs"])
     share = {"total": cost.ann_macs, "spiking": on_spikes, "tail": tail,
-             "prefix": cost.ann_macs - on_spikes - tail - stepped, **({"compensated": stepped} if stepped else {})}
+             "prefix": cost.ann_macs - on_spikes - tail - stepped - currents,
+             **({"compensated": stepped} if stepped else {}), **({"analog_steps": currents} if currents else {})}
     return {
         "samples": int(acc["samples"]), "t0": acc["t0"], "Ts": Ts,
         "mac_share": share,

@@ -61,6 +61,8 @@ def format_report(result: dict[str, Any], layer_T: int | None = None) -> str:
                      f"time-constant analog prefix, {pct['tail']:.1f}% in the analog tail"
                      + (f", {100.0 * share['compensated'] / share['total']:.1f}% on the real-valued increments of "
                         "compensated ops (MACs at every step)" if share.get("compensated") else "")
+                     + (f", {100.0 * share['analog_steps'] / share['total']:.1f}% on analog currents read straight from "
+                        "another weighted op (MACs at every step)" if share.get("analog_steps") else "")
                      + (" (less than half spikes: see `ann2snn inspect`)" if pct["spiking"] < 50 else ""))
     lines.append("")
     head = "| T | accuracy | spikes/input | firing rate | SOPs/input | MACs/input | " + \
@@ -96,8 +98,10 @@ def format_report(result: dict[str, Any], layer_T: int | None = None) -> str:
               "|---|---|---|---|---|---|---|"]
     for layer in result["synaptic_layers"]:
         r = layer["by_T"][j]
+        # no neuron feeds it (the analog input, a weighted op's current, increments): no spikes, "-"
+        sops = _si(r["sops_per_input"]) if layer.get("from_spikes", True) else "-"
         lines.append(f"| {layer['name']} | {layer['op']} | {', '.join(layer['inputs']) or '-'} | "
-                     f"{_si(r['sops_per_input'])} | {_si(r['macs_per_input'])} | {_si(layer['ann_macs'])} | "
+                     f"{sops} | {_si(r['macs_per_input'])} | {_si(layer['ann_macs'])} | "
                      f"{r['energy_j'][m0] / tot * 100:.1f}% |")
     return "\n".join(lines)
 

@@ -428,8 +428,8 @@ def test_forms_agree_on_reference_models(compiled_model, name: str, data: str) -
 
 @pytest.mark.parametrize("net", ["transformer", "mbv3"])
 def test_forms_agree_on_compensated_models(net: str) -> None:
-    """Expectation-compensated ops (--nonlinear compensate) in the step graph: every form that
-    accepts the model equals the reference at batches 3 and 1; the layered form refuses it."""
+    """Expectation-compensated ops (--nonlinear compensate) in the step graph: every form,
+    the layered ones included, equals the reference at batches 3 and 1."""
     path = MODELS / "exporters" / f"torch_legacy_{net}.onnx"
     import importlib.util
 
@@ -443,4 +443,68 @@ def test_forms_agree_on_compensated_models(net: str) -> None:
     problems = check_forms(snn, test, Ts=[4, 9], unavailable=unavailable) + check_forms(snn, batch_of(test, 1),
                                                                                         Ts=[4, 9])
     assert not problems, "\n  ".join(map(str, problems[:12]))
-    assert set(unavailable) == {f for f in FORMS if FORMS[f].get("mode") == "layered"}, unavailable
+    assert not unavailable, unavailable
+
+
+#: the modern-activation reference models with the compile options of issue 16 whose step
+#: graphs hold symmetric neurons and compensated ops (runtime/forms.py runs them layered)
+BEYOND_RELU = [
+    ("fashion_vit.onnx", {"nonlinear": "compensate", "signed_sites": "output"}),
+    *((f"fashion_{act}.onnx", {"signed_sites": sites}) for act in ("gelu", "silu", "lrelu", "hswish")
+      for sites in ("output", "input")),
+    ("fashion_lrelu.onnx", {}),  # LeakyReLU sites are signed by default
+]
+
+
+@pytest.mark.parametrize("name,options", BEYOND_RELU,
+                         ids=[f"{n.removesuffix('.onnx')}-{o.get('signed_sites', 'default')}" for n, o in BEYOND_RELU])
+def test_layered_runs_signed_sites_and_compensated_ops(name: str, options: dict[str, str]) -> None:
+    """Symmetric neurons and compensated ops (with re-spiked outputs) run in the layered form,
+    each unrolled over the chunk through its states, and every form equals the reference at
+    batches 2 and 1 (compiled on 16 calibration images, 2 iterations)."""
+    if not (MODELS / name).exists():
+        pytest.skip(f"{name} is not built")
+    ann = onnx.load(str(MODELS / name))
+    x = ann.graph.input[0].name
+    with np.load(MODELS / "data" / "fashion_calib.npz") as z:
+        calib = {x: z["input"][:16]}
+    with np.load(MODELS / "data" / "fashion_test.npz") as z:
+        test = {x: z["input"][:2]}
+    snn = compile_model(ann, calib, iters=2, **options)
+    ops = {n.op_type for n in snn.graph.node}
+    assert "SymmetricIFNeuron" in ops and any(op.startswith("ExpectationCompensated") for op in ops), ops
+    forms = ["step", "layered", "layered/chunk1", "layered/chunk3", "layered/chunk3/nounit", "auto", "stream"]
+    unavailable: dict[str, str] = {}
+    problems = check_forms(snn, test, Ts=[4, 7], forms=forms, unavailable=unavailable) \
+        + check_forms(snn, batch_of(test, 1), Ts=[5], forms=["layered", "layered/chunk3"], unavailable=unavailable)
+    assert not unavailable, unavailable
+    assert not problems, f"{name}:\n  " + "\n  ".join(map(str, problems[:12]))
+    session = make_session(snn, mode="layered", chunk=3)
+    kinds = {c.kind for c in session._plan.cuts.values()}
+    assert {"if", "chain"} <= kinds, kinds
+    assert all(c.body is not None for c in session._plan.cuts.values() if c.kind == "chain")  # chunks at once
+    # auto: layered at batch 1 only (runtime/session.py, LAYERED_MAX_BATCH_COMPENSATED)
+    auto = make_session(snn, mode="auto")
+    assert auto.choose_form(1, 32)[0] == "layered" and auto.choose_form(2, 32)[0] == "step"
+    # the unit-threshold form is for IF neurons: the symmetric ones keep their calibrated θ in every form
+    symmetric = {n.name for n in snn.graph.node if n.op_type == "SymmetricIFNeuron"}
+    assert {n.name for n in session._plan.proto.graph.node if n.op_type == "SymmetricIFNeuron"} == symmetric
+
+
+def test_layered_unrolls_compensated_ops_on_the_vit(monkeypatch) -> None:
+    """With OVER_TIME off every compensated op of the ViT is unrolled, one copy per step
+    chained through its states: the same outputs as the reference."""
+    from ann2snn.runtime import forms
+
+    monkeypatch.setattr(forms, "OVER_TIME", False)
+    ann = onnx.load(str(MODELS / "fashion_vit.onnx"))
+    x = ann.graph.input[0].name
+    with np.load(MODELS / "data" / "fashion_calib.npz") as z:
+        calib = {x: z["input"][:16]}
+    with np.load(MODELS / "data" / "fashion_test.npz") as z:
+        test = {x: z["input"][:2]}
+    snn = compile_model(ann, calib, iters=2, nonlinear="compensate", signed_sites="output")
+    session = make_session(snn, mode="layered", chunk=3)
+    assert all(c.body is None for c in session._plan.cuts.values() if c.kind == "chain")
+    problems = check_forms(snn, test, Ts=[4, 7], forms=["layered/chunk3", "layered/chunk7"])
+    assert not problems, "\n  ".join(map(str, problems[:12]))

@@ -18,7 +18,7 @@ from onnx import helper
 import ann2snn
 from ann2snn.errors import ConfigError
 from ann2snn.runtime import SpikingSession
-from ann2snn.runtime.forms import StepPlan
+from ann2snn.runtime.forms import StepPlan, run_layered, run_steps
 from ann2snn.runtime.ops import DOMAIN, if_neuron_function
 
 
@@ -171,3 +171,121 @@ def test_timed_mode_times_both_forms_once_per_batch_and_keeps_the_results(digits
     _assert_close(_reference(digits_snn, x, [5, 20]), first)
     _assert_close(first, session.run_many(x, [5, 20]))  # the decision is reused, not re-timed
     assert list(session.auto_choices) == [(2, 16)]
+
+
+def _rank3_step_graph(ops: list[onnx.NodeProto], extra: dict[str, np.ndarray] | None = None
+                      ) -> tuple[onnx.ModelProto, list[tuple[str, str, tuple[int, ...]]]]:
+    """A hand-made step graph on [N, 2, 4] tokens: MatMul -> IFNeuron -> ``ops`` (reading ``s``,
+    the last one writing ``y``, the step output)."""
+    rng = np.random.default_rng(0)
+    values = {"W": rng.normal(size=(4, 4)), "theta": np.ones(4), **(extra or {})}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"], name="proj"),
+             helper.make_node("IFNeuron", ["z", "v", "theta"], ["s", "v_next"], domain=DOMAIN, name="if"), *ops]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 4]),
+                                           helper.make_tensor_value_info("v", onnx.TensorProto.FLOAT, ["N", 2, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("v_next", onnx.TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in values.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.functions.append(if_neuron_function(17))
+    return model, [("v", "v_next", (2, 4))]
+
+
+_LN = {"scale": np.ones(4), "bias": np.zeros(4)}
+#: (ops after the neuron, their constants, the refusal's words or None where the layered form applies)
+PER_SAMPLE_CASES = {
+    "layernorm": ([helper.make_node("LayerNormalization", ["s", "scale", "bias"], ["y"], axis=-1, name="ln")], _LN, None),
+    "layernorm-axis0": ([helper.make_node("LayerNormalization", ["s", "scale", "bias"], ["y"], axis=0, name="ln")], _LN,
+                        "LayerNormalization along the batch axis"),
+    "softmax": ([helper.make_node("Softmax", ["s"], ["y"], axis=2, name="sm")], {}, None),
+    "softmax-axis-3": ([helper.make_node("Softmax", ["s"], ["y"], axis=-3, name="sm")], {}, "Softmax along the batch axis"),
+    "erf-hardswish-prelu": ([helper.make_node("Erf", ["s"], ["e"], name="erf"),
+                             helper.make_node("HardSwish", ["e"], ["h"], name="hs"),
+                             helper.make_node("PRelu", ["h", "slope"], ["y"], name="prelu")],
+                            {"slope": np.full(4, 0.1)}, None),
+    "reducemean": ([helper.make_node("ReduceMean", ["s"], ["y"], axes=[-1], name="rm")], {}, None),
+    "reducemean-batch": ([helper.make_node("ReduceMean", ["s"], ["y"], axes=[0, 2], name="rm")], {},
+                         "ReduceMean on the batch axis"),
+    "reducemean-all": ([helper.make_node("ReduceMean", ["s"], ["y"], name="rm")], {}, "over every axis"),
+    "matmul-qk": ([helper.make_node("Transpose", ["s"], ["st"], perm=[0, 2, 1], name="t"),
+                   helper.make_node("MatMul", ["s", "st"], ["y"], name="qk")], {}, None),
+    "matmul-rows": ([helper.make_node("Flatten", ["s"], ["f"], axis=1, name="flat"),
+                     helper.make_node("Transpose", ["f"], ["ft"], perm=[0, 1], name="t"),
+                     helper.make_node("MatMul", ["f", "ft"], ["y"], name="mm")], {}, "MatMul of two varying"),
+    "transpose-default": ([helper.make_node("Transpose", ["s"], ["y"], name="t")], {}, "Transpose moves the batch"),
+}
+
+
+@pytest.mark.parametrize("case", PER_SAMPLE_CASES)
+def test_per_sample_checks_of_the_transformer_ops(case: str) -> None:
+    """The ops of issue 16's networks are batched over the chunk unless an attribute or an
+    operand would mix the samples (then the layered form is refused, naming the node); where
+    accepted, the layered form gives the reference's outputs."""
+    ops, extra, refusal = PER_SAMPLE_CASES[case]
+    model, states = _rank3_step_graph(ops, extra)
+    plan = StepPlan(model, states, ["y"], ort.SessionOptions())
+    if refusal is not None:
+        assert plan.refusal is not None and refusal in plan.refusal and ops[-1].name in plan.refusal, plan.refusal
+        return
+    assert plan.refusal is None, plan.refusal
+    x = {"x": np.random.default_rng(1).uniform(-1, 2, (3, 2, 4)).astype(np.float32)}
+    def rest() -> dict[str, np.ndarray]:  # the step form updates its states in place
+        return {"v": np.full((3, 2, 4), 0.5, np.float32)}
+
+    stepped = [o[0].copy() for o in run_steps(plan, x, rest(), 5)]
+    layered = [o[0] for o in run_layered(plan, x, rest(), 5, 3)]
+    assert len(stepped) == len(layered) == 5
+    for a, b in zip(stepped, layered):
+        np.testing.assert_array_equal(a, b)
+
+
+def _compensated_step_graph(inner: onnx.NodeProto) -> tuple[onnx.ModelProto, list[tuple[str, str, tuple[int, ...]]]]:
+    """MatMul -> IFNeuron -> the expectation-compensated ``inner`` (reading ``s``) -> ``y``, with
+    the op's running sum, total and step count as states (as passes/_compensation.py emits)."""
+    from ann2snn.runtime.compensation import compensated_function
+
+    fn = compensated_function("ExpectationCompensatedTest", inner, [0], {"": 17})
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"], name="proj"),
+             helper.make_node("IFNeuron", ["z", "v", "theta"], ["s", "v_next"], domain=DOMAIN, name="if"),
+             helper.make_node(fn.name, ["s", "sum0", "total", "count"], ["y", "sum0_next", "total_next", "count_next"],
+                              domain=DOMAIN, name="ec")]
+    shapes = {"v": (2, 4), "sum0": (2, 4), "total": (2, 4), "count": (1,)}
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", *shape])
+                     for n, shape in {"x": (2, 4), **shapes}.items()],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("y", *(f"{s}_next" for s in shapes))],
+        [onnx.numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "W"),
+         onnx.numpy_helper.from_array(np.full(4, 0.7, np.float32), "theta")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.functions.extend([if_neuron_function(17), fn])
+    return model, [(n, f"{n}_next", shape) for n, shape in shapes.items()]
+
+
+@pytest.mark.parametrize("inner,at_once", [
+    (helper.make_node("Softmax", ["s"], ["y"], axis=-1), True),
+    (helper.make_node("Sqrt", ["s"], ["y"]), False),  # guarded: a total kept where not finite links the steps
+    (helper.make_node("Softmax", ["s"], ["y"], axis=0), False),  # mixes the samples: stepped one copy per step
+], ids=["softmax", "sqrt-guarded", "softmax-batch-axis"])
+def test_compensated_op_runs_its_chunk_at_once_or_unrolled(inner: onnx.NodeProto, at_once: bool) -> None:
+    """An expectation-compensated op runs all steps of a chunk at once (running sums by CumSum,
+    the op on every row, increments as differences of the totals) where nothing but its running
+    sums and count links the steps and the op acts per sample; else it is unrolled. Either way
+    the step outputs and the states after the chunk are the step form's, bit for bit."""
+    model, states = _compensated_step_graph(inner)
+    plan = StepPlan(model, states, ["y"], ort.SessionOptions())
+    assert plan.refusal is None, plan.refusal
+    assert (plan.cuts["ec"].body is not None) == at_once
+    x = {"x": np.random.default_rng(1).uniform(-1, 2, (3, 2, 4)).astype(np.float32)}
+
+    def rest() -> dict[str, np.ndarray]:
+        return {n: np.full((3, *shape), 0.35 if n == "v" else 0.0, np.float32) for n, _, shape in states}
+
+    after_steps, after_chunks = rest(), rest()
+    stepped = [o[0].copy() for o in run_steps(plan, x, after_steps, 7)]
+    layered = [o[0] for o in run_layered(plan, x, after_chunks, 7, 3)]  # chunks of 3, 3 and 1 steps
+    assert len(stepped) == len(layered) == 7 and np.abs(stepped[-1]).max() > 0
+    for a, b in zip(stepped, layered):
+        np.testing.assert_array_equal(a, b)
+    for name in after_steps:
+        np.testing.assert_array_equal(after_steps[name], after_chunks[name])
