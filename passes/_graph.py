@@ -121,9 +121,12 @@ def apply_node(node: gs.Node, x: np.ndarray, opset: int = 17) -> list[np.ndarray
 
 
 def channel_axis(tensor: gs.Tensor, rank: int) -> int:
-    """Axis of the channels / neurons: 1 for Conv and Gemm outputs, the last for MatMul."""
+    """Axis of the channels / neurons: 1 for Conv and Gemm outputs, the last for MatMul.
+
+    Looks back through bias adds, pooling and the like along the first input that is not a
+    constant: the legacy torch exporter writes a bias add as ``Add(bias, MatMul(...))``."""
     t = tensor
-    for _ in range(8):  # look through bias adds, pooling and the like
+    for _ in range(8):
         if len(t.inputs) != 1:
             break
         prod = t.inputs[0]
@@ -131,7 +134,8 @@ def channel_axis(tensor: gs.Tensor, rank: int) -> int:
             return rank - 1
         if prod.op in ("Conv", "ConvTranspose", "Gemm"):
             return 1
-        if not prod.inputs:
+        varying = [i for i in prod.inputs if not isinstance(i, gs.Constant)]
+        if not varying:
             break
-        t = prod.inputs[0]
+        t = varying[0]
     return 1

@@ -230,3 +230,21 @@ def test_maxpool_moves_before_monotone_sites_only(act: str, swapped: bool) -> No
     snn = ann2snn.compile(ann, data(256, 0), signed_sites="output", method="max")
     err = rel_error(snn, ann, data(64, 1), [8, 256])
     assert err[256][0] < err[8][0] and err[256][0] < 0.08, err
+
+
+def test_channel_axis_looks_past_a_constant_first_bias() -> None:
+    """The legacy torch exporter writes a Linear on [N, L, C] as Add(bias, MatMul(x, W)): the
+    channels are the last axis whichever input of the Add holds the bias."""
+    import onnx_graphsurgeon as gs
+
+    from ann2snn.passes._graph import channel_axis
+
+    for bias_first in (True, False):
+        x = gs.Variable("x", np.float32, ["N", 4, 3])
+        w = gs.Constant("W", np.ones((3, 5), np.float32))
+        b = gs.Constant("b", np.ones(5, np.float32))
+        m = gs.Variable("m", np.float32, ["N", 4, 5])
+        y = gs.Variable("y", np.float32, ["N", 4, 5])
+        gs.Node("MatMul", inputs=[x, w], outputs=[m])
+        gs.Node("Add", inputs=[b, m] if bias_first else [m, b], outputs=[y])
+        assert channel_axis(y, 3) == 2
