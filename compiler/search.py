@@ -102,8 +102,12 @@ def candidates(target_T: int, has_cap: bool) -> list[Recipe]:
     (MobileNetV2: README "Accuracy"), LTB channel-wise is best on the shallow ones at small T.
     Large T: thresholds that do not clip (max-norm, a high percentile) let the error keep
     falling, where LTB's clipping leaves a floor (benchmarks/results/old_exports.md).
-    Recipes that drop the ReLU6 cap come last and only when the model has a cap; a capped
-    (mobile) network starts with percentile thresholds, the recipe measured on MobileNetV2.
+    Recipes that drop the ReLU6 cap come last and only when the model has a cap. A capped
+    (mobile) network at T < 128 starts with percentile thresholds, signed neurons, bursts of 4
+    and resolution 2 (thresholds θ/2, up to 8 spikes of θ/2 per step: the ceiling min(4θ, cap),
+    the rounding error of T = 128 at T = 64), measured on EfficientNet-Lite1 with calibration and
+    evaluation crops from different photos (README "The recipe chosen from the data"), then
+    with bursts of 2, the recipe measured on MobileNetV2.
     """
     ltb, pct, mx, layer = ("ltb", "channel"), ("percentile", "channel"), ("max", "channel"), ("ltb", "layer")
     s2, if_, s1 = ("signed", 2), ("if", 1), ("signed", 1)
@@ -115,6 +119,8 @@ def candidates(target_T: int, has_cap: bool) -> list[Recipe]:
         order = [(mx, s2), (pct, s2), (mx, if_), (ltb, s2), (pct, if_), (ltb, if_), (mx, s1), (pct, s1), (ltb, s1)]
     order += [(layer, s2), (layer, if_), (layer, s1)]
     recipes = [Recipe(c[0], c[1], n[0], n[1]) for c, n in order]
+    if has_cap and target_T < 128:
+        recipes.insert(0, Recipe(*pct, "signed", 4, resolution=2))
     if has_cap:
         recipes += [dataclasses.replace(r, keep_clip_cap=False) for r in recipes]
     return recipes
