@@ -149,10 +149,11 @@ def test_candidates_skip_what_cannot_differ_and_order_by_T() -> None:
     small, large = candidates(64, has_cap=False), candidates(256, has_cap=False)
     assert all(r.keep_clip_cap for r in small) and len(small) == len(set(small)) == 12
     capped = candidates(64, has_cap=True)
-    assert len(capped) == 26 and sum(not r.keep_clip_cap for r in capped) == 13
+    assert len(capped) == 28 and sum(not r.keep_clip_cap for r in capped) == 14
     assert small[0] == Recipe("ltb", "channel", "signed", 2)
     # measured on EfficientNet-Lite1, then the recipe measured on MobileNetV2
-    assert capped[:2] == [Recipe("percentile", "channel", "signed", 4, resolution=2),
+    assert capped[:3] == [Recipe("percentile", "layer", "signed", 4, resolution=2),
+                          Recipe("percentile", "channel", "signed", 4, resolution=2),
                           Recipe("percentile", "channel", "signed", 2)]
     assert len(candidates(128, has_cap=True)) == 24
     assert large[0] == Recipe("max", "channel", "signed", 2)
