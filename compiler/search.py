@@ -111,6 +111,7 @@ def candidates(target_T: int, has_cap: bool) -> list[Recipe]:
     "The recipe chosen from the data"); then bursts of 2, the recipe measured on MobileNetV2.
     """
     ltb, pct, mx, layer = ("ltb", "channel"), ("percentile", "channel"), ("max", "channel"), ("ltb", "layer")
+    pct_layer = ("percentile", "layer")
     s2, if_, s1 = ("signed", 2), ("if", 1), ("signed", 1)
     if target_T < 128:
         order = [(ltb, s2), (pct, s2), (ltb, if_), (mx, s2), (pct, if_), (ltb, s1), (pct, s1), (mx, if_), (mx, s1)]
@@ -121,7 +122,7 @@ def candidates(target_T: int, has_cap: bool) -> list[Recipe]:
     order += [(layer, s2), (layer, if_), (layer, s1)]
     recipes = [Recipe(c[0], c[1], n[0], n[1]) for c, n in order]
     if has_cap and target_T < 128:
-        recipes[:0] = [Recipe("percentile", "layer", "signed", 4, resolution=2), Recipe(*pct, "signed", 4, resolution=2)]
+        recipes[:0] = [Recipe(*c, "signed", 4, resolution=2) for c in (pct_layer, pct)]
     if has_cap:
         recipes += [dataclasses.replace(r, keep_clip_cap=False) for r in recipes]
     return recipes

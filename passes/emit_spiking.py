@@ -203,12 +203,17 @@ def _batch_dim(graph: gs.Graph):
     return "N"
 
 
-def site_thresholds(site: Site, cfg: CompileConfig) -> np.ndarray:
-    """The firing thresholds of a site's neurons, shaped to broadcast over ``[N, *shape]``: the
-    calibrated θ, divided by ``cfg.resolution`` at a ReLU site (a signed activation site's
-    symmetric neuron keeps θ)."""
+def _thresholds64(site: Site, cfg: CompileConfig) -> np.ndarray:
+    """The calibrated θ in float64, shaped to broadcast over ``[N, *shape]``, divided by
+    ``cfg.resolution`` at a ReLU site (a signed activation site's symmetric neuron keeps θ)."""
     theta = np.asarray(site.theta, np.float64).reshape(site.theta_shape(cfg.granularity))
-    return (theta if site.signed else theta / cfg.resolution).astype(np.float32)
+    return theta if site.signed else theta / cfg.resolution
+
+
+def site_thresholds(site: Site, cfg: CompileConfig) -> np.ndarray:
+    """The firing thresholds of a site's neurons as emitted (float32), shaped to broadcast over
+    ``[N, *shape]``: the calibrated θ, divided by ``cfg.resolution`` at a ReLU site."""
+    return _thresholds64(site, cfg).astype(np.float32)
 
 
 def _neuron_values(site: Site, cfg: CompileConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -258,7 +263,7 @@ def burst_limits(site: Site, cfg: CompileConfig) -> np.ndarray:
     (benchmarks/results/convergence_probe_mobilenet.md): without this limit the caps were the
     SNN's error floor at large T. With ``cfg.resolution`` N the thresholds are θ/N and the limit
     N·burst (at a kept cap: ⌊c·N/θ⌋, at most N·burst), so the most per step stays burst·θ."""
-    theta = site_thresholds(site, cfg).astype(np.float64)
+    theta = _thresholds64(site, cfg)
     most = float(spikes_per_step(cfg))
     limit = np.full(theta.shape, most)
     if site.cap is not None and cfg.keep_clip_cap:
@@ -378,7 +383,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
             extra = {"count_in": c_in.name, "count_out": c_out.name}
         with np.errstate(over="ignore", invalid="ignore"):  # checked for finiteness below
             folder.fold(spikes, values)
-        live = site.theta[site.theta > 0] / (1 if site.signed else cfg.resolution)
+        emitted = _thresholds64(site, cfg)
+        live = emitted[emitted > 0]
         neurons.append({
             "node": act.name, "op": act.op, "state_in": v_in.name, "state_out": v_out.name, "threshold": theta.name, **extra,
             "spikes": spikes.name, "shape": list(site.shape), "channel_axis": site.channel_axis,
