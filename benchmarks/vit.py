@@ -104,6 +104,17 @@ def ann2snn_part(Ts: list[int], options: list[str], limit: int, batch: int) -> l
                            "relative_error": float(np.abs(y - ann_out).mean() / np.abs(ann_out).mean()),
                            "max_abs_error": float(np.abs(y - ann_out).max()),
                            "seconds": seconds, "ann_passes": seconds / ann_s}
+            # the largest spike count one neuron emits in one step, by T (an untimed probed run)
+            probed = SpikingSession(snn, probes=session.spike_tensors)
+            most = np.zeros(max(Ts))
+
+            def track(t: int, values: dict[str, np.ndarray]) -> None:
+                most[t] = max([most[t]] + [float(np.abs(v).max()) for v in values.values()])
+
+            for i in range(0, len(x), batch):
+                probed.run_many({"input": x[i:i + batch]}, [max(Ts)], on_step=track)
+            for T in Ts:
+                by_T[T]["max_spikes_per_step"] = float(most[:T].max())
             row["by_T"] = by_T
             rows.append(row)
     return rows
@@ -157,6 +168,21 @@ def sj_part(Ts: list[int], limit: int, batch: int, calib_batches: int) -> dict[s
     from spikingjelly.activation_based.ann2snn.converter import ModuleConverter
 
     torch.set_num_threads(2)
+    # the largest spike count one STA encoder neuron emits in one step (its spikes are
+    # trunc(mem / θ) thresholds, unbounded): the spike magnitude ann2snn is compared at
+    from spikingjelly.activation_based.ann2snn.recipes import sta_transformer
+    encoder = sta_transformer._STASpikeEncoder
+    most = {"count": 0.0}
+    plain_step = encoder.single_step_functional_forward
+
+    def counting_step(self: nn.Module, inputs: tuple, states: tuple, **kwargs: object) -> tuple:
+        (spike,), new_states = plain_step(self, inputs, states, **kwargs)
+        theta = sta_transformer._broadcast_channel_vector(self.v_threshold, inputs[0], self.channel_dim)
+        theta = torch.clamp(theta, min=torch.finfo(theta.dtype).eps)
+        most["count"] = max(most["count"], float(torch.round(spike.abs() / theta).max()))
+        return (spike,), new_states
+
+    encoder.single_step_functional_forward = counting_step
 
     class MHABlock(nn.Module):
         """build_vit.Block with its attention as nn.MultiheadAttention (same weights)."""
@@ -245,6 +271,7 @@ def sj_part(Ts: list[int], limit: int, batch: int, calib_batches: int) -> dict[s
                 start = time.perf_counter()
                 snn = converter(make(T)).convert(form())
                 convert_s = time.perf_counter() - start
+                most["count"] = 0.0
                 y, seconds = simulate(snn, T, converter is ModuleConverter)
             except Exception as exc:  # recorded in the results, with its text
                 rec["error"] = f"{type(exc).__name__}: {exc}"
@@ -253,7 +280,8 @@ def sj_part(Ts: list[int], limit: int, batch: int, calib_batches: int) -> dict[s
             rec["by_T"][T] = {"accuracy": float((top == labels).mean()), "agreement": float((top == ann_top).mean()),
                               "relative_error": float(np.abs(y - ann_out).mean() / np.abs(ann_out).mean()),
                               "max_abs_error": float(np.abs(y - ann_out).max()), "seconds": seconds,
-                              "ann_passes": seconds / ann_s, "convert_s": convert_s}
+                              "ann_passes": seconds / ann_s, "convert_s": convert_s,
+                              **({"max_spikes_per_step": most["count"]} if most["count"] else {})}
         out["recipes"][name] = rec
     import spikingjelly
     out["versions"] = {"spikingjelly": getattr(spikingjelly, "__version__", "2.0.0"), "torch": torch.__version__}
@@ -261,6 +289,12 @@ def sj_part(Ts: list[int], limit: int, batch: int, calib_batches: int) -> dict[s
 
 
 # -- the report -----------------------------------------------------------------------------------
+
+def cell(c: dict[str, Any], T: int) -> str:
+    """accuracy (agreement) [time ÷ T ANN passes] ⟨largest spike count of a neuron in one step⟩."""
+    most = f" ⟨{c['max_spikes_per_step']:.0f}⟩" if "max_spikes_per_step" in c else ""
+    return f"{100 * c['accuracy']:.2f} ({100 * c['agreement']:.1f}) [{c['ann_passes'] / T:.2f}×]{most}"
+
 
 def render(ours: list[dict[str, Any]], sj: dict[str, Any] | None, Ts: list[int], limit: int, command: str,
            note: str = "") -> str:
@@ -270,7 +304,9 @@ def render(ours: list[dict[str, Any]], sj: dict[str, Any] | None, Ts: list[int],
                               "max error"]) + " |"
     lines = [f"`{command}`{note}", "", f"Fashion-MNIST test images 0..{limit - 1}. Cells: top-1 accuracy % "
              "(agreement with the ANN %) [simulation time ÷ the time of T ANN passes in the same runtime, same "
-             f"images and batch]; last column: largest |SNN − ANN| logit at T = {Ts[-1]}.", "", head,
+             "images and batch] ⟨the largest spike count one neuron emitted in one step, up to T: ann2snn's "
+             "neurons, SpikingJelly STA's spike encoders⟩; last column: largest |SNN − ANN| logit at "
+             f"T = {Ts[-1]}.", "", head,
              "|" + "---|" * (7 + len(Ts))]
     for r in ours:
         if "error" in r:
@@ -279,8 +315,7 @@ def render(ours: list[dict[str, Any]], sj: dict[str, Any] | None, Ts: list[int],
         m = r["macs"]
         tot = max(m.get("total", 0), 1)
         share = " / ".join(f"{100 * m.get(k, 0) / tot:.0f}" for k in ("spiking", "prefix", "tail", "compensated"))
-        cells = [f"{100 * c['accuracy']:.2f} ({100 * c['agreement']:.1f}) [{c['ann_passes'] / T:.2f}×]"
-                 for T, c in ((T, r["by_T"][T]) for T in Ts)]
+        cells = [cell(c, T) for T, c in ((T, r["by_T"][T]) for T in Ts)]
         lines.append(f"| ann2snn `{r['options'] or '(defaults)'}` | {r['exporter']} | {r['neuron_layers']} | "
                      f"{r['compensated']} | {share} | {100 * r['ann_accuracy']:.2f} | " + " | ".join(cells)
                      + f" | {r['by_T'][Ts[-1]]['max_abs_error']:.1e} |")
@@ -310,8 +345,7 @@ def render(ours: list[dict[str, Any]], sj: dict[str, Any] | None, Ts: list[int],
             cells = []
             for T in Ts:
                 c = rec["by_T"].get(T)
-                cells.append("-" if c is None else
-                             f"{100 * c['accuracy']:.2f} ({100 * c['agreement']:.1f}) [{c['ann_passes'] / T:.2f}×]")
+                cells.append("-" if c is None else cell(c, T))
             last = rec["by_T"].get(Ts[-1])
             lines.append(f"| SpikingJelly {name} | torch | - | - | - | {100 * sj['ann_accuracy']:.2f} | "
                          + " | ".join(cells) + f" | {'-' if last is None or 'max_abs_error' not in last else format(last['max_abs_error'], '.1e')} |")

@@ -63,11 +63,14 @@ class CompileConfig:
         spike when the membrane falls below 0, so that every neuron's spike count tracks its
         rounded cumulative input at every step; much faster convergence on deep networks
         (MobileNetV2), one more state per neuron and a few more elementwise ops per step.
-    burst: with ``neuron='signed'``, the most spikes (or take-backs) a neuron may emit in one
-        step; 1 is the plain signed neuron, N > 1 emits integer-valued bursts so that a
-        step bringing more than θ does not leave the count behind.
-    resolution: with ``neuron='signed'``, each ReLU-site threshold θ is divided by this integer N
-        and the neuron may emit up to N·burst spikes of θ/N per step: the same most per step
+    burst: the most spikes (or take-backs) a neuron that can burst may emit in one step: the
+        signed neuron of a ReLU site (``neuron='signed'``) and the symmetric neuron of a signed
+        activation site or re-spiked compensated op (``SymmetricBurstIFNeuron``; with
+        ``neuron='if'`` only these burst, and a network without them refuses a burst above 1);
+        1 is the plain neuron, N > 1 emits integer-valued bursts so that a step bringing more
+        than θ does not leave the count behind.
+    resolution: each threshold θ of a neuron that can burst (as for ``burst``) is divided by
+        this integer N and the neuron may emit up to N·burst spikes of θ/N per step: the same most per step
         (burst·θ, and never above a kept ReLU6 cap), N times finer steps, so the rounding error
         of each neuron falls like θ/(N·T) instead of θ/T, at up to N times the spike count. The
         largest spike magnitude per step is N·burst (the cost report counts every spike).
@@ -178,14 +181,9 @@ class CompileConfig:
         if isinstance(self.burst, bool) or int(self.burst) != self.burst or self.burst < 1:
             raise ConfigError(f"burst is the most spikes per neuron and step, an integer >= 1, got {self.burst!r} "
                               "(--burst)")
-        if self.burst > 1 and self.neuron != "signed":
-            raise ConfigError(f"burst {self.burst} needs signed neurons: add --neuron signed (or use --burst 1)")
         if isinstance(self.resolution, bool) or int(self.resolution) != self.resolution or self.resolution < 1:
             raise ConfigError(f"resolution divides the thresholds, an integer >= 1, got {self.resolution!r} "
                               "(--resolution)")
-        if self.resolution > 1 and self.neuron != "signed":
-            raise ConfigError(f"resolution {self.resolution} needs signed neurons (bursts of up to resolution x burst "
-                              "spikes): add --neuron signed (or use --resolution 1)")
         if self.iters <= 0:
             raise ConfigError(f"iters must be a positive number of calibration batches, got {self.iters} (--iters)")
         if self.batch <= 0:

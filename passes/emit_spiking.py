@@ -33,8 +33,8 @@ from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
 from ann2snn.support import ACTIVATION_DOMAIN
 from ann2snn.runtime.reference import value_types
-from ann2snn.runtime.ops import (BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, IF_OP, SYMMETRIC_OP, neuron_function,
-                                 neuron_op)
+from ann2snn.runtime.ops import (BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, IF_OP, SYMMETRIC_BURST_OP, SYMMETRIC_OP,
+                                 neuron_function, neuron_op)
 from ann2snn.runtime.unitform import unit_form
 
 from ._compensation import emit_compensation
@@ -205,14 +205,15 @@ def _batch_dim(graph: gs.Graph):
 
 def _thresholds64(site: Site, cfg: CompileConfig) -> np.ndarray:
     """The calibrated θ in float64, shaped to broadcast over ``[N, *shape]``, divided by
-    ``cfg.resolution`` at a ReLU site (a signed activation site's symmetric neuron keeps θ)."""
+    ``cfg.resolution`` where the neuron can burst: a signed activation site's symmetric neuron,
+    or a ReLU site's with ``--neuron signed`` (an IF neuron keeps θ)."""
     theta = np.asarray(site.theta, np.float64).reshape(site.theta_shape(cfg.granularity))
-    return theta if site.signed else theta / cfg.resolution
+    return theta / cfg.resolution if site.signed or cfg.neuron == "signed" else theta
 
 
 def site_thresholds(site: Site, cfg: CompileConfig) -> np.ndarray:
     """The firing thresholds of a site's neurons as emitted (float32), shaped to broadcast over
-    ``[N, *shape]``: the calibrated θ, divided by ``cfg.resolution`` at a ReLU site."""
+    ``[N, *shape]``: the calibrated θ, divided by ``cfg.resolution`` where the neuron bursts."""
     return _thresholds64(site, cfg).astype(np.float32)
 
 
@@ -274,8 +275,15 @@ def burst_limits(site: Site, cfg: CompileConfig) -> np.ndarray:
 
 
 def spikes_per_step(cfg: CompileConfig) -> int:
-    """The most spikes a ReLU site's neuron may emit in one step: burst × resolution."""
+    """The most spikes a neuron may emit in one step: burst × resolution (a signed ReLU-site
+    neuron, or the symmetric neuron of a signed site; an IF neuron emits one)."""
     return cfg.burst * cfg.resolution
+
+
+def symmetric_op(cfg: CompileConfig) -> str:
+    """The neuron op of the signed activation sites and re-spiked compensated ops: the
+    symmetric neuron, with bursts when ``burst × resolution > 1``."""
+    return SYMMETRIC_BURST_OP if spikes_per_step(cfg) > 1 else SYMMETRIC_OP
 
 
 def _burst_input(site: Site, cfg: CompileConfig, shared: gs.Constant) -> gs.Constant:
@@ -350,6 +358,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     ec_functions, compensated = emit_compensation(graph, {**state.compensated, **site_ops}, batch, state.opset,
                                                   states, v_outs)
     op = neuron_op(cfg.neuron, spikes_per_step(cfg))
+    signed_op = symmetric_op(cfg)
     burst_const = gs.Constant("ann2snn/max_spikes_per_step", np.array(spikes_per_step(cfg), np.float32))
     for site in state.sites:
         if site.signed:
@@ -363,9 +372,9 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         v_in = gs.Variable(f"{site.node}/v", dtype=np.float32, shape=state_shape)
         v_out = gs.Variable(f"{site.node}/v_next", dtype=np.float32, shape=state_shape)
         theta = gs.Constant(f"{site.node}/threshold", thresholds)
-        act.op, act.domain, act.attrs = SYMMETRIC_OP if site.signed else op, DOMAIN, {}
+        act.op, act.domain, act.attrs = signed_op if site.signed else op, DOMAIN, {}
         act.name = f"{site.node}/IF"
-        act.inputs = [z, v_in, theta]
+        act.inputs = [z, v_in, theta] + ([burst_const] if act.op == SYMMETRIC_BURST_OP else [])
         act.outputs = [spikes, v_out]
         graph.inputs.append(v_in)
         v_outs.append(v_out)
@@ -406,7 +415,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     model = export(graph, state.opset, state.ir_version)
     model.functions.append(neuron_function(op, state.opset))
     if signed_neurons:
-        model.functions.append(neuron_function(SYMMETRIC_OP, state.opset))
+        model.functions.append(neuron_function(signed_op, state.opset))
     model.functions.extend(ec_functions)
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     # model-local activation functions (canonicalize_activations), also called from the tail

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ann2snn.errors import NodeProblem, UnsupportedModelError
+from ann2snn.errors import ConfigError, NodeProblem, UnsupportedModelError
 from ann2snn.macs import node_macs
 from ann2snn.state import PassState, Site
 from ann2snn.support import NEGATIVE_SLOPE, PREPOOL, compensable, role, spike_safe
@@ -290,7 +290,20 @@ def partition_graph(state: PassState) -> PassState:
                            and role(n.op, n.domain or "") == PREPOOL
                            and any(t.inputs and t.inputs[0].name in spiking for t in n.inputs)]
     log.info("%d neuron layer(s), %d tail node(s), boundary: %s", len(state.sites), len(state.tail), ", ".join(boundary))
+    _check_bursts(state)
     return state
+
+
+def _check_bursts(state: PassState) -> None:
+    """``--burst`` / ``--resolution`` above 1 need a neuron that can burst: signed ReLU-site
+    neurons (``--neuron signed``) or the symmetric neurons of signed sites. Refused before
+    calibration when the network has neither."""
+    cfg = state.config
+    if cfg.neuron == "signed" or cfg.burst * cfg.resolution == 1 or any(s.signed for s in state.sites):
+        return
+    flag = f"burst {cfg.burst} (--burst)" if cfg.burst > 1 else f"resolution {cfg.resolution} (--resolution)"
+    raise ConfigError(f"{flag} needs signed neurons, and this network has no signed activation site: add "
+                      "--neuron signed (bursts at its ReLU sites), or use --burst 1 --resolution 1")
 
 
 def _mac_share(graph: gs.Graph, neurons: set[str], spiking: set[str], analog: set[str],

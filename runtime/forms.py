@@ -35,7 +35,7 @@ from ann2snn.device import CPU_EP, open_session
 
 from .compensation import is_compensated
 from .kernels import COUNTING_KERNEL_OPS, KERNEL_DOMAIN
-from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS, SYMMETRIC_OP, UNIT_IF_OP
+from .ops import COUNTING_OPS, DOMAIN, IF_OP, NEURON_OPS, SYMMETRIC_OPS, UNIT_IF_OP
 from .reference import ai_onnx_opset, value_types
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class StepPlan:
                 raise _Refuse("a stateful node without a unique name")
             # the symmetric neuron (signed activation sites, re-spiked compensated ops) has the
             # IF neuron's signature: (current, v, threshold) -> (spikes, v_next)
-            single = (node.domain == DOMAIN and node.op_type in (IF_OP, UNIT_IF_OP, SYMMETRIC_OP)) \
+            single = (node.domain == DOMAIN and node.op_type in (IF_OP, UNIT_IF_OP, *SYMMETRIC_OPS)) \
                 or (node.domain == KERNEL_DOMAIN and node.op_type == "IFChunk")
             counting = (node.domain == DOMAIN and node.op_type in COUNTING_OPS) \
                 or (node.domain == KERNEL_DOMAIN and node.op_type in COUNTING_KERNEL_OPS)

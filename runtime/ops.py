@@ -24,6 +24,13 @@ expectation-compensated ops, docs/signed_activations.md): a spike of +1 when ``v
 per-step currents in [-θ, θ] the membrane stays in [0, θ), so its net count after t steps is
 ``round(Σ current / θ)`` for either sign: it stands for clip(x, -θ, θ), in steps of θ.
 
+``ann2snn::SymmetricBurstIFNeuron(current, v, threshold, max_spikes) -> (spikes, v_next)``
+(signed sites with ``--burst`` / ``--resolution``): the symmetric neuron allowed up to
+``max_spikes`` spikes of either sign per step: spikes = clip(floor(v' / θ), -N, N),
+``v_next = v' - θ·spikes``. With N = 1 it fires exactly when SymmetricIFNeuron does; with
+v(0) = θ/2 and per-step currents in [-Nθ, Nθ] its net count after t steps is
+``round(Σ current / θ)``.
+
 Because they are FunctionProtos inside the model, stock onnxruntime inlines and runs them; no
 compiled extension is needed.
 """
@@ -38,12 +45,15 @@ IF_OP = "IFNeuron"
 SIGNED_OP = "SignedIFNeuron"
 BURST_OP = "SignedBurstIFNeuron"
 SYMMETRIC_OP = "SymmetricIFNeuron"
+SYMMETRIC_BURST_OP = "SymmetricBurstIFNeuron"
+#: the neurons of signed activation sites and re-spiked compensated ops (no count state)
+SYMMETRIC_OPS = (SYMMETRIC_OP, SYMMETRIC_BURST_OP)
 #: the ops whose second and third inputs are the membrane and the spike-count states
 COUNTING_OPS = (SIGNED_OP, BURST_OP)
 #: every neuron op of the domain
-NEURON_OPS = (IF_OP, *COUNTING_OPS, SYMMETRIC_OP)
+NEURON_OPS = (IF_OP, *COUNTING_OPS, *SYMMETRIC_OPS)
 #: the neuron ops whose spikes may be negative (the cost report counts |spikes|; NIR cannot say them)
-SIGNED_SPIKE_OPS = (*COUNTING_OPS, SYMMETRIC_OP)
+SIGNED_SPIKE_OPS = (*COUNTING_OPS, *SYMMETRIC_OPS)
 #: the threshold given to channels that never activated during calibration: they never fire
 DEAD_THRESHOLD = 1e30
 #: runtime-only: IFNeuron with its threshold folded into its input (membrane in units of θ);
@@ -139,6 +149,26 @@ def symmetric_if_neuron_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+def symmetric_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of SymmetricBurstIFNeuron for a model whose ai.onnx opset is ``opset`` (>= 13)."""
+    nodes = [
+        helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
+        helper.make_node("Div", ["v_charged", "threshold"], ["ratio"], name="in_thresholds"),
+        helper.make_node("Floor", ["ratio"], ["whole"], name="whole_thresholds"),
+        helper.make_node("Neg", ["max_spikes"], ["min_spikes"], name="min_spikes"),
+        helper.make_node("Max", ["whole", "min_spikes"], ["above_min"], name="burst_floor"),
+        helper.make_node("Min", ["above_min", "max_spikes"], ["spikes"], name="burst_cap"),
+        helper.make_node("Mul", ["spikes", "threshold"], ["discharge"], name="discharge"),
+        helper.make_node("Sub", ["v_charged", "discharge"], ["v_next"], name="reset_by_subtraction"),
+    ]
+    return helper.make_function(
+        DOMAIN, SYMMETRIC_BURST_OP, ["current", "v", "threshold", "max_spikes"], ["spikes", "v_next"], nodes,
+        [helper.make_opsetid("", opset)],
+        doc_string="Symmetric signed integrate-and-fire neuron with bursts: up to max_spikes spikes of either sign "
+                   "per step (the count may be negative).",
+    )
+
+
 def unit_if_neuron_function(opset: int) -> onnx.FunctionProto:
     """The FunctionProto of UnitIFNeuron(current, v) -> (spikes, v_next): IFNeuron with θ = 1,
     in three elementwise kernels (integrate, a HardSigmoid that is exactly the step v' >= 1,
@@ -165,7 +195,8 @@ def neuron_op(neuron: str, burst: int = 1) -> str:
 def neuron_function(op: str, opset: int) -> onnx.FunctionProto:
     """The FunctionProto of the neuron op ``op`` for a model whose ai.onnx opset is ``opset``."""
     return {IF_OP: if_neuron_function, SIGNED_OP: signed_if_neuron_function,
-            BURST_OP: signed_burst_if_neuron_function, SYMMETRIC_OP: symmetric_if_neuron_function}[op](opset)
+            BURST_OP: signed_burst_if_neuron_function, SYMMETRIC_OP: symmetric_if_neuron_function,
+            SYMMETRIC_BURST_OP: symmetric_burst_if_neuron_function}[op](opset)
 
 
 def if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -198,4 +229,14 @@ def symmetric_if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold:
     """numpy reference of one SymmetricIFNeuron step: (spikes, v_next)."""
     charged = (v + current).astype(np.float32)
     spikes = (charged >= threshold).astype(np.float32) - (charged < 0).astype(np.float32)
+    return spikes, (charged - spikes * threshold).astype(np.float32)
+
+
+def symmetric_burst_if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold: np.ndarray, max_spikes: float
+                                        ) -> tuple[np.ndarray, np.ndarray]:
+    """numpy reference of one SymmetricBurstIFNeuron step: (spikes, v_next)."""
+    charged = (v + current).astype(np.float32)
+    whole = np.floor((charged / threshold).astype(np.float32))
+    m = np.float32(max_spikes)
+    spikes = np.minimum(np.maximum(whole, -m), m).astype(np.float32)
     return spikes, (charged - spikes * threshold).astype(np.float32)

@@ -404,8 +404,9 @@ def test_resolution_divides_thresholds_and_keeps_the_capped_ceiling() -> None:
 
 
 def test_resolution_needs_signed_neurons_and_an_integer() -> None:
+    # a network with IF neurons only cannot burst (signed sites can: tests/test_signed_activations.py)
     with pytest.raises(ann2snn.ConfigError, match="--neuron signed"):
-        ann2snn.CompileConfig(resolution=2)
+        ann2snn.compile(DIGITS, DIGITS_CALIB, resolution=2)
     with pytest.raises(ann2snn.ConfigError, match="--resolution"):
         ann2snn.CompileConfig(neuron="signed", resolution=0)
     assert Recipe("percentile", "channel", "signed", 2, resolution=2).label == \

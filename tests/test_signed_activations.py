@@ -15,8 +15,9 @@ import ann2snn
 from ann2snn.analysis.inspection import inspect_model
 from ann2snn.errors import ConfigError
 from ann2snn.runtime import SpikingSession
-from ann2snn.runtime.ops import (IF_OP, SYMMETRIC_OP, UNIT_IF_OP, symmetric_if_neuron_function,
-                                 symmetric_if_neuron_reference)
+from ann2snn.runtime.ops import (IF_OP, SYMMETRIC_BURST_OP, SYMMETRIC_OP, UNIT_IF_OP,
+                                 symmetric_burst_if_neuron_function, symmetric_burst_if_neuron_reference,
+                                 symmetric_if_neuron_function, symmetric_if_neuron_reference)
 from ann2snn.runtime.reference import model_metadata, reference_run
 from conftest import build, neuron_op_model, run_ort
 
@@ -94,6 +95,48 @@ def test_symmetric_count_tracks_the_rounded_cumulative_input(xs: list[float], th
             assert count == np.floor(ideal)
 
 
+def test_symmetric_burst_op_matches_its_reference() -> None:
+    model = neuron_op_model(symmetric_burst_if_neuron_function(17), {n: [7] for n in ("i", "v", "th", "m")},
+                            ["s", "v2"], [7])
+    rng = np.random.default_rng(0)
+    feeds = {"i": rng.uniform(-4, 4, 7).astype(np.float32), "v": rng.uniform(0, 0.5, 7).astype(np.float32),
+             "th": np.full(7, 0.5, np.float32), "m": np.full(7, 3, np.float32)}
+    got = run_ort(model, feeds)
+    want = symmetric_burst_if_neuron_reference(feeds["i"], feeds["v"], feeds["th"], 3)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert np.abs(got[0]).max() == 3 and got[0].min() < -1  # bursts of either sign, capped at 3
+
+
+def test_symmetric_burst_of_one_fires_like_the_symmetric_neuron() -> None:
+    rng = np.random.default_rng(1)
+    th = np.full(64, 0.75, np.float32)
+    v1 = v2 = np.full(64, 0.375, np.float32)
+    for _ in range(30):
+        cur = rng.uniform(-0.75, 0.75, 64).astype(np.float32)
+        s1, v1 = symmetric_if_neuron_reference(cur, v1, th)
+        s2, v2 = symmetric_burst_if_neuron_reference(cur, v2, th, 1)
+        np.testing.assert_array_equal(s1, s2)
+
+
+@settings(max_examples=80, deadline=None)
+@given(xs=st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=60), theta=st.floats(0.25, 2.0),
+       most=st.integers(1, 8))
+def test_symmetric_burst_count_tracks_the_rounded_cumulative_input(xs: list[float], theta: float, most: int) -> None:
+    """With |current| <= N·θ the count of the burst neuron is round(Σ current / θ) at every step."""
+    th = np.float32(theta)
+    v, count, total = np.float32(theta / 2), 0.0, 0.0
+    for x in xs:
+        cur = np.float32(x * theta * most)
+        total += float(cur)
+        s, v = symmetric_burst_if_neuron_reference(cur, v, th, most)
+        assert abs(float(s)) <= most
+        count += float(s)
+        ideal = total / float(th) + 0.5
+        if abs(ideal - round(ideal)) > 1e-3:
+            assert count == np.floor(ideal)
+
+
 # -- sites in the compiler ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("act", list(ACTS))
@@ -138,14 +181,18 @@ def test_runtime_forms_agree_with_the_reference(form: str) -> None:
             assert np.all(ths[n.input[2]] == 1)
         elif n.op_type == SYMMETRIC_OP:
             assert not np.all(ths[n.input[2]] == 1)
-    x = data(3, 2)
+    assert_forms_match_reference(snn, data(3, 2)["x"], 11)
+    assert SpikingSession(snn).run({"x": data(1, 2)["x"]}, T=11)["y"].shape == (1, 3)
+
+
+def assert_forms_match_reference(snn: onnx.ModelProto, x: np.ndarray, T: int) -> None:
+    """The step and layered forms equal the reference run, at batch 3 and 1."""
     for batch in (3, 1):
-        feed = {"x": x["x"][:batch]}
-        ref = reference_run(snn, feed, 11)
+        feed = {"x": x[:batch]}
+        ref = reference_run(snn, feed, T)
         for mode in ("step", "layered"):
-            got = SpikingSession(snn, mode=mode, guard=False).run(feed, T=11)
+            got = SpikingSession(snn, mode=mode, guard=False).run(feed, T=T)
             np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-5, atol=1e-6)
-    assert SpikingSession(snn).run(feed, T=11)["y"].shape == (1, 3)
 
 
 def test_unit_ops_leave_the_symmetric_neuron_alone() -> None:
@@ -248,3 +295,44 @@ def test_channel_axis_looks_past_a_constant_first_bias() -> None:
         gs.Node("MatMul", inputs=[x, w], outputs=[m])
         gs.Node("Add", inputs=[b, m] if bias_first else [m, b], outputs=[y])
         assert channel_axis(y, 3) == 2
+
+
+def test_resolution_at_signed_sites() -> None:
+    """--resolution N at a signed site: the symmetric neuron bursts (up to N spikes of θ/N per
+    step) with the calibrated thresholds divided by N, and every runtime form equals the
+    reference; IF neurons at the ReLU sites keep their θ. With signed neurons at the ReLU sites
+    too, the error at small T falls."""
+    ann = net("Gelu")
+    plain = ann2snn.compile(ann, data(256, 0), signed_sites="output", method="max")
+    fine = ann2snn.compile(ann, data(256, 0), signed_sites="output", method="max", resolution=4)
+    meta_p, meta_f = model_metadata(plain), model_metadata(fine)
+    site_p = [n for n in meta_p["neurons"] if n.get("site")][0]
+    site_f = [n for n in meta_f["neurons"] if n.get("site")][0]
+    assert site_p["op"] == SYMMETRIC_OP and site_f["op"] == SYMMETRIC_BURST_OP
+    np.testing.assert_allclose(site_f["theta_max"], site_p["theta_max"] / 4, rtol=1e-6)
+    relu_p = [n for n in meta_p["neurons"] if not n.get("site")]
+    relu_f = [n for n in meta_f["neurons"] if not n.get("site")]
+    assert [n["op"] for n in relu_f] == [IF_OP, IF_OP] and [n["theta_max"] for n in relu_f] == [
+        n["theta_max"] for n in relu_p]
+    limits = [onnx.numpy_helper.to_array(i) for i in fine.graph.initializer if i.name == "ann2snn/max_spikes_per_step"]
+    assert len(limits) == 1 and float(limits[0]) == 4
+    x = data(64, 1)
+    assert_forms_match_reference(fine, x["x"], 9)
+    signed = ann2snn.compile(ann, data(256, 0), signed_sites="output", method="max", neuron="signed")
+    signed_fine = ann2snn.compile(ann, data(256, 0), signed_sites="output", method="max", neuron="signed",
+                                  resolution=4)
+    e_p, e_f = rel_error(signed, ann, x, [4, 8]), rel_error(signed_fine, ann, x, [4, 8])
+    assert e_f[4][0] < 0.6 * e_p[4][0] and e_f[8][0] < 0.6 * e_p[8][0], (e_p, e_f)
+
+
+def test_bursts_need_a_neuron_that_can_burst() -> None:
+    """--burst / --resolution with IF neurons only is refused before calibration, naming the fix;
+    with a signed site and IF neurons at the ReLU sites it is accepted (the site bursts)."""
+    relu_only = build(NET.replace("ACT", "a1 = Relu (c1)"), {
+        "W0": np.ones((4, 2, 3, 3)), "b0": np.zeros(4), "W1": np.ones((4, 4, 3, 3)), "b1": np.zeros(4),
+        "W2": np.ones((8, 144)), "b2": np.zeros(8), "W3": np.ones((3, 8)), "b3": np.zeros(3)})
+    for options in ({"burst": 2}, {"resolution": 3}):
+        with pytest.raises(ConfigError, match="--neuron signed"):
+            ann2snn.compile(relu_only, data(16, 0), **options)
+    meta = model_metadata(ann2snn.compile(net("LeakyRelu"), data(64, 0), iters=5, burst=2))
+    assert [n["op"] for n in meta["neurons"]] == [IF_OP, SYMMETRIC_BURST_OP, IF_OP]

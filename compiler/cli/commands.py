@@ -45,10 +45,11 @@ from .options import (ALLOW_NONFINITE_OPTION, CUDA_GRAPH_OPTION, DEVICE_OPTION, 
               help="Neuron model: integrate-and-fire with 0/1 spikes (if), or with signed spikes that take back early "
                    "spikes (signed: converges much faster on deep networks).")
 @click.option("--burst", type=int, default=CompileConfig.burst, show_default=True,
-              help="With --neuron signed: the most spikes (or take-backs) a neuron may emit in one step.")
+              help="The most spikes (or take-backs) a neuron may emit in one step: the signed neurons of ReLU sites "
+                   "(--neuron signed) and the symmetric neurons of signed sites and re-spiked ops.")
 @click.option("--resolution", type=int, default=CompileConfig.resolution, show_default=True,
-              help="With --neuron signed: divide each threshold by N and allow N times the burst per step: the same "
-                   "ceiling, N times finer steps (error ~ 1/(N T)), up to N times the spikes.")
+              help="Divide each threshold of a neuron that can burst (as for --burst) by N and allow N times the burst "
+                   "per step: the same ceiling, N times finer steps (error ~ 1/(N T)), up to N times the spikes.")
 @click.option("--nonlinear", type=click.Choice(NONLINEAR_MODES), default=CompileConfig.nonlinear, show_default=True,
               help="Nonlinear ops on a time-varying signal (Softmax, LayerNorm, GELU, attention products): end the "
                    "spiking part and run in the analog tail, or stay in the step graph by expectation compensation.")

@@ -34,7 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from ann2snn.runtime.compensation import is_compensated
-from ann2snn.runtime.ops import DOMAIN, IF_OP, SIGNED_SPIKE_OPS, SYMMETRIC_OP
+from ann2snn.runtime.ops import DOMAIN, IF_OP, SIGNED_SPIKE_OPS, SYMMETRIC_OPS
 
 from ..errors import NodeProblem, PassError, UnsupportedModelError
 from ..version import __version__
@@ -81,7 +81,7 @@ class _Exporter(NirBuilder):
                              "after it then run in the analog tail) to export it to NIR")
                 broken.update(node.output)
                 continue
-            if node.domain == DOMAIN and node.op_type == SYMMETRIC_OP:
+            if node.domain == DOMAIN and node.op_type in SYMMETRIC_OPS:
                 self.problem(node, "is the symmetric signed-spike neuron of a signed activation site or of a "
                              "re-spiked compensated op, which NIR cannot express (its IF neuron fires 0/1 spikes only)",
                              "re-compile the model with '--signed-sites off --nonlinear analog' (the activation and "
