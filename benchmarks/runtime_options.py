@@ -35,8 +35,8 @@ DATA = {"mnist_cnn": ("mnist_calib", "mnist_test"), "fashion_vgg": ("fashion_cal
         **{f"fashion_{a}": ("fashion_calib", "fashion_test") for a in ("vit", "gelu", "silu", "lrelu", "hswish")}}
 #: ``--forms``: the compile options of each model (the others: signed sites on the activations' outputs)
 FORM_OPTIONS = {"fashion_vit": {"nonlinear": "compensate", "signed_sites": "output"}}
-#: ``--forms``: (label, SpikingSession mode)
-FORM_CONFIGS = [("SNN step", "step"), ("SNN layered", "layered")]
+#: ``--forms``: (label, SpikingSession mode; None: the ANN, T passes)
+FORM_CONFIGS = [("ANN", None), ("SNN step", "step"), ("SNN layered", "layered")]
 #: (label, what, unit thresholds, spinning, NCHWc layout)
 CONFIGS = [("ANN, spinning", "ann", None, True, True), ("ANN, not spinning", "ann", None, False, True),
            ("SNN compiled neurons, spinning", "snn", False, True, True),
@@ -123,9 +123,9 @@ def forms(args: argparse.Namespace, tmp: Path) -> list[str]:
     from ann2snn.runtime import SpikingSession
 
     lines = ["| model | compile options | B | T | " + " | ".join(f"{c[0]} (ms/step)" for c in FORM_CONFIGS)
-             + " | layered / step | auto picks |", "|---|---|---|---|" + "---|" * (len(FORM_CONFIGS) + 2)]
+             + " | layered / step | auto picks | auto ÷ ANN pass |", "|---|---|---|---|" + "---|" * (len(FORM_CONFIGS) + 3)]
     for model in args.models.split(","):
-        options = FORM_OPTIONS.get(model, {"signed_sites": "output"})
+        options = {**FORM_OPTIONS.get(model, {"signed_sites": "output"}), **_extra_options(args.extra)}
         with np.load(MODELS / "data" / f"{DATA[model][0]}.npz") as z:
             calib = z["input"][:args.calib_images]
         snn_path = tmp / f"{model}.snn.onnx"
@@ -135,18 +135,30 @@ def forms(args: argparse.Namespace, tmp: Path) -> list[str]:
             got: dict[str, list[float]] = {c[0]: [] for c in FORM_CONFIGS}
             for _ in range(args.rounds):
                 for label, mode in FORM_CONFIGS:
-                    got[label].append(_child({"model": model, "batch": batch, "T": args.T, "what": "snn", "unit": True,
+                    got[label].append(_child({"model": model, "batch": batch, "T": args.T,
+                                              "what": "ann" if mode is None else "snn", "unit": True,
                                               "spin": False, "nchwc": True, "repeats": args.repeats,
                                               "threads": args.threads, "snn": str(snn_path), "mode": mode}))
             med = {k: float(np.median(v)) for k, v in got.items()}
             auto = SpikingSession(snn_path, threads=args.threads)
             picks = auto.choose_form(batch, args.T)
+            chosen = med["SNN layered"] if picks[0] == "layered" else med["SNN step"]
             flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
             lines.append(f"| {model} | {flags} | {batch} | {args.T} | "
                          + " | ".join(f"{med[c[0]]:.3f}" for c in FORM_CONFIGS)
-                         + f" | {med['SNN layered'] / med['SNN step']:.2f} | {_describe_form(picks)} |")
+                         + f" | {med['SNN layered'] / med['SNN step']:.2f} | {_describe_form(picks)} | "
+                         f"{chosen / med['ANN']:.2f} |")
             print(lines[-1], file=sys.stderr, flush=True)
     return lines
+
+
+def _extra_options(pairs: list[str]) -> dict[str, object]:
+    """``--extra key=value`` compile options (integers where they parse as one)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        out[key.replace("-", "_")] = int(value) if value.lstrip("-").isdigit() else value
+    return out
 
 
 def _describe_form(form: tuple[str, int | None]) -> str:
@@ -169,6 +181,8 @@ def main() -> None:
     ap.add_argument("--forms", action="store_true", help="time the step and layered forms instead (see above)")
     ap.add_argument("--iters", type=int, default=50, help="--forms: LTB iterations of the compile")
     ap.add_argument("--calib-images", type=int, default=1000, help="--forms: calibration images")
+    ap.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="--forms: a compile option added to every model's (e.g. resolution=8); repeatable")
     ap.add_argument("--md", type=Path, default=None, help="also write the table, the command on top, here")
     args = ap.parse_args()
     configs = CONFIGS + (LAYOUT_CONFIGS if args.layouts else [])

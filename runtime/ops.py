@@ -20,7 +20,8 @@ clip(floor(v' / θ), max(-count, -N), N). It does not fall behind when one step 
 ``ann2snn::SymmetricIFNeuron(current, v, threshold) -> (spikes, v_next)``: the neuron of the
 signed activation sites (LeakyReLU, PReLU, SiLU, GELU, HardSwish and the outputs of
 expectation-compensated ops, docs/signed_activations.md): a spike of +1 when ``v' >= θ`` and of
--1 when ``v' < 0``, whatever its count, and ``v_next = v' - θ·spikes``. With v(0) = θ/2 and
+-1 when ``v' < 0``, whatever its count (computed as clip(floor(v' / θ), -1, 1)), and
+``v_next = v' - θ·spikes``. With v(0) = θ/2 and
 per-step currents in [-θ, θ] the membrane stays in [0, θ), so its net count after t steps is
 ``round(Σ current / θ)`` for either sign: it stands for clip(x, -θ, θ), in steps of θ.
 
@@ -129,15 +130,19 @@ def signed_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
 
 
 def symmetric_if_neuron_function(opset: int) -> onnx.FunctionProto:
-    """The FunctionProto of SymmetricIFNeuron for a model whose ai.onnx opset is ``opset`` (>= 13)."""
+    """The FunctionProto of SymmetricIFNeuron for a model whose ai.onnx opset is ``opset`` (>= 13).
+
+    spikes = clip(floor(v' / θ), -1, 1), which is [v' >= θ] - [v' < 0]: six element-wise kernels
+    where the two comparisons, two casts and their difference took eight (issue 16's simulation
+    time: these neurons sit after every compensated op of a transformer)."""
     nodes = [
-        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])),
+        helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])),
+        helper.make_node("Constant", [], ["minus_one"],
+                         value=helper.make_tensor("minus_one", TensorProto.FLOAT, [], [-1.0])),
         helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
-        helper.make_node("GreaterOrEqual", ["v_charged", "threshold"], ["fire"], name="compare"),
-        helper.make_node("Less", ["v_charged", "zero"], ["below"], name="below_zero"),
-        helper.make_node("Cast", ["fire"], ["up"], to=TensorProto.FLOAT, name="to_up"),
-        helper.make_node("Cast", ["below"], ["down"], to=TensorProto.FLOAT, name="to_down"),
-        helper.make_node("Sub", ["up", "down"], ["spikes"], name="signed_spikes"),
+        helper.make_node("Div", ["v_charged", "threshold"], ["ratio"], name="in_thresholds"),
+        helper.make_node("Floor", ["ratio"], ["whole"], name="whole_thresholds"),
+        helper.make_node("Clip", ["whole", "minus_one", "one"], ["spikes"], name="signed_spikes"),
         helper.make_node("Mul", ["spikes", "threshold"], ["discharge"], name="discharge"),
         helper.make_node("Sub", ["v_charged", "discharge"], ["v_next"], name="reset_by_subtraction"),
     ]
@@ -150,14 +155,14 @@ def symmetric_if_neuron_function(opset: int) -> onnx.FunctionProto:
 
 
 def symmetric_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
-    """The FunctionProto of SymmetricBurstIFNeuron for a model whose ai.onnx opset is ``opset`` (>= 13)."""
+    """The FunctionProto of SymmetricBurstIFNeuron for a model whose ai.onnx opset is ``opset``
+    (>= 13); ``max_spikes`` is a scalar (Clip's bounds)."""
     nodes = [
         helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
         helper.make_node("Div", ["v_charged", "threshold"], ["ratio"], name="in_thresholds"),
         helper.make_node("Floor", ["ratio"], ["whole"], name="whole_thresholds"),
         helper.make_node("Neg", ["max_spikes"], ["min_spikes"], name="min_spikes"),
-        helper.make_node("Max", ["whole", "min_spikes"], ["above_min"], name="burst_floor"),
-        helper.make_node("Min", ["above_min", "max_spikes"], ["spikes"], name="burst_cap"),
+        helper.make_node("Clip", ["whole", "min_spikes", "max_spikes"], ["spikes"], name="burst"),
         helper.make_node("Mul", ["spikes", "threshold"], ["discharge"], name="discharge"),
         helper.make_node("Sub", ["v_charged", "discharge"], ["v_next"], name="reset_by_subtraction"),
     ]
@@ -227,9 +232,7 @@ def signed_burst_if_neuron_reference(current: np.ndarray, v: np.ndarray, count: 
 def symmetric_if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold: np.ndarray
                                   ) -> tuple[np.ndarray, np.ndarray]:
     """numpy reference of one SymmetricIFNeuron step: (spikes, v_next)."""
-    charged = (v + current).astype(np.float32)
-    spikes = (charged >= threshold).astype(np.float32) - (charged < 0).astype(np.float32)
-    return spikes, (charged - spikes * threshold).astype(np.float32)
+    return symmetric_burst_if_neuron_reference(current, v, threshold, 1.0)
 
 
 def symmetric_burst_if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold: np.ndarray, max_spikes: float

@@ -96,11 +96,11 @@ def test_symmetric_count_tracks_the_rounded_cumulative_input(xs: list[float], th
 
 
 def test_symmetric_burst_op_matches_its_reference() -> None:
-    model = neuron_op_model(symmetric_burst_if_neuron_function(17), {n: [7] for n in ("i", "v", "th", "m")},
+    model = neuron_op_model(symmetric_burst_if_neuron_function(17), {"i": [7], "v": [7], "th": [7], "m": []},
                             ["s", "v2"], [7])
     rng = np.random.default_rng(0)
     feeds = {"i": rng.uniform(-4, 4, 7).astype(np.float32), "v": rng.uniform(0, 0.5, 7).astype(np.float32),
-             "th": np.full(7, 0.5, np.float32), "m": np.full(7, 3, np.float32)}
+             "th": np.full(7, 0.5, np.float32), "m": np.array(3, np.float32)}
     got = run_ort(model, feeds)
     want = symmetric_burst_if_neuron_reference(feeds["i"], feeds["v"], feeds["th"], 3)
     for g, w in zip(got, want):
@@ -108,15 +108,25 @@ def test_symmetric_burst_op_matches_its_reference() -> None:
     assert np.abs(got[0]).max() == 3 and got[0].min() < -1  # bursts of either sign, capped at 3
 
 
-def test_symmetric_burst_of_one_fires_like_the_symmetric_neuron() -> None:
+def test_symmetric_neurons_fire_as_the_two_comparisons() -> None:
+    """clip(floor(v'/θ), -1, 1) (SymmetricIFNeuron, and the burst neuron with N = 1, in ONNX) is
+    [v' >= θ] - [v' < 0] away from float ties, on random walks that cross both bounds."""
+    plain = neuron_op_model(symmetric_if_neuron_function(17), {n: [64] for n in ("i", "v", "th")}, ["s", "v2"], [64])
+    burst = neuron_op_model(symmetric_burst_if_neuron_function(17), {"i": [64], "v": [64], "th": [64], "m": []},
+                            ["s", "v2"], [64])
     rng = np.random.default_rng(1)
-    th = np.full(64, 0.75, np.float32)
-    v1 = v2 = np.full(64, 0.375, np.float32)
-    for _ in range(30):
-        cur = rng.uniform(-0.75, 0.75, 64).astype(np.float32)
-        s1, v1 = symmetric_if_neuron_reference(cur, v1, th)
-        s2, v2 = symmetric_burst_if_neuron_reference(cur, v2, th, 1)
-        np.testing.assert_array_equal(s1, s2)
+    th = rng.uniform(0.3, 1.5, 64).astype(np.float32)
+    v = (th / 2).astype(np.float32)
+    for _ in range(40):
+        cur = (rng.uniform(-1, 1, 64) * th).astype(np.float32)
+        charged = (v + cur).astype(np.float32)
+        want = (charged >= th).astype(np.float32) - (charged < 0).astype(np.float32)
+        s1, v1 = run_ort(plain, {"i": cur, "v": v, "th": th})
+        s2, v2 = run_ort(burst, {"i": cur, "v": v, "th": th, "m": np.array(1, np.float32)})
+        np.testing.assert_array_equal(s1, want)
+        np.testing.assert_array_equal(s2, want)
+        np.testing.assert_array_equal(v1, v2)
+        v = v1
 
 
 @settings(max_examples=80, deadline=None)
