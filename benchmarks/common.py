@@ -38,6 +38,14 @@ def T_header(first: Sequence[str], Ts: Sequence[int], last: Sequence[str] = ()) 
     return [md_row(cells), md_rule(len(cells))]
 
 
+def mac_share_cell(pct: dict[str, float], keys: Sequence[str], sep: str = " / ") -> str:
+    """Shares (%) of a compiled model's MACs (metadata ``macs`` in percent) in the order ``keys``,
+    with the share of the weighted ops that read another weighted op's current (``analog_current``,
+    absent from models compiled before it was counted apart) appended where there is one."""
+    cell = sep.join(f"{pct.get(k, 0):.0f}" for k in keys)
+    return cell + (f" (+ {pct['analog_current']:.0f} on currents)" if pct.get("analog_current") else "")
+
+
 def write_results(text: str, md: Path | None, json_path: Path | None, payload: dict[str, Any]) -> None:
     """Print ``text``; write it to ``md`` and ``payload`` (which holds the command) to ``json_path``."""
     print(text)

@@ -23,20 +23,21 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from common import ROOT, command_line, md_row, md_rule, write_results
+from common import ROOT, command_line, mac_share_cell, md_row, md_rule, write_results
 from exporter_matrix import load_matrix
 
 MODES = ("analog", "compensate")
 
 
 def shares(snn: Any) -> dict[str, float]:
-    """Shares (%) of the ANN's MACs per sample: on spikes, on compensated increments, prefix, tail."""
+    """Shares (%) of the ANN's MACs per sample: on spikes, on compensated increments, prefix, tail
+    and on another weighted op's current (0 for models compiled before that was counted apart)."""
     import json
 
     meta = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])
     m = meta["macs"]
     total = max(m.get("total", 0), 1)
-    return {k: 100.0 * m.get(k, 0) / total for k in ("spiking", "compensated", "prefix", "tail")}
+    return {k: 100.0 * m.get(k, 0) / total for k in ("spiking", "compensated", "prefix", "tail", "analog_current")}
 
 
 def measure(path: Path, calib: dict[str, np.ndarray], test: dict[str, np.ndarray], labels: np.ndarray | None,
@@ -129,7 +130,7 @@ def main() -> None:
              "Agreement: top-1 of the SNN equal to its ANN's, % of the test inputs (accuracy against the labels "
              "in brackets where there are labels). MACs: shares of the ANN's weighted work per sample on spikes / "
              "on the real-valued increments of compensated ops (dense MACs at every step) / in the time-constant "
-             "prefix / in the analog tail.", "",
+             "prefix / in the analog tail (+ on another weighted op's current, where a weighted op reads one).", "",
              md_row(["network", "ANN acc.", "mode", "MACs spikes / compensated / prefix / tail",
                      *(f"T={T}" for T in Ts), "rel. error T=" + str(Ts[-1])]),
              md_rule(5 + len(Ts))]
@@ -142,8 +143,8 @@ def main() -> None:
                 cells.append(f"{100 * row['agreement']:.1f}"
                              + (f" ({100 * row['accuracy']:.1f})" if row["accuracy"] is not None else ""))
             acc = "-" if r["ann_accuracy"] is None else f"{100 * r['ann_accuracy']:.1f}"
-            lines.append(md_row([name, acc, mode, f"{m['spiking']:.0f} / {m['compensated']:.0f} / {m['prefix']:.0f} / "
-                                 f"{m['tail']:.0f}", *cells, f"{r[mode]['by_T'][Ts[-1]]['relative_error']:.3f}"]))
+            lines.append(md_row([name, acc, mode, mac_share_cell(m, ("spiking", "compensated", "prefix", "tail")),
+                                 *cells, f"{r[mode]['by_T'][Ts[-1]]['relative_error']:.3f}"]))
     write_results("\n".join(lines), Path(args.out), None, {})
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from common import ROOT, T_header, command_line, md_row, write_results
+from common import ROOT, T_header, command_line, mac_share_cell, md_row, write_results
 from expectation_compensation import shares
 
 #: networks whose gates (SiLU, HardSwish) or LayerNorms (ConvNeXt) need compensation to stay spiking
@@ -106,7 +106,7 @@ def main() -> None:
                 results.append(r)
                 s = r["shares"]
                 row = md_row([f"{model} ({ann_acc:.1f})", form, method,
-                              "/".join(f"{s[k]:.0f}" for k in ("spiking", "compensated", "prefix", "tail")),
+                              mac_share_cell(s, ("spiking", "compensated", "prefix", "tail"), "/"),
                               *(f"{r['T'][T]['accuracy']:.1f}" for T in Ts),
                               *(f"{r['T'][T]['agreement']:.1f}" for T in Ts),
                               *(f"{r['T'][T]['error']:.3f}" for T in Ts),

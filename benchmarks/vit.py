@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import mac_share_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"legacy": ROOT / "models" / "fashion_vit.onnx", "dynamo": ROOT / "models" / "fashion_vit_dynamo.onnx"}
@@ -314,7 +315,7 @@ def render(ours: list[dict[str, Any]], sj: dict[str, Any] | None, Ts: list[int],
             continue
         m = r["macs"]
         tot = max(m.get("total", 0), 1)
-        share = " / ".join(f"{100 * m.get(k, 0) / tot:.0f}" for k in ("spiking", "prefix", "tail", "compensated"))
+        share = mac_share_cell({k: 100 * v / tot for k, v in m.items()}, ("spiking", "prefix", "tail", "compensated"))
         cells = [cell(c, T) for T, c in ((T, r["by_T"][T]) for T in Ts)]
         lines.append(f"| ann2snn `{r['options'] or '(defaults)'}` | {r['exporter']} | {r['neuron_layers']} | "
                      f"{r['compensated']} | {share} | {100 * r['ann_accuracy']:.2f} | " + " | ".join(cells)

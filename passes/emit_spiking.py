@@ -441,7 +441,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         "source_producer": state.producer,
         "readout": {"t0": int(state.metadata.get("t0", 0)), "min_window": 4},
         # MACs per sample of the source network by where they run: on spikes, in the
-        # time-constant prefix, in the analog tail (partition_graph)
+        # time-constant prefix, in the analog tail, on compensated increments, on another weighted
+        # op's current (partition_graph; the last two only where there are such ops)
         "macs": dict(state.metadata.get("macs", {})),
         "neuron_units": "threshold" if op == IF_OP and state.sites else "calibrated",
         "neurons": neurons,

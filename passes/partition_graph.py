@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ann2snn.errors import ConfigError, NodeProblem, UnsupportedModelError
-from ann2snn.macs import node_macs
+from ann2snn.macs import WEIGHTED, node_macs, step_signals
 from ann2snn.state import PassState, Site
 from ann2snn.support import NEGATIVE_SLOPE, PREPOOL, compensable, role, spike_safe
 
@@ -27,7 +27,6 @@ from ._graph import channel_axis, static_shape
 
 log = logging.getLogger(__name__)
 
-WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: ops that read only the shape of their input, never its values (tf2onnx's Tensordot reshapes)
 SHAPE_ONLY = ("Shape", "Size")
 
@@ -247,9 +246,11 @@ def partition_graph(state: PassState) -> PassState:
     analog_steps = set(state.compensated) | {s.node for s in state.sites if s.signed and s.node in neurons} \
         | {s.node for s in respiked}
     share = _mac_share(graph, spike_sources, spiking, set(tail), analog_steps)
+    seen, on_increments, on_currents = _step_readers(graph, spike_sources, spiking, set(tail), analog_steps)
     if analog_steps:  # for inspect: what reads a compensated op's real-valued increments
-        state.metadata["on_increments"] = sorted(spiking - neurons - analog_steps - _on_spikes(
-            graph, spike_sources, spiking, analog_steps))
+        state.metadata["on_increments"] = sorted((spiking - neurons - analog_steps - seen) | on_increments)
+    if on_currents:  # for inspect: the weighted ops that read another weighted op's current
+        state.metadata["on_currents"] = sorted(on_currents)
     state.metadata["macs"] = share
     if share["total"] and share["spiking"] < 0.5 * share["total"]:
         def named(ns: list[gs.Node]) -> str:
@@ -260,11 +261,13 @@ def partition_graph(state: PassState) -> PassState:
         where = (f"spiking starts at {named(first)}" if first else "no neuron forms") + \
             (f" and ends at {named(breaking)}" if breaking else "")
         log.warning("only %.1f%% of the network's weighted work (%d of %d MACs per sample) takes spikes as input: "
-                    "%s; the rest runs as the time-constant prefix (%.1f%%), the analog tail (%.1f%%) or on the "
-                    "real-valued increments of compensated ops (%.1f%%). `ann2snn inspect` shows each node's role",
+                    "%s; the rest runs as the time-constant prefix (%.1f%%), the analog tail (%.1f%%), on the "
+                    "real-valued increments of compensated ops (%.1f%%) or on the current of another weighted op "
+                    "(%.1f%%). `ann2snn inspect` shows each node's role",
                     100.0 * share["spiking"] / share["total"], share["spiking"], share["total"], where,
                     100.0 * share["prefix"] / share["total"], 100.0 * share["tail"] / share["total"],
-                    100.0 * share.get("compensated", 0) / share["total"])
+                    100.0 * share.get("compensated", 0) / share["total"],
+                    100.0 * share.get("analog_current", 0) / share["total"])
     order = {n.name: k for k, n in enumerate(graph.nodes)}
     state.sites = sorted([s for s in state.sites if s.node in neurons] + respiked, key=lambda s: order[s.node])
     state.spiking = [n.name for n in graph.nodes if n.name in spiking and n.name not in neurons]
@@ -309,25 +312,50 @@ def _check_bursts(state: PassState) -> None:
 def _mac_share(graph: gs.Graph, neurons: set[str], spiking: set[str], analog: set[str],
                compensated: set[str] | None = None) -> dict[str, int]:
     """MACs per sample of the weighted nodes that take spikes as input (downstream of a neuron
-    inside the spiking part, not behind a compensated op), of the time-constant prefix, of the
-    analog tail and, with ``compensated``, of the step graph's analog work: the compensated ops
-    and the weighted nodes behind them, which take real-valued increments, not spikes."""
-    seen = _on_spikes(graph, neurons, spiking, compensated or set())
-    total = spiking_macs = tail_macs = step_analog = 0
+    inside the spiking part, not behind a compensated op, not reading another weighted op's
+    current), of the time-constant prefix, of the analog tail and, with ``compensated``, of the
+    step graph's analog work on increments: the compensated ops and the weighted nodes behind
+    them, which take real-valued increments, not spikes. ``analog_current`` (present when not 0):
+    the weighted nodes that read the current of another weighted node with no neuron between
+    them (Conv -> Conv -> Relu), real values at every step; ``ann2snn report`` splits the same way."""
+    seen, on_increments, on_currents = _step_readers(graph, neurons, spiking, analog, compensated or set())
+    total = spiking_macs = tail_macs = step_analog = currents = 0
     for n in graph.nodes:
         m = node_macs(n)
         total += m
         if n.name in analog:
             tail_macs += m
+        elif n.name in on_increments:
+            step_analog += m
+        elif n.name in on_currents:
+            currents += m
         elif n.name in seen:
             spiking_macs += m
         elif compensated and n.name in spiking:
             step_analog += m  # time-varying but not on spikes: behind (or in) a compensated op
-    share = {"total": total, "spiking": spiking_macs, "prefix": total - spiking_macs - tail_macs - step_analog,
-             "tail": tail_macs}
+    share = {"total": total, "spiking": spiking_macs,
+             "prefix": total - spiking_macs - tail_macs - step_analog - currents, "tail": tail_macs}
     if compensated:
         share["compensated"] = step_analog
+    if currents:  # only then: models without such ops keep the keys (and bytes) they had
+        share["analog_current"] = currents
     return share
+
+
+def _step_readers(graph: gs.Graph, neurons: set[str], spiking: set[str], analog: set[str], compensated: set[str]
+                  ) -> tuple[set[str], set[str], set[str]]:
+    """(the spiking-part nodes downstream of a neuron, those of them that are weighted and read
+    real-valued increments, those that are weighted and read another weighted op's current):
+    ann2snn.macs.step_signals on the step graph (the nodes outside the tail ``analog``)."""
+    seen = _on_spikes(graph, neurons, spiking, compensated)
+    varying = {t.name for n in graph.nodes if n.name in spiking for t in n.outputs}
+    increments, currents = step_signals(
+        ((n.op, [t.name for t in n.inputs], [t.name for t in n.outputs],
+          "neuron" if n.name in neurons else "compensated" if n.name in compensated else "")
+         for n in graph.nodes if n.name not in analog), set(graph.tensors()) - varying)
+    weighted = {n.name: n.inputs[0].name for n in graph.nodes if n.name in seen and n.op in WEIGHTED}
+    on_increments = {k for k, x in weighted.items() if x in increments}
+    return seen, on_increments, {k for k, x in weighted.items() if x in currents and k not in on_increments}
 
 
 def _on_spikes(graph: gs.Graph, neurons: set[str], spiking: set[str], compensated: set[str]) -> set[str]:

@@ -563,6 +563,32 @@ def test_conv_reading_a_conv_gets_no_sops(spiking_first: bool) -> None:
     assert _layer_line(text, "fc")[3] != "-"  # it reads spikes
     if spiking_first:
         assert rows["conv1"]["from_spikes"] and _layer_line(text, "conv1")[3] != "-"
-        assert result["mac_share"]["analog_steps"] == dense and "on analog currents" in text
+        assert result["mac_share"]["analog_current"] == dense and "on analog currents" in text
     else:
         assert _layer_line(text, "conv1")[3] == "-"
+
+
+@pytest.mark.parametrize("spiking_first", [False, True], ids=["prefix", "after-spikes"])
+def test_compile_time_mac_share_matches_the_report(spiking_first: bool) -> None:
+    """The MAC share written into the compiled model (and shown by ``inspect``) splits the work
+    as the report does: behind spikes, the Conv that reads another Conv's current (no neuron
+    between them) is not on spikes but in its own share, ``analog_current``."""
+    from ann2snn.analysis.inspection import inspect_model
+
+    x = np.random.default_rng(1).uniform(0, 1, (32, 1, 4, 4)).astype(np.float32)
+    ann = _conv_conv_relu(spiking_first)
+    snn = ann2snn.compile(ann, {"x": x}, iters=4, batch=16)
+    meta = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])["macs"]
+    dense = 4 * 4 * 9 * 16  # conv2: out channels × in channels × taps × output positions
+    fc = 64 * 3
+    if spiking_first:
+        conv0, conv1 = 4 * 1 * 9 * 16, dense
+        assert meta == {"total": conv0 + conv1 + dense + fc, "spiking": conv1 + fc, "prefix": conv0, "tail": 0,
+                        "analog_current": dense}
+    else:  # both convolutions read the input: the time-constant prefix, nothing reads a current
+        assert meta == {"total": 4 * 9 * 16 + dense + fc, "spiking": fc, "prefix": 4 * 9 * 16 + dense, "tail": 0}
+    assert meta == report(snn, {"x": x[:4]}, [2])["mac_share"]
+    info = inspect_model(ann)
+    assert info["macs"] == meta
+    row = next(r for r in info["nodes"] if r["node"] == "conv2")
+    assert ("current of the weighted op before it" in row["detail"]) == spiking_first

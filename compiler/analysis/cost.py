@@ -23,13 +23,13 @@ from ann2snn.runtime.compensation import is_compensated
 from ann2snn.runtime.ops import IF_OP, NEURON_OPS
 
 from ..errors import ConfigError, ModelLoadError
+from ..macs import WEIGHTED, step_signals
 from ..modelio import load_model
 from ..ortsession import make_session
 
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "ann2snn"
-WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RESHAPING = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast")
 ELEMENTWISE = ("Add", "Sub")
 SCALING = ("Mul", "Div")
@@ -362,23 +362,12 @@ def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights:
     for n in proto.graph.node:
         if n.op_type not in NEURON_OPS and not is_compensated(n) and any(x in analog for x in n.input):
             analog.update(o for o in n.output if o)
-    # real-valued increments of expectation-compensated ops (--nonlinear compensate): computed
-    # every step, not on spikes, so the weighted ops that read them cost MACs at every step
-    increments: set[str] = set()
-    for n in proto.graph.node:
-        if is_compensated(n):
-            increments.add(n.output[0])
-        elif n.op_type not in NEURON_OPS and any(x in increments for x in n.input):
-            increments.update(o for o in n.output if o)
-    # real-valued currents computed every step: the output of a weighted op that is not in the
-    # time-constant prefix, up to the next neuron. A weighted op that reads one (a Conv after a
-    # Conv with no neuron between them) receives no spikes: it multiplies analog values every step
-    currents: set[str] = set()
-    for n in proto.graph.node:
-        if n.op_type in NEURON_OPS or is_compensated(n):
-            continue
-        if (n.op_type in WEIGHTED and n.input[0] not in analog) or any(x in currents for x in n.input):
-            currents.update(o for o in n.output if o)
+    # real values computed every step, not spikes: the increments of expectation-compensated ops
+    # (--nonlinear compensate) and the currents of weighted ops up to the next neuron (a Conv
+    # after a Conv with no neuron between them); the weighted ops that read them cost MACs at every step
+    increments, currents = step_signals(
+        ((n.op_type, n.input, n.output, "neuron" if n.op_type in NEURON_OPS else
+          "compensated" if is_compensated(n) else "") for n in proto.graph.node), analog)
     targets = {t for per in fanout.values() for t in per}
     layers = []
     ann_macs = 0

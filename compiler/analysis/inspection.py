@@ -107,18 +107,23 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto, config: Compi
         kind, why = _classify_row(name_for_role, op, domain, canon, state, cfg, sites, pools, spiking, tail, reasons)
         rows.append({"node": name, "op": f"{domain}::{op}", "role": kind, "macs": macs, "detail": recognised + why})
     macs = {k: sum(r["macs"] for r in rows if r["role"] == k) for k in ROLES}
-    # weighted ops on a compensated op's increments take real values, not spikes: count them with it
-    behind = sum(r["macs"] for r in rows if r["role"] == "spiking" and r["node"] in state.metadata.get(
-        "on_increments", ()))
-    macs["spiking"], macs["compensated"] = macs["spiking"] - behind, macs["compensated"] + behind
-    total = sum(macs.values())
+
+    def on(key: str) -> int:  # MACs of the spiking-part ops that partition_graph lists under ``key``
+        return sum(r["macs"] for r in rows if r["role"] == "spiking" and r["node"] in state.metadata.get(key, ()))
+
+    # weighted ops on a compensated op's increments take real values, not spikes: count them with
+    # it; those on another weighted op's current (no neuron between them) have their own share
+    behind, currents = on("on_increments"), on("on_currents")
+    macs["spiking"], macs["compensated"] = macs["spiking"] - behind - currents, macs["compensated"] + behind
+    total = sum(macs.values()) + currents
     return {
         "nodes": rows,
         "neuron_layers": len(state.sites),
         "neurons": sum(int(_prod(s.shape)) for s in state.sites),
         "macs": {"total": total, "spiking": macs["spiking"], "prefix": macs["prefix"], "tail": macs["tail"],
                  **({"compensated": macs["compensated"]}
-                    if state.compensated or any(s.signed for s in state.sites) else {})},
+                    if state.compensated or any(s.signed for s in state.sites) else {}),
+                 **({"analog_current": currents} if currents else {})},
         "boundary": list(state.boundary),
         "problems": problems,
         "notes": _model_notes(state.metadata),
@@ -189,6 +194,9 @@ def _classify_row(name: str, op: str, domain: str, node: Any, state: Any, cfg: C
                                "emits the increment of t·f(mean input) (--nonlinear compensate)")
     if name in state.metadata.get("on_increments", ()):
         return "spiking", "affine op on the real-valued increments of a compensated op (not spikes)"
+    if name in state.metadata.get("on_currents", ()):
+        return "spiking", ("weighted op on the real-valued current of the weighted op before it (no neuron between "
+                           "them): multiplies real values at every step, not spikes")
     if name in spiking:
         return "spiking", "affine op on spikes"
     if name in tail:
@@ -233,7 +241,9 @@ def format_inspection(info: dict[str, Any]) -> str:
               f"MACs per sample: {m['total']:,} (spiking part {m['spiking']:,} = {share('spiking')}, "
               f"analog prefix {m['prefix']:,} = {share('prefix')}, tail {m['tail']:,} = {share('tail')}"
               + (f", compensated ops and the ops on their increments {m['compensated']:,} = {share('compensated')}"
-                 if "compensated" in m else "") + ")",
+                 if "compensated" in m else "")
+              + (f", on another weighted op's current {m['analog_current']:,} = {share('analog_current')}"
+                 if "analog_current" in m else "") + ")",
               f"boundary (read out): {', '.join(info['boundary'])}"]
     lines += [f"note: {n}" for n in info.get("notes", [])]
     if info["problems"]:

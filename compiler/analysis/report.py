@@ -322,7 +322,7 @@ def summarise(cost: NetworkCost, counter: SpikeCounter, acc: dict[str, Any], ene
     currents = sum(r["ann_macs"] for r in layer_rows if "analog current every step" in r["inputs"])
     share = {"total": cost.ann_macs, "spiking": on_spikes, "tail": tail,
              "prefix": cost.ann_macs - on_spikes - tail - stepped - currents,
-             **({"compensated": stepped} if stepped else {}), **({"analog_steps": currents} if currents else {})}
+             **({"compensated": stepped} if stepped else {}), **({"analog_current": currents} if currents else {})}
     return {
         "samples": int(acc["samples"]), "t0": acc["t0"], "Ts": Ts,
         "mac_share": share,

@@ -61,8 +61,8 @@ def format_report(result: dict[str, Any], layer_T: int | None = None) -> str:
                      f"time-constant analog prefix, {pct['tail']:.1f}% in the analog tail"
                      + (f", {100.0 * share['compensated'] / share['total']:.1f}% on the real-valued increments of "
                         "compensated ops (MACs at every step)" if share.get("compensated") else "")
-                     + (f", {100.0 * share['analog_steps'] / share['total']:.1f}% on analog currents read straight from "
-                        "another weighted op (MACs at every step)" if share.get("analog_steps") else "")
+                     + (f", {100.0 * share['analog_current'] / share['total']:.1f}% on analog currents read straight from "
+                        "another weighted op (MACs at every step)" if share.get("analog_current") else "")
                      + (" (less than half spikes: see `ann2snn inspect`)" if pct["spiking"] < 50 else ""))
     lines.append("")
     head = "| T | accuracy | spikes/input | firing rate | SOPs/input | MACs/input | " + \
