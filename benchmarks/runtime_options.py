@@ -35,8 +35,11 @@ DATA = {"mnist_cnn": ("mnist_calib", "mnist_test"), "fashion_vgg": ("fashion_cal
         **{f"fashion_{a}": ("fashion_calib", "fashion_test") for a in ("vit", "gelu", "silu", "lrelu", "hswish")}}
 #: ``--forms``: the compile options of each model (the others: signed sites on the activations' outputs)
 FORM_OPTIONS = {"fashion_vit": {"nonlinear": "compensate", "signed_sites": "output"}}
-#: ``--forms``: (label, SpikingSession mode; None: the ANN, T passes)
-FORM_CONFIGS = [("ANN", None), ("SNN step", "step"), ("SNN layered", "layered")]
+#: ``--forms``: (label, SpikingSession mode (None: the ANN, T passes), intra-op threads spinning)
+FORM_CONFIGS = [("ANN", None, False), ("SNN step", "step", False), ("SNN layered", "layered", False)]
+#: ``--forms --spinning``: the same with spinning threads
+SPIN_CONFIGS = [("ANN, spinning", None, True), ("SNN step, spinning", "step", True),
+                ("SNN layered, spinning", "layered", True)]
 #: (label, what, unit thresholds, spinning, NCHWc layout)
 CONFIGS = [("ANN, spinning", "ann", None, True, True), ("ANN, not spinning", "ann", None, False, True),
            ("SNN compiled neurons, spinning", "snn", False, True, True),
@@ -122,8 +125,11 @@ def forms(args: argparse.Namespace, tmp: Path) -> list[str]:
     import ann2snn
     from ann2snn.runtime import SpikingSession
 
-    lines = ["| model | compile options | B | T | " + " | ".join(f"{c[0]} (ms/step)" for c in FORM_CONFIGS)
-             + " | layered / step | auto picks | auto ÷ ANN pass |", "|---|---|---|---|" + "---|" * (len(FORM_CONFIGS) + 3)]
+    configs = FORM_CONFIGS + (SPIN_CONFIGS if args.spinning else [])
+    lines = ["| model | compile options | B | T | " + " | ".join(f"{c[0]} (ms/step)" for c in configs)
+             + " | layered / step | auto picks | auto ÷ ANN pass |"
+             + (" auto, spinning ÷ faster ANN |" if args.spinning else ""),
+             "|---|---|---|---|" + "---|" * (len(configs) + 3 + int(args.spinning))]
     for model in args.models.split(","):
         options = {**FORM_OPTIONS.get(model, {"signed_sites": "output"}), **_extra_options(args.extra)}
         with np.load(MODELS / "data" / f"{DATA[model][0]}.npz") as z:
@@ -132,22 +138,24 @@ def forms(args: argparse.Namespace, tmp: Path) -> list[str]:
         onnx.save(ann2snn.compile(MODELS / f"{model}.onnx", calib, iters=args.iters, batch=16, progress=False,
                                   **options), snn_path)
         for batch in (int(b) for b in args.batches.split(",")):
-            got: dict[str, list[float]] = {c[0]: [] for c in FORM_CONFIGS}
+            got: dict[str, list[float]] = {c[0]: [] for c in configs}
             for _ in range(args.rounds):
-                for label, mode in FORM_CONFIGS:
+                for label, mode, spin in configs:
                     got[label].append(_child({"model": model, "batch": batch, "T": args.T,
                                               "what": "ann" if mode is None else "snn", "unit": True,
-                                              "spin": False, "nchwc": True, "repeats": args.repeats,
+                                              "spin": spin, "nchwc": True, "repeats": args.repeats,
                                               "threads": args.threads, "snn": str(snn_path), "mode": mode}))
             med = {k: float(np.median(v)) for k, v in got.items()}
             auto = SpikingSession(snn_path, threads=args.threads)
             picks = auto.choose_form(batch, args.T)
-            chosen = med["SNN layered"] if picks[0] == "layered" else med["SNN step"]
+            form = "SNN layered" if picks[0] == "layered" else "SNN step"
             flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
             lines.append(f"| {model} | {flags} | {batch} | {args.T} | "
-                         + " | ".join(f"{med[c[0]]:.3f}" for c in FORM_CONFIGS)
+                         + " | ".join(f"{med[c[0]]:.3f}" for c in configs)
                          + f" | {med['SNN layered'] / med['SNN step']:.2f} | {_describe_form(picks)} | "
-                         f"{chosen / med['ANN']:.2f} |")
+                         f"{med[form] / med['ANN']:.2f} |"
+                         + (f" {med[form + ', spinning'] / min(med['ANN'], med['ANN, spinning']):.2f} |"
+                            if args.spinning else ""))
             print(lines[-1], file=sys.stderr, flush=True)
     return lines
 
@@ -181,6 +189,7 @@ def main() -> None:
     ap.add_argument("--forms", action="store_true", help="time the step and layered forms instead (see above)")
     ap.add_argument("--iters", type=int, default=50, help="--forms: LTB iterations of the compile")
     ap.add_argument("--calib-images", type=int, default=1000, help="--forms: calibration images")
+    ap.add_argument("--spinning", action="store_true", help="--forms: also time everything with spinning threads")
     ap.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
                     help="--forms: a compile option added to every model's (e.g. resolution=8); repeatable")
     ap.add_argument("--md", type=Path, default=None, help="also write the table, the command on top, here")

@@ -18,8 +18,11 @@ from ann2snn.support import ACTIVATION_DOMAIN
 
 
 def emit_compensation(graph: gs.Graph, compensated: dict[str, list[int]], batch: int | str, opset: int,
-                      states: list[dict], state_outs: list[gs.Variable]) -> tuple[list[onnx.FunctionProto], list[dict]]:
-    """Rewrite every compensated node in place; return the functions they call and their metadata."""
+                      states: list[dict], state_outs: list[gs.Variable], scales: dict[str, gs.Constant] | None = None
+                      ) -> tuple[list[onnx.FunctionProto], list[dict]]:
+    """Rewrite every compensated node in place; return the functions they call and their metadata.
+    ``scales``: node -> the constant its totals are multiplied by (1/θ of the neuron after it)."""
+    scales = scales or {}
     nodes = {n.name: n for n in graph.nodes}
     functions: dict[bytes, onnx.FunctionProto] = {}
     per_op: dict[str, int] = {}
@@ -29,13 +32,13 @@ def emit_compensation(graph: gs.Graph, compensated: dict[str, list[int]], batch:
         proto = OnnxExporter.export_node(node)
         key = proto.op_type.encode() + proto.domain.encode() + bytes(varying) + \
             b"".join(a.SerializeToString() for a in proto.attribute) + \
-            bytes(int(bool(i)) for i in proto.input)
+            bytes(int(bool(i)) for i in proto.input) + (b"scaled" if name in scales else b"")
         if key not in functions:
             count = per_op.get(node.op, 0)
             per_op[node.op] = count + 1
             fname = f"{EC_PREFIX}{node.op}" + (f"_{count}" if count else "")
             opsets = {"": opset, **({ACTIVATION_DOMAIN: 1} if node.domain == ACTIVATION_DOMAIN else {})}
-            functions[key] = compensated_function(fname, proto, varying, opsets)
+            functions[key] = compensated_function(fname, proto, varying, opsets, scaled=name in scales)
         fname = functions[key].name
         xs = [node.inputs[j] for j in varying]
         consts = [t for j, t in enumerate(node.inputs) if t.name and j not in varying]
@@ -56,6 +59,6 @@ def emit_compensation(graph: gs.Graph, compensated: dict[str, list[int]], batch:
         info.append({"node": name, "op": node.op, "function": fname, "varying_inputs": list(varying),
                      "states": [s.name for s, _ in sums] + [total[0].name, count[0].name]})
         node.op, node.domain, node.attrs = fname, DOMAIN, {}
-        node.inputs = xs + [s for s, _ in sums] + [total[0], count[0]] + consts
+        node.inputs = xs + [s for s, _ in sums] + [total[0], count[0]] + consts + ([scales[name]] if name in scales else [])
         node.outputs = [y] + [s for _, s in sums] + [total[1], count[1]]
     return list(functions.values()), info

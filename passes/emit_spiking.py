@@ -34,7 +34,7 @@ from ann2snn.state import PassState, Site
 from ann2snn.support import ACTIVATION_DOMAIN
 from ann2snn.runtime.reference import value_types
 from ann2snn.runtime.ops import (BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, IF_OP, SYMMETRIC_BURST_OP, SYMMETRIC_OP,
-                                 neuron_function, neuron_op)
+                                 UNIT_SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_OP, neuron_function, neuron_op)
 from ann2snn.runtime.unitform import unit_form
 
 from ._compensation import emit_compensation
@@ -280,6 +280,20 @@ def spikes_per_step(cfg: CompileConfig) -> int:
     return cfg.burst * cfg.resolution
 
 
+def unit_symmetric_op(cfg: CompileConfig) -> str:
+    """The neuron op of an ``output`` site (signed activation on a compensated op, re-spiked
+    op): the symmetric neuron in units of its threshold, with bursts when burst × resolution > 1."""
+    return UNIT_SYMMETRIC_BURST_OP if spikes_per_step(cfg) > 1 else UNIT_SYMMETRIC_OP
+
+
+def _inverse_thresholds(site: Site, cfg: CompileConfig) -> np.ndarray:
+    """1/θ of a site's neurons as emitted (0 for a dead channel: its current is dropped, it
+    never fires), shaped to broadcast over ``[N, *shape]``."""
+    theta = _thresholds64(site, cfg)
+    with np.errstate(divide="ignore"):
+        return np.where(theta > 0, 1.0 / np.where(theta > 0, theta, 1.0), 0.0).astype(np.float32)
+
+
 def symmetric_op(cfg: CompileConfig) -> str:
     """The neuron op of the signed activation sites and re-spiked compensated ops: the
     symmetric neuron, with bursts when ``burst × resolution > 1``."""
@@ -354,11 +368,17 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
             v_outs += _cumulative_maxpool(graph, nodes[name], batch, states)
     # signed sites: a symmetric neuron placed on the op's output or input, the op compensated
     signed_neurons, site_ops = _place_signed_neurons(graph, state.sites, nodes, batch)
+    # an output site's neuron runs in units of its threshold: the compensated op before it
+    # emits its increments divided by θ (scaled totals), the neuron needs no Div and no Mul
+    unit_sites = {site.node for site in state.sites if site.signed and site.kind == "output" and site_ops.get(site.node)}
+    scales = {site.node: gs.Constant(f"{site.node}/inverse_threshold", _inverse_thresholds(site, cfg))
+              for site in state.sites if site.node in unit_sites}
     # nonlinear ops kept spiking by expectation compensation (--nonlinear compensate)
     ec_functions, compensated = emit_compensation(graph, {**state.compensated, **site_ops}, batch, state.opset,
-                                                  states, v_outs)
+                                                  states, v_outs, scales)
     op = neuron_op(cfg.neuron, spikes_per_step(cfg))
     signed_op = symmetric_op(cfg)
+    unit_op = unit_symmetric_op(cfg)
     burst_const = gs.Constant("ann2snn/max_spikes_per_step", np.array(spikes_per_step(cfg), np.float32))
     for site in state.sites:
         if site.signed:
@@ -372,14 +392,16 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         v_in = gs.Variable(f"{site.node}/v", dtype=np.float32, shape=state_shape)
         v_out = gs.Variable(f"{site.node}/v_next", dtype=np.float32, shape=state_shape)
         theta = gs.Constant(f"{site.node}/threshold", thresholds)
-        act.op, act.domain, act.attrs = signed_op if site.signed else op, DOMAIN, {}
+        unit = site.node in unit_sites
+        act.op, act.domain, act.attrs = unit_op if unit else signed_op if site.signed else op, DOMAIN, {}
         act.name = f"{site.node}/IF"
-        act.inputs = [z, v_in, theta] + ([burst_const] if act.op == SYMMETRIC_BURST_OP else [])
+        act.inputs = [z, v_in] + ([] if unit else [theta]) \
+            + ([burst_const] if act.op in (SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_BURST_OP) else [])
         act.outputs = [spikes, v_out]
         graph.inputs.append(v_in)
         v_outs.append(v_out)
         states.append({"input": v_in.name, "output": v_out.name, "shape": list(site.shape),
-                       "init": {"threshold": theta.name, "fraction": cfg.v0}})
+                       "init": {"value": cfg.v0} if unit else {"threshold": theta.name, "fraction": cfg.v0}})
         extra = {}
         if act.op in COUNTING_OPS:  # the net spike count, a second state starting at 0
             c_in = gs.Variable(f"{site.node}/count", dtype=np.float32, shape=state_shape)
@@ -395,7 +417,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         emitted = _thresholds64(site, cfg)
         live = emitted[emitted > 0]
         neurons.append({
-            "node": act.name, "op": act.op, "state_in": v_in.name, "state_out": v_out.name, "threshold": theta.name, **extra,
+            "node": act.name, "op": act.op, "state_in": v_in.name, "state_out": v_out.name,
+            "threshold": None if unit else theta.name, **extra,
             "spikes": spikes.name, "shape": list(site.shape), "channel_axis": site.channel_axis,
             "v0": cfg.v0, "units": int(np.prod(site.shape)), "dead_channels": int((site.theta <= 0).sum()),
             "theta_min": float(live.min()) if live.size else 0.0, "theta_max": float(live.max()) if live.size else 0.0,
@@ -414,8 +437,8 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     graph.cleanup().toposort()
     model = export(graph, state.opset, state.ir_version)
     model.functions.append(neuron_function(op, state.opset))
-    if signed_neurons:
-        model.functions.append(neuron_function(signed_op, state.opset))
+    emitted_ops = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    model.functions.extend(neuron_function(o, state.opset) for o in (signed_op, unit_op) if o in emitted_ops)
     model.functions.extend(ec_functions)
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     # model-local activation functions (canonicalize_activations), also called from the tail

@@ -57,10 +57,14 @@ def is_compensated(node: onnx.NodeProto) -> bool:
     return node.domain == DOMAIN and node.op_type.startswith(EC_PREFIX)
 
 
-def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int], opsets: dict[str, int]
-                         ) -> onnx.FunctionProto:
+def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int], opsets: dict[str, int],
+                         scaled: bool = False) -> onnx.FunctionProto:
     """The FunctionProto wrapping ``inner`` (its inputs and attributes as in the model) whose
-    inputs at the positions ``varying`` vary in time. ``opsets``: domain -> version for the body."""
+    inputs at the positions ``varying`` vary in time. ``opsets``: domain -> version for the body.
+
+    ``scaled``: one more input after the others, ``scale`` (broadcast against the output), and
+    the totals (so the increments) are t·f(means)·scale: a signed site's neuron after the op then
+    reads its current in units of its threshold (scale = 1/θ) at no extra element-wise pass."""
     k = len(varying)
     xs, sums, sums_next = [f"x{i}" for i in range(k)], [f"sum{i}" for i in range(k)], [f"sum{i}_next" for i in range(k)]
     consts = [f"c{j}" for j, name_in in enumerate(inner.input) if name_in and j not in varying]
@@ -96,7 +100,10 @@ def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int
     op = helper.make_node(inner.op_type, args, ["f_of_mean"], name="op", domain=inner.domain)
     op.attribute.extend(inner.attribute)
     guarded = standard and inner.op_type in GUARDED
-    nodes += [op, helper.make_node("Mul", ["f_of_mean", "t"], ["raw_total" if guarded else "total_next"], name="total")]
+    if scaled:  # t·scale is small (the scale's shape); the totals take it in the one Mul they had
+        nodes.append(helper.make_node("Mul", ["t", "scale"], ["t_scaled"], name="scale"))
+    nodes += [op, helper.make_node("Mul", ["f_of_mean", "t_scaled" if scaled else "t"],
+                                   ["raw_total" if guarded else "total_next"], name="total")]
     if guarded:  # keep the previous total where t·f(means) is inf / NaN: the op emits 0 there
         nodes += [helper.make_node("IsNaN", ["raw_total"], ["nan"], name="is_nan"),
                   helper.make_node("IsInf", ["raw_total"], ["inf"], name="is_inf"),
@@ -104,22 +111,25 @@ def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int
                   helper.make_node("Where", ["not_finite", "total", "raw_total"], ["total_next"], name="guard")]
     nodes.append(helper.make_node("Sub", ["total_next", "total"], ["y"], name="increment"))
     return helper.make_function(
-        DOMAIN, name, xs + sums + ["total", "count"] + consts, ["y"] + sums_next + ["total_next", "count_next"],
+        DOMAIN, name, xs + sums + ["total", "count"] + consts + (["scale"] if scaled else []),
+        ["y"] + sums_next + ["total_next", "count_next"],
         nodes, [helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
         doc_string=f"Expectation-compensated {inner.op_type}: emits t·f(S_t/t) − (t−1)·f(S_(t−1)/(t−1)) for the "
                    "running sums S of its time-varying inputs, so its outputs sum to t·f(mean input).")
 
 
 def compensated_reference(f: Callable[..., np.ndarray], xs: Sequence[np.ndarray], sums: Sequence[np.ndarray],
-                          total: np.ndarray, count: np.ndarray, guarded: bool = False) -> tuple[np.ndarray, list[np.ndarray], np.ndarray,
-                                                                         np.ndarray]:
+                          total: np.ndarray, count: np.ndarray, guarded: bool = False,
+                          scale: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
     """numpy reference of one step: (y, sums_next, total_next, count_next); ``f`` takes the means.
-    ``guarded``: keep the previous total where t·f(means) is not finite (the GUARDED ops)."""
+    ``guarded``: keep the previous total where t·f(means) is not finite (the GUARDED ops);
+    ``scale``: the totals are t·f(means)·scale (``compensated_function(scaled=True)``)."""
     count_next = (count + 1).astype(np.float32)
     t = np.float32(count_next.max())
     sums_next = [(s + x).astype(np.float32) for s, x in zip(sums, xs)]
+    factor = t if scale is None else (t * np.asarray(scale, np.float32)).astype(np.float32)
     with np.errstate(all="ignore"):
-        total_next = (np.asarray(f(*[s / t for s in sums_next]), np.float32) * t).astype(np.float32)
+        total_next = (np.asarray(f(*[s / t for s in sums_next]), np.float32) * factor).astype(np.float32)
     if guarded:
         total_next = np.where(np.isfinite(total_next), total_next, total).astype(np.float32)
     return (total_next - total).astype(np.float32), sums_next, total_next, count_next

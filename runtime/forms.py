@@ -322,7 +322,7 @@ class StepPlan:
                     *(f"mean{i}" for i in range(k))}
         named = [n for n in names if n]
         if k < 1 or not expected <= set(names) or len(named) != len(set(named)) \
-                or set(names) - expected - {"", "row_max", "shift"}:
+                or set(names) - expected - {"", "row_max", "shift", "scale"}:
             return None  # e.g. the guard's nodes (is_nan, ...): unrolled
         inner = next(n for n in body.node if n.name == "op")
         formal = list(body.input)
@@ -535,7 +535,7 @@ class StepPlan:
                 del copy.input[:]
                 for i in n.input:
                     if i == "t":
-                        i = t_rows(out_rank if n.name == "total" else self._rank(actual[f"x{n.name[4:]}"]) or 0)
+                        i = t_rows(out_rank if n.name in ("total", "scale") else self._rank(actual[f"x{n.name[4:]}"]) or 0)
                     elif i in rename:
                         i = rename[i]
                     elif i in actual:

@@ -25,6 +25,11 @@ expectation-compensated ops, docs/signed_activations.md): a spike of +1 when ``v
 per-step currents in [-θ, θ] the membrane stays in [0, θ), so its net count after t steps is
 ``round(Σ current / θ)`` for either sign: it stands for clip(x, -θ, θ), in steps of θ.
 
+``ann2snn::UnitSymmetricIFNeuron(current, v)`` and ``UnitSymmetricBurstIFNeuron(current, v,
+max_spikes)``: the same two neurons with θ = 1, current and membrane in units of θ (spikes =
+clip(floor(v'), -N, N), ``v_next = v' - spikes``): what a site on a compensated op's output is
+compiled to, the op emitting its increments divided by θ (runtime/compensation.py, ``scale``).
+
 ``ann2snn::SymmetricBurstIFNeuron(current, v, threshold, max_spikes) -> (spikes, v_next)``
 (signed sites with ``--burst`` / ``--resolution``): the symmetric neuron allowed up to
 ``max_spikes`` spikes of either sign per step: spikes = clip(floor(v' / θ), -N, N),
@@ -47,8 +52,12 @@ SIGNED_OP = "SignedIFNeuron"
 BURST_OP = "SignedBurstIFNeuron"
 SYMMETRIC_OP = "SymmetricIFNeuron"
 SYMMETRIC_BURST_OP = "SymmetricBurstIFNeuron"
+#: the symmetric neurons in units of their thresholds: the current arrives divided by θ (the
+#: compensated op before them scales its totals), the membrane is v/θ, no threshold input
+UNIT_SYMMETRIC_OP = "UnitSymmetricIFNeuron"
+UNIT_SYMMETRIC_BURST_OP = "UnitSymmetricBurstIFNeuron"
 #: the neurons of signed activation sites and re-spiked compensated ops (no count state)
-SYMMETRIC_OPS = (SYMMETRIC_OP, SYMMETRIC_BURST_OP)
+SYMMETRIC_OPS = (SYMMETRIC_OP, SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_OP, UNIT_SYMMETRIC_BURST_OP)
 #: the ops whose second and third inputs are the membrane and the spike-count states
 COUNTING_OPS = (SIGNED_OP, BURST_OP)
 #: every neuron op of the domain
@@ -174,6 +183,42 @@ def symmetric_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+def unit_symmetric_if_neuron_function(opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of UnitSymmetricIFNeuron(current, v) -> (spikes, v_next): SymmetricIFNeuron
+    with θ = 1 (current and membrane in units of θ), four element-wise kernels."""
+    nodes = [
+        helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])),
+        helper.make_node("Constant", [], ["minus_one"],
+                         value=helper.make_tensor("minus_one", TensorProto.FLOAT, [], [-1.0])),
+        helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
+        helper.make_node("Floor", ["v_charged"], ["whole"], name="whole_thresholds"),
+        helper.make_node("Clip", ["whole", "minus_one", "one"], ["spikes"], name="signed_spikes"),
+        helper.make_node("Sub", ["v_charged", "spikes"], ["v_next"], name="reset_by_subtraction"),
+    ]
+    return helper.make_function(
+        DOMAIN, UNIT_SYMMETRIC_OP, ["current", "v"], ["spikes", "v_next"], nodes, [helper.make_opsetid("", opset)],
+        doc_string="Symmetric signed integrate-and-fire neuron in units of its threshold (θ = 1): +1 when the "
+                   "membrane reaches 1, -1 when it falls below 0.",
+    )
+
+
+def unit_symmetric_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of UnitSymmetricBurstIFNeuron(current, v, max_spikes) -> (spikes, v_next):
+    SymmetricBurstIFNeuron with θ = 1; ``max_spikes`` is a scalar."""
+    nodes = [
+        helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
+        helper.make_node("Floor", ["v_charged"], ["whole"], name="whole_thresholds"),
+        helper.make_node("Neg", ["max_spikes"], ["min_spikes"], name="min_spikes"),
+        helper.make_node("Clip", ["whole", "min_spikes", "max_spikes"], ["spikes"], name="burst"),
+        helper.make_node("Sub", ["v_charged", "spikes"], ["v_next"], name="reset_by_subtraction"),
+    ]
+    return helper.make_function(
+        DOMAIN, UNIT_SYMMETRIC_BURST_OP, ["current", "v", "max_spikes"], ["spikes", "v_next"], nodes,
+        [helper.make_opsetid("", opset)],
+        doc_string="Symmetric signed integrate-and-fire neuron with bursts, in units of its threshold (θ = 1).",
+    )
+
+
 def unit_if_neuron_function(opset: int) -> onnx.FunctionProto:
     """The FunctionProto of UnitIFNeuron(current, v) -> (spikes, v_next): IFNeuron with θ = 1,
     in three elementwise kernels (integrate, a HardSigmoid that is exactly the step v' >= 1,
@@ -201,7 +246,8 @@ def neuron_function(op: str, opset: int) -> onnx.FunctionProto:
     """The FunctionProto of the neuron op ``op`` for a model whose ai.onnx opset is ``opset``."""
     return {IF_OP: if_neuron_function, SIGNED_OP: signed_if_neuron_function,
             BURST_OP: signed_burst_if_neuron_function, SYMMETRIC_OP: symmetric_if_neuron_function,
-            SYMMETRIC_BURST_OP: symmetric_burst_if_neuron_function}[op](opset)
+            SYMMETRIC_BURST_OP: symmetric_burst_if_neuron_function, UNIT_SYMMETRIC_OP: unit_symmetric_if_neuron_function,
+            UNIT_SYMMETRIC_BURST_OP: unit_symmetric_burst_if_neuron_function}[op](opset)
 
 
 def if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

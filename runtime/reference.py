@@ -77,6 +77,8 @@ def state_specs(proto: onnx.ModelProto, meta: Mapping[str, Any]) -> list[tuple[s
     for st in meta["states"]:
         if st["init"] == "zeros":
             init = np.zeros((), np.float32)
+        elif "value" in st["init"]:  # a membrane in units of its threshold: v(0) = v0
+            init = np.asarray(st["init"]["value"], np.float32)
         else:
             theta = numpy_helper.to_array(inits[st["init"]["threshold"]]).astype(np.float32)
             init = (theta * np.float32(st["init"]["fraction"])).astype(np.float32)

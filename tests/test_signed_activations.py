@@ -15,7 +15,8 @@ import ann2snn
 from ann2snn.analysis.inspection import inspect_model
 from ann2snn.errors import ConfigError
 from ann2snn.runtime import SpikingSession
-from ann2snn.runtime.ops import (IF_OP, SYMMETRIC_BURST_OP, SYMMETRIC_OP, UNIT_IF_OP,
+from ann2snn.runtime.ops import (IF_OP, SYMMETRIC_BURST_OP, SYMMETRIC_OP, SYMMETRIC_OPS, UNIT_IF_OP,
+                                 UNIT_SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_OP,
                                  symmetric_burst_if_neuron_function, symmetric_burst_if_neuron_reference,
                                  symmetric_if_neuron_function, symmetric_if_neuron_reference)
 from ann2snn.runtime.reference import model_metadata, reference_run
@@ -157,8 +158,10 @@ def test_every_site_type_converges(act: str, form: str) -> None:
     snn = ann2snn.compile(ann, data(256, 0), signed_sites=form, method="max")
     onnx.checker.check_model(snn, full_check=True)
     meta = model_metadata(snn)
-    signed = [n for n in meta["neurons"] if n["op"] == SYMMETRIC_OP]
+    signed = [n for n in meta["neurons"] if n["op"] in SYMMETRIC_OPS]
     assert len(signed) == 1 and signed[0]["site"] == form and meta["tail"] is None
+    # on a compensated op's output the neuron runs in units of θ (the op scales its increments)
+    assert signed[0]["op"] == (UNIT_SYMMETRIC_OP if form == "output" else SYMMETRIC_OP)
     err = rel_error(snn, ann, data(64, 1), [8, 32, 256])
     assert err[256][0] < err[32][0] < err[8][0], err
     assert err[256][0] < 0.08 and err[256][1] >= 0.9, err
@@ -180,17 +183,21 @@ def test_auto_makes_leaky_relu_a_site_and_leaves_smooth_activations() -> None:
 
 @pytest.mark.parametrize("form", ["output", "input"])
 def test_runtime_forms_agree_with_the_reference(form: str) -> None:
-    """IF neurons in units of their thresholds beside symmetric ones in calibrated units: the step
-    form and the layered form (batch 3 and 1) equal the reference."""
+    """IF neurons in units of their thresholds beside symmetric ones (in calibrated units on an
+    input site, in units of θ after the scaled compensated op on an output site): the step form
+    and the layered form (batch 3 and 1) equal the reference."""
     snn = ann2snn.compile(net("Gelu"), data(128, 0), signed_sites=form, iters=20)
     ops = {n.op_type for n in snn.graph.node}
-    assert IF_OP in ops and SYMMETRIC_OP in ops and model_metadata(snn)["neuron_units"] == "threshold"
+    symmetric = UNIT_SYMMETRIC_OP if form == "output" else SYMMETRIC_OP
+    assert IF_OP in ops and symmetric in ops and model_metadata(snn)["neuron_units"] == "threshold"
     ths = {i.name: onnx.numpy_helper.to_array(i) for i in snn.graph.initializer}
-    for n in snn.graph.node:  # IF thresholds are ones, the symmetric neuron's its calibrated θ
+    for n in snn.graph.node:  # IF thresholds are ones, the symmetric neuron's its calibrated θ or none
         if n.op_type == IF_OP:
             assert np.all(ths[n.input[2]] == 1)
         elif n.op_type == SYMMETRIC_OP:
             assert not np.all(ths[n.input[2]] == 1)
+        elif n.op_type == UNIT_SYMMETRIC_OP:
+            assert len(n.input) == 2
     assert_forms_match_reference(snn, data(3, 2)["x"], 11)
     assert SpikingSession(snn).run({"x": data(1, 2)["x"]}, T=11)["y"].shape == (1, 3)
 
@@ -211,7 +218,7 @@ def test_unit_ops_leave_the_symmetric_neuron_alone() -> None:
 
     snn = exact_unit_ops(ann2snn.compile(net("LeakyRelu"), data(64, 0), iters=5))
     ops = [n.op_type for n in snn.graph.node]
-    assert ops.count(UNIT_IF_OP) == 2 and ops.count(SYMMETRIC_OP) == 1
+    assert ops.count(UNIT_IF_OP) == 2 and ops.count(UNIT_SYMMETRIC_OP) == 1
 
 
 def test_inspect_shows_sites_and_respiked_ops() -> None:
@@ -259,7 +266,7 @@ def test_nir_refuses_the_symmetric_neuron(tmp_path) -> None:
 def test_metadata_names_the_site() -> None:
     snn = ann2snn.compile(net("HardSwish"), data(64, 0), signed_sites="input", iters=5)
     meta = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])
-    site = [n for n in meta["neurons"] if n["op"] == SYMMETRIC_OP][0]
+    site = [n for n in meta["neurons"] if n["op"] in SYMMETRIC_OPS][0]
     assert site["site"] == "input" and site["source"] in {e["node"] for e in meta["compensated"]}
 
 
@@ -318,7 +325,7 @@ def test_resolution_at_signed_sites() -> None:
     meta_p, meta_f = model_metadata(plain), model_metadata(fine)
     site_p = [n for n in meta_p["neurons"] if n.get("site")][0]
     site_f = [n for n in meta_f["neurons"] if n.get("site")][0]
-    assert site_p["op"] == SYMMETRIC_OP and site_f["op"] == SYMMETRIC_BURST_OP
+    assert site_p["op"] == UNIT_SYMMETRIC_OP and site_f["op"] == UNIT_SYMMETRIC_BURST_OP
     np.testing.assert_allclose(site_f["theta_max"], site_p["theta_max"] / 4, rtol=1e-6)
     relu_p = [n for n in meta_p["neurons"] if not n.get("site")]
     relu_f = [n for n in meta_f["neurons"] if not n.get("site")]
@@ -345,4 +352,4 @@ def test_bursts_need_a_neuron_that_can_burst() -> None:
         with pytest.raises(ConfigError, match="--neuron signed"):
             ann2snn.compile(relu_only, data(16, 0), **options)
     meta = model_metadata(ann2snn.compile(net("LeakyRelu"), data(64, 0), iters=5, burst=2))
-    assert [n["op"] for n in meta["neurons"]] == [IF_OP, SYMMETRIC_BURST_OP, IF_OP]
+    assert [n["op"] for n in meta["neurons"]] == [IF_OP, UNIT_SYMMETRIC_BURST_OP, IF_OP]

@@ -472,7 +472,8 @@ def test_layered_runs_signed_sites_and_compensated_ops(name: str, options: dict[
         test = {x: z["input"][:2]}
     snn = compile_model(ann, calib, iters=2, **options)
     ops = {n.op_type for n in snn.graph.node}
-    assert "SymmetricIFNeuron" in ops and any(op.startswith("ExpectationCompensated") for op in ops), ops
+    assert ops & {"SymmetricIFNeuron", "UnitSymmetricIFNeuron"} and any(op.startswith("ExpectationCompensated")
+                                                                        for op in ops), ops
     forms = ["step", "layered", "layered/chunk1", "layered/chunk3", "layered/chunk3/nounit", "auto", "stream"]
     unavailable: dict[str, str] = {}
     problems = check_forms(snn, test, Ts=[4, 7], forms=forms, unavailable=unavailable) \
@@ -486,9 +487,10 @@ def test_layered_runs_signed_sites_and_compensated_ops(name: str, options: dict[
     # auto: layered at batch 1 only (runtime/session.py, LAYERED_MAX_BATCH_COMPENSATED)
     auto = make_session(snn, mode="auto")
     assert auto.choose_form(1, 32)[0] == "layered" and auto.choose_form(2, 32)[0] == "step"
-    # the unit-threshold form is for IF neurons: the symmetric ones keep their calibrated θ in every form
-    symmetric = {n.name for n in snn.graph.node if n.op_type == "SymmetricIFNeuron"}
-    assert {n.name for n in session._plan.proto.graph.node if n.op_type == "SymmetricIFNeuron"} == symmetric
+    # the runtime's unit-threshold form is for IF neurons: the symmetric ones stay as compiled in every form
+    for op in ("SymmetricIFNeuron", "UnitSymmetricIFNeuron"):
+        symmetric = {n.name for n in snn.graph.node if n.op_type == op}
+        assert {n.name for n in session._plan.proto.graph.node if n.op_type == op} == symmetric
 
 
 def test_layered_unrolls_compensated_ops_on_the_vit(monkeypatch) -> None:
