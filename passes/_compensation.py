@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from ann2snn.runtime.compensation import EC_PREFIX, compensated_function
+from ann2snn.runtime.compensation import EC_PREFIX, STEP_COUNT, compensated_function
 from ann2snn.runtime.ops import DOMAIN
 from ann2snn.support import ACTIVATION_DOMAIN
 
@@ -24,6 +24,7 @@ def emit_compensation(graph: gs.Graph, compensated: dict[str, list[int]], batch:
     ``scales``: node -> the constant its totals are multiplied by (1/θ of the neuron after it)."""
     scales = scales or {}
     nodes = {n.name: n for n in graph.nodes}
+    step_of_rank = _step_counter(graph, batch, states, state_outs) if compensated else {}
     functions: dict[bytes, onnx.FunctionProto] = {}
     per_op: dict[str, int] = {}
     info: list[dict] = []
@@ -55,10 +56,36 @@ def emit_compensation(graph: gs.Graph, compensated: dict[str, list[int]], batch:
 
         sums = [state(f"sum{i}", list(x.shape[1:])) for i, x in enumerate(xs)]
         total = state("total", list(y.shape[1:]))
-        count = state("count", [1])
         info.append({"node": name, "op": node.op, "function": fname, "varying_inputs": list(varying),
-                     "states": [s.name for s, _ in sums] + [total[0].name, count[0].name]})
+                     "states": [s.name for s, _ in sums] + [total[0].name], "step_count": STEP_COUNT})
         node.op, node.domain, node.attrs = fname, DOMAIN, {}
-        node.inputs = xs + [s for s, _ in sums] + [total[0], count[0]] + consts + ([scales[name]] if name in scales else [])
-        node.outputs = [y] + [s for _, s in sums] + [total[1], count[1]]
+        node.inputs = xs + [s for s, _ in sums] + [total[0], step_of_rank(len(y.shape))] \
+            + [step_of_rank(len(x.shape)) for x in xs] + consts + ([scales[name]] if name in scales else [])
+        node.outputs = [y] + [s for _, s in sums] + [total[1]]
     return list(functions.values()), info
+
+
+def _step_counter(graph: gs.Graph, batch: int | str, states: list[dict], state_outs: list[gs.Variable]):
+    """The graph's one step counter for all compensated ops: a state [N, 1] starting at 0, the
+    step number t = count + 1, and t reshaped to [N, 1, ..., 1] once per rank asked for."""
+    count = gs.Variable(STEP_COUNT, dtype=np.float32, shape=[batch, 1])
+    count_next = gs.Variable(f"{STEP_COUNT}_next", dtype=np.float32, shape=[batch, 1])
+    graph.inputs.append(count)
+    state_outs.append(count_next)
+    states.append({"input": count.name, "output": count_next.name, "shape": [1], "init": "zeros"})
+    graph.nodes.append(gs.Node("Add", name=f"{STEP_COUNT}/step", inputs=[count, gs.Constant(
+        f"{STEP_COUNT}/one", np.ones(1, np.float32))], outputs=[count_next]))
+    by_rank: dict[int, gs.Variable] = {}
+
+    def of_rank(rank: int) -> gs.Variable:
+        if rank == 2:
+            return count_next
+        if rank not in by_rank:
+            by_rank[rank] = gs.Variable(f"{STEP_COUNT}/rank{rank}", dtype=np.float32, shape=[batch] + [1] * (rank - 1))
+            graph.nodes.append(gs.Node("Reshape", name=f"{STEP_COUNT}/rank{rank}",
+                                       inputs=[count_next, gs.Constant(f"{STEP_COUNT}/shape{rank}",
+                                                                       np.array([-1] + [1] * (rank - 1), np.int64))],
+                                       outputs=[by_rank[rank]]))
+        return by_rank[rank]
+
+    return of_rank

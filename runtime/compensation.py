@@ -15,9 +15,12 @@ each time-varying input, the previous total (t−1)·f(·), and the step count t
 The wrapper is the model-local function ``ann2snn::ExpectationCompensated<Op>`` (one per op
 type, attributes and pattern of time-varying inputs), so stock onnxruntime runs it:
 
-    (x_1..x_k, sum_1..sum_k, total, count, c_1..c_m) -> (y, sum_1'..sum_k', total', count')
+    (x_1..x_k, sum_1..sum_k, total, t, t_1..t_k, c_1..c_m[, scale]) -> (y, sum_1'..sum_k', total')
 
-with x the time-varying inputs in order, c the others in order, and the op itself inside.
+with x the time-varying inputs in order, c the others in order, and the op itself inside. t is
+the step number (1, 2, ...) of each sample, shaped [N, 1, ..., 1] to the output's rank, and t_i
+the same to input i's rank: the graph keeps one step counter for all its compensated ops
+(``STEP_COUNT``) and reshapes it once per rank, so no op counts its own steps.
 
 Numerical hazards (docs/compensation.md, "Numerical hazards"): the op only ever sees running
 means, never a step's increment, so a LayerNorm's variance and epsilon are those of the mean
@@ -50,6 +53,8 @@ GUARDED = frozenset({"Div", "Reciprocal", "Log", "Sqrt", "Pow", "Exp", "Softplus
                      "ReduceLogSumExp", "ReduceL2", "InstanceNormalization", "GroupNormalization"})
 #: ops that get the row maximum of their (mean) input subtracted first: the same value, never overflowing
 MAX_SHIFTED = frozenset({"Softmax", "LogSoftmax"})
+#: the state of the graph's one step counter (shape [N, 1], starting at 0), and its next value
+STEP_COUNT = "ann2snn/step_count"
 
 
 def is_compensated(node: onnx.NodeProto) -> bool:
@@ -67,13 +72,9 @@ def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int
     reads its current in units of its threshold (scale = 1/θ) at no extra element-wise pass."""
     k = len(varying)
     xs, sums, sums_next = [f"x{i}" for i in range(k)], [f"sum{i}" for i in range(k)], [f"sum{i}_next" for i in range(k)]
+    ts = [f"t{i}" for i in range(k)]
     consts = [f"c{j}" for j, name_in in enumerate(inner.input) if name_in and j not in varying]
-    nodes = [
-        helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])),
-        helper.make_node("Add", ["count", "one"], ["count_next"], name="step"),
-        # every sample has the same count: one scalar t broadcasts against inputs of any rank
-        helper.make_node("ReduceMax", ["count_next"], ["t"], keepdims=0, name="t"),
-    ]
+    nodes: list[onnx.NodeProto] = []
     args: list[str] = []
     ci = iter(consts)
     for j, name_in in enumerate(inner.input):
@@ -82,7 +83,7 @@ def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int
         elif j in varying:
             i = list(varying).index(j)
             nodes.append(helper.make_node("Add", [sums[i], xs[i]], [sums_next[i]], name=f"accumulate{i}"))
-            nodes.append(helper.make_node("Div", [sums_next[i], "t"], [f"mean{i}"], name=f"mean{i}"))
+            nodes.append(helper.make_node("Div", [sums_next[i], ts[i]], [f"mean{i}"], name=f"mean{i}"))
             args.append(f"mean{i}")
         else:
             args.append(next(ci))
@@ -111,11 +112,29 @@ def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int
                   helper.make_node("Where", ["not_finite", "total", "raw_total"], ["total_next"], name="guard")]
     nodes.append(helper.make_node("Sub", ["total_next", "total"], ["y"], name="increment"))
     return helper.make_function(
-        DOMAIN, name, xs + sums + ["total", "count"] + consts + (["scale"] if scaled else []),
-        ["y"] + sums_next + ["total_next", "count_next"],
+        DOMAIN, name, xs + sums + ["total", "t"] + ts + consts + (["scale"] if scaled else []),
+        ["y"] + sums_next + ["total_next"],
         nodes, [helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
         doc_string=f"Expectation-compensated {inner.op_type}: emits t·f(S_t/t) − (t−1)·f(S_(t−1)/(t−1)) for the "
                    "running sums S of its time-varying inputs, so its outputs sum to t·f(mean input).")
+
+
+def step_counter_nodes(count: str, count_next: str, ranks: Sequence[int]
+                       ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], dict[int, str]]:
+    """A step counter as plain ONNX (what passes/_compensation.py emits with graphsurgeon):
+    ``count_next = count + 1`` for a [N, 1] state, and t reshaped to [N, 1, ..., 1] for each rank.
+    Returns (nodes, initializers, rank -> tensor name), for graphs built by hand."""
+    nodes = [helper.make_node("Add", [count, f"{count}/one"], [count_next], name=f"{count}/step")]
+    inits = [onnx.numpy_helper.from_array(np.ones(1, np.float32), f"{count}/one")]
+    names: dict[int, str] = {}
+    for rank in sorted(set(ranks)):
+        if rank == 2:
+            names[rank] = count_next
+            continue
+        names[rank] = f"{count}/rank{rank}"
+        inits.append(onnx.numpy_helper.from_array(np.array([-1] + [1] * (rank - 1), np.int64), f"{count}/shape{rank}"))
+        nodes.append(helper.make_node("Reshape", [count_next, f"{count}/shape{rank}"], [names[rank]]))
+    return nodes, inits, names
 
 
 def compensated_reference(f: Callable[..., np.ndarray], xs: Sequence[np.ndarray], sums: Sequence[np.ndarray],

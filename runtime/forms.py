@@ -292,8 +292,8 @@ class StepPlan:
 
     def _compensated_cut(self, node: onnx.NodeProto, touching: list[str]) -> Cut:
         """An expectation-compensated op (runtime/compensation.py): its states (the running sum
-        of each time-varying input, the previous total, the step count) are its inputs in
-        order, and its outputs after the first are their next values in the same order."""
+        of each time-varying input, the previous total) are its inputs in order, and its
+        outputs after the first are their next values in the same order."""
         if len(set(touching)) != len(touching) or len(node.output) != 1 + len(touching) \
                 or list(node.output[1:]) != [self.state_out_of[s] for s in touching]:
             raise _Refuse(f"node {node.name} ({node.op_type}): its states are not fed back one to one")
@@ -317,8 +317,8 @@ class StepPlan:
         if body is None:
             return None
         names = [n.name for n in body.node]
-        k = (len(touching) - 2)  # running sums, then total and count
-        expected = {"step", "t", "op", "total", "increment", *(f"accumulate{i}" for i in range(k)),
+        k = (len(touching) - 1)  # running sums, then the total
+        expected = {"op", "total", "increment", *(f"accumulate{i}" for i in range(k)),
                     *(f"mean{i}" for i in range(k))}
         named = [n for n in names if n]
         if k < 1 or not expected <= set(names) or len(named) != len(set(named)) \
@@ -478,38 +478,15 @@ class StepPlan:
 
         def over_time(node: onnx.NodeProto, cut: Cut) -> None:
             """The compensated op's chunk at once (see StepPlan._over_time): running sums by CumSum
-            over time, the step count t of each row, f(S/t)·t on all rows, increments as the
-            totals' differences over time."""
+            over time, f(S/t)·t on all rows (t of every row: the step counter's rows), increments
+            as the totals' differences over time."""
             body, p = cut.body, f"{node.name}@time"
             assert body is not None
             states = [s_in for s_in, _ in cut.chain]
-            k = len(states) - 2
-            total_in, count_in = states[k], states[k + 1]
+            k = len(states) - 1
+            total_in = states[k]
             actual = dict(zip(body.input, node.input))
             rename = {o: f"{p}/{o}" for n in body.node for o in n.output}
-            count_shape = self.state_shape[count_in]
-            # t of every row: max(count) + 1, ..., + steps (exact integers), as [steps, B] rows
-            ks = f"{p}/ks"
-            inits.append(onnx.numpy_helper.from_array(np.arange(1, steps + 1, dtype=np.float32), ks))
-            nodes.extend([
-                helper.make_node("ReduceMax", [count_in], [f"{p}/t0"], keepdims=0),
-                helper.make_node("Add", [f"{p}/t0", ks], [f"{p}/t_seq"]),
-                helper.make_node("Reshape", [f"{p}/t_seq", const(f"{p}/t_col_shape", [steps, 1])], [f"{p}/t_col"]),
-                helper.make_node("Shape", [count_in], [f"{p}/count_shape"]),
-                helper.make_node("Slice", [f"{p}/count_shape", const(f"{p}/s0", [0]), const(f"{p}/e1", [1])],
-                                 [f"{p}/batch"]),
-                helper.make_node("Concat", [const(f"{p}/steps", [steps]), f"{p}/batch"], [f"{p}/grid"], axis=0),
-                helper.make_node("Expand", [f"{p}/t_col", f"{p}/grid"], [f"{p}/t_grid"]),
-            ])
-            t_of_rank: dict[int, str] = {}
-
-            def t_rows(rank: int) -> str:
-                if rank not in t_of_rank:
-                    t_of_rank[rank] = f"{p}/t_rank{rank}"
-                    nodes.append(helper.make_node("Reshape", [f"{p}/t_grid", const(f"{p}/t_shape{rank}",
-                                                                                  [-1] + [1] * (rank - 1))],
-                                                  [t_of_rank[rank]]))
-                return t_of_rank[rank]
 
             for i in range(k):  # the running sums of every step: [sum, x_1, ..., x_n] summed over time
                 shape = self.state_shape[states[i]]
@@ -526,17 +503,14 @@ class StepPlan:
                     helper.make_node("Gather", [f"{q}/run", const(f"{q}/last", steps - 1)],
                                      [f"{cut.chain[i][1]}@out"], axis=0),
                 ])
-            out_rank = self._rank(node.output[0]) or 0
             for n in body.node:  # the means, the op and the totals, renamed; t per row
-                if n.name in ("step", "t", "increment") or n.name.startswith("accumulate"):
+                if n.name == "increment" or n.name.startswith("accumulate"):
                     continue
                 copy = onnx.NodeProto()
                 copy.CopyFrom(n)
                 del copy.input[:]
                 for i in n.input:
-                    if i == "t":
-                        i = t_rows(out_rank if n.name in ("total", "scale") else self._rank(actual[f"x{n.name[4:]}"]) or 0)
-                    elif i in rename:
+                    if i in rename:
                         i = rename[i]
                     elif i in actual:
                         i = rows(actual[i])
@@ -558,13 +532,7 @@ class StepPlan:
                 helper.make_node("Reshape", [f"{q}/d", const(f"{q}/flat", [-1, *shape])], [node.output[0]]),
                 helper.make_node("Gather", [f"{q}/totals", const(f"{q}/last", steps - 1)], [f"{cut.chain[k][1]}@out"],
                                  axis=0),
-                helper.make_node("Add", [count_in, const_float(f"{p}/n", float(steps), count_shape)],
-                                 [f"{cut.chain[k + 1][1]}@out"]),
             ])
-
-        def const_float(name: str, value: float, shape: tuple[int, ...]) -> str:
-            inits.append(onnx.numpy_helper.from_array(np.full((1,) * (len(shape) + 1), value, np.float32), name))
-            return name
 
         for node in self.rest_nodes:
             cut = by_node.get(node.name)

@@ -21,7 +21,8 @@ from ann2snn.analysis.evaluate import evaluate
 from ann2snn.analysis.inspection import inspect_model
 from ann2snn.passes.canonicalize_activations import _function as activation_function
 from ann2snn.runtime import SpikingSession
-from ann2snn.runtime.compensation import compensated_function, compensated_reference, is_compensated
+from ann2snn.runtime.compensation import (compensated_function, compensated_reference, is_compensated,
+                                          step_counter_nodes)
 from ann2snn.runtime.ops import DOMAIN
 from ann2snn.runtime.reference import model_metadata, reference_run
 from ann2snn.support import ACTIVATION_DOMAIN
@@ -59,16 +60,18 @@ def _model(inner: onnx.NodeProto, varying: list[int], consts: dict[str, np.ndarr
     fn = compensated_function("ExpectationCompensatedTest", inner, varying, opsets)
     xs = [f"x{i}" for i in range(len(varying))]
     sums = [f"sum{i}" for i in range(len(varying))]
-    call = helper.make_node(fn.name, xs + sums + ["total", "count"] + list(consts),
-                            ["y"] + [s + "_next" for s in sums] + ["total_next", "count_next"], domain=DOMAIN)
     out_shape = _reference(inner, opset, [np.zeros(s, np.float32) for s in shapes], consts).shape
+    counter, counter_inits, t_of = step_counter_nodes("count", "count_next", [len(out_shape), *map(len, shapes)])
+    call = helper.make_node(fn.name, xs + sums + ["total", t_of[len(out_shape)]] + [t_of[len(sh)] for sh in shapes]
+                            + list(consts), ["y"] + [s + "_next" for s in sums] + ["total_next"], domain=DOMAIN)
     vi = lambda n, s: helper.make_tensor_value_info(n, F, list(s))  # noqa: E731
     inputs = ([vi(x, s) for x, s in zip(xs, shapes)] + [vi(s, sh) for s, sh in zip(sums, shapes)]
               + [vi("total", out_shape), vi("count", [shapes[0][0], 1])] + [vi(c, v.shape) for c, v in consts.items()])
     outputs = ([vi("y", out_shape)] + [vi(s + "_next", sh) for s, sh in zip(sums, shapes)]
                + [vi("total_next", out_shape), vi("count_next", [shapes[0][0], 1])])
     functions = [fn] + ([activation_function(inner.op_type, opset)] if inner.domain == ACTIVATION_DOMAIN else [])
-    model = helper.make_model(helper.make_graph([call], "ec", inputs, outputs), functions=functions,
+    model = helper.make_model(helper.make_graph(counter + [call], "ec", inputs, outputs, counter_inits),
+                              functions=functions,
                               opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()]
                               + [helper.make_opsetid(DOMAIN, 1)])
     onnx.checker.check_model(model, full_check=True)

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ann2snn.runtime.compensation import is_compensated
+from ann2snn.runtime.compensation import STEP_COUNT, is_compensated
 from ann2snn.runtime.ops import DOMAIN, IF_OP, SIGNED_SPIKE_OPS, SYMMETRIC_OPS
 
 from ..errors import NodeProblem, PassError, UnsupportedModelError
@@ -62,7 +62,11 @@ class _Exporter(NirBuilder):
             self.src[inp.name] = [key]
             self.static.add(inp.name)
         broken: set[str] = set()
+        counter = {STEP_COUNT}  # the compensated ops' step counter: reported through the ops that read it
         for node in g.node:
+            if not is_compensated(node) and any(x in counter for x in node.input):
+                counter.update(node.output)
+                continue
             handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             if node.domain == DOMAIN and node.op_type == IF_OP:
                 handler = _if_neuron

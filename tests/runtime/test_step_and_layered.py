@@ -244,11 +244,15 @@ def _compensated_step_graph(inner: onnx.NodeProto) -> tuple[onnx.ModelProto, lis
     the op's running sum, total and step count as states (as passes/_compensation.py emits)."""
     from ann2snn.runtime.compensation import compensated_function
 
+    from ann2snn.runtime.compensation import step_counter_nodes
+
     fn = compensated_function("ExpectationCompensatedTest", inner, [0], {"": 17})
     rng = np.random.default_rng(0)
+    counter, counter_inits, t_of = step_counter_nodes("count", "count_next", [3])
     nodes = [helper.make_node("MatMul", ["x", "W"], ["z"], name="proj"),
              helper.make_node("IFNeuron", ["z", "v", "theta"], ["s", "v_next"], domain=DOMAIN, name="if"),
-             helper.make_node(fn.name, ["s", "sum0", "total", "count"], ["y", "sum0_next", "total_next", "count_next"],
+             *counter,
+             helper.make_node(fn.name, ["s", "sum0", "total", t_of[3], t_of[3]], ["y", "sum0_next", "total_next"],
                               domain=DOMAIN, name="ec")]
     shapes = {"v": (2, 4), "sum0": (2, 4), "total": (2, 4), "count": (1,)}
     graph = helper.make_graph(
@@ -256,7 +260,7 @@ def _compensated_step_graph(inner: onnx.NodeProto) -> tuple[onnx.ModelProto, lis
                      for n, shape in {"x": (2, 4), **shapes}.items()],
         [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("y", *(f"{s}_next" for s in shapes))],
         [onnx.numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "W"),
-         onnx.numpy_helper.from_array(np.full(4, 0.7, np.float32), "theta")])
+         onnx.numpy_helper.from_array(np.full(4, 0.7, np.float32), "theta"), *counter_inits])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
     model.functions.extend([if_neuron_function(17), fn])
     return model, [(n, f"{n}_next", shape) for n, shape in shapes.items()]
