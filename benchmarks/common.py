@@ -81,3 +81,17 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     """Lay out and write a figure."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
+
+
+def extra_options(pairs: list[str]) -> dict[str, object]:
+    """``--extra key=value`` compile options: integers and true / false parsed, dashes as underscores."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        parsed: object = value
+        if value.lstrip("-").isdigit():
+            parsed = int(value)
+        elif value.lower() in ("true", "false"):
+            parsed = value.lower() == "true"
+        out[key.replace("-", "_")] = parsed
+    return out

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, command_line
+from common import ROOT, command_line, extra_options
 
 MODELS = ROOT / "models"
 DATA = {"mnist_cnn": ("mnist_calib", "mnist_test"), "fashion_vgg": ("fashion_calib", "fashion_test"),
@@ -131,7 +131,7 @@ def forms(args: argparse.Namespace, tmp: Path) -> list[str]:
              + (" auto, spinning ÷ faster ANN |" if args.spinning else ""),
              "|---|---|---|---|" + "---|" * (len(configs) + 3 + int(args.spinning))]
     for model in args.models.split(","):
-        options = {**FORM_OPTIONS.get(model, {"signed_sites": "output"}), **_extra_options(args.extra)}
+        options = {**FORM_OPTIONS.get(model, {"signed_sites": "output"}), **extra_options(args.extra)}
         with np.load(MODELS / "data" / f"{DATA[model][0]}.npz") as z:
             calib = z["input"][:args.calib_images]
         snn_path = tmp / f"{model}.snn.onnx"
@@ -158,15 +158,6 @@ def forms(args: argparse.Namespace, tmp: Path) -> list[str]:
                             if args.spinning else ""))
             print(lines[-1], file=sys.stderr, flush=True)
     return lines
-
-
-def _extra_options(pairs: list[str]) -> dict[str, object]:
-    """``--extra key=value`` compile options (integers where they parse as one)."""
-    out: dict[str, object] = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        out[key.replace("-", "_")] = int(value) if value.lstrip("-").isdigit() else value
-    return out
 
 
 def _describe_form(form: tuple[str, int | None]) -> str:

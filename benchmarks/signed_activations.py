@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from common import ROOT, T_header, command_line, mac_share_cell, md_row, write_results
+from common import ROOT, T_header, command_line, extra_options, mac_share_cell, md_row, write_results
 from expectation_compensation import shares
 
 #: networks whose gates (SiLU, HardSwish) or LayerNorms (ConvNeXt) need compensation to stay spiking
@@ -37,7 +37,7 @@ COMPENSATED = ("silu", "hswish", "convnext")
 
 
 def measure(model: str, form: str, method: str, x: np.ndarray, y: np.ndarray, ann: np.ndarray, calib: np.ndarray,
-            Ts: list[int], batch: int) -> dict[str, Any]:
+            Ts: list[int], batch: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compile one network with one form and method; accuracy, agreement and error per T."""
     import ann2snn
     from ann2snn.runtime import SpikingSession
@@ -45,6 +45,7 @@ def measure(model: str, form: str, method: str, x: np.ndarray, y: np.ndarray, an
     options: dict[str, Any] = {"signed_sites": form, "method": method}
     if model.removesuffix("_dynamo") in COMPENSATED:
         options["nonlinear"] = "compensate"
+    options.update(extra or {})
     start = time.perf_counter()
     snn = ann2snn.compile(ROOT / "models" / f"fashion_{model}.onnx", {"input": calib}, **options)
     compile_s = time.perf_counter() - start
@@ -79,7 +80,10 @@ def main() -> None:
     p.add_argument("-T", default="16,32,64,128")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--out", default="signed_activations")
+    p.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="a compile option added to every compile (e.g. respike_currents=true); repeatable")
     args = p.parse_args()
+    extra = extra_options(args.extra)
     logging.getLogger("ann2snn").setLevel(logging.ERROR)
     Ts = [int(t) for t in args.T.split(",")]
     test = np.load(ROOT / "models" / "data" / "fashion_test.npz")
@@ -101,7 +105,7 @@ def main() -> None:
             for method in args.methods.split(","):
                 if form == "off" and model.startswith("lrelu"):
                     continue  # LeakyReLU inside the spiking part is an error without signed sites
-                r = measure(model, form, method, x, y, ann, calib, Ts, args.batch)
+                r = measure(model, form, method, x, y, ann, calib, Ts, args.batch, extra)
                 r["ann_accuracy"] = ann_acc
                 results.append(r)
                 s = r["shares"]

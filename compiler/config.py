@@ -26,7 +26,7 @@ SIGNED_SITE_FORMS = ("auto", "output", "input", "off")
 AUTO_SIGNED_FORM = "output"
 #: options added after format 1 of the metadata: recorded only when they differ from their
 #: defaults, so that a model compiled with the defaults keeps the bytes it had before them
-LATER_OPTIONS = ("signed_sites", "respike", "resolution")
+LATER_OPTIONS = ("signed_sites", "respike", "resolution", "respike_currents")
 #: what ``eval --task`` scores: top-1 accuracy, mIoU, mAP (ann2snn.analysis.tasks)
 TASKS = ("classification", "segmentation", "detection")
 #: the options a recipe sets (the recipe search, ann2snn.search, varies them); every other option is the caller's
@@ -90,6 +90,12 @@ class CompileConfig:
     respike: with ``nonlinear='compensate'``, a compensated op whose output reaches a weighted op
         (Conv, ConvTranspose, Gemm, MatMul with a constant weight) gets a symmetric signed neuron on
         its output, so that the weighted op reads spikes, not real-valued increments.
+    respike_currents: a weighted op (Conv, Gemm, MatMul with a constant weight) that reads the
+        current of another weighted op with no neuron between them (a MobileNet-style linear
+        bottleneck: projection Conv -> residual Add -> expand Conv) gets a symmetric signed neuron
+        on that input (a signed site of kind ``current``), so that it reads spikes instead of a
+        real-valued current at every step; the current's other readers (the residual path) keep
+        it exact. Off by default: it adds neurons to networks that compile today.
     strict: a non-spike-compatible op inside the spiking part is an error instead of
         ending the spiking part there with a warning.
     spiking_until: tensors whose consumers, and everything after them, run in the analog
@@ -140,6 +146,7 @@ class CompileConfig:
     nonlinear: str = "analog"
     signed_sites: str = "auto"
     respike: bool = True
+    respike_currents: bool = False
     strict: bool = False
     spiking_until: tuple[str, ...] = ()
     threads: int = 0

@@ -24,8 +24,9 @@ class Site:
     a signed site (docs/signed_activations.md) with a symmetric signed neuron: ``output`` (the
     node applied with expectation compensation to its time-varying inputs, at the positions
     ``varying``, and the neuron on its output ``post``) or ``input`` (the neuron on ``pre``, the
-    node compensated on its spikes). For signed sites θ is calibrated on |value| and
-    ``mean_act`` is the mean |value|.
+    node compensated on its spikes) or ``current`` (``--respike-currents``: the node is a weighted
+    op reading another weighted op's current ``pre``; the neuron on that input, nothing
+    compensated). For signed sites θ is calibrated on |value| and ``mean_act`` is the mean |value|.
     """
 
     node: str

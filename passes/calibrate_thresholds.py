@@ -64,7 +64,8 @@ class _Builder:
 def _signed_ltb_site(b: _Builder, act: gs.Node, site: Site, theta: gs.Variable, per_channel: bool,
                      eta: float) -> tuple[gs.Variable, gs.Variable]:
     """LTB at a signed site, on both signs with one θ: θ' = θ + 2η·mean(ReLU(|p| − θ)), and the
-    probed tensor p (the node's output, or its input for kind ``input``) is clipped to [−θ', θ'].
+    probed tensor p (the node's output, or its input for kinds ``input`` and ``current``) is clipped
+    to [−θ', θ'] (for the node alone: what else reads its input reads it unclipped).
     Returns (θ', the mean |p| per neuron)."""
     if site.kind == "output":
         out = act.outputs[0]
@@ -79,7 +80,7 @@ def _signed_ltb_site(b: _Builder, act: gs.Node, site: Site, theta: gs.Variable, 
     new_theta = b.op("Add", [theta, step])
     clipped = b.op("Max", [b.op("Min", [p, new_theta]), b.op("Neg", [new_theta])],
                    out=out if site.kind == "output" else None)
-    if site.kind == "input":
+    if site.kind in ("input", "current"):  # only this node reads the clipped input
         act.inputs[0] = clipped
     return new_theta, b.reduce_mean(size, [0])
 

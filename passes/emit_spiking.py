@@ -321,6 +321,14 @@ def _place_signed_neurons(graph: gs.Graph, sites: list[Site], nodes: dict[str, g
             continue
         f = nodes[site.node]
         shape = [batch] + list(site.shape)
+        if site.kind == "current":  # the neuron on the weighted op's input; nothing to compensate
+            z = f.inputs[0]
+            spikes = gs.Variable(unique_name(taken, f"{site.node}/spikes"), dtype=np.float32, shape=shape)
+            f.inputs[0] = spikes
+            neuron = gs.Node(SYMMETRIC_OP, name=f"{site.node}/IF", domain=DOMAIN, inputs=[z], outputs=[spikes])
+            graph.nodes.append(neuron)
+            neurons[site.node] = neuron
+            continue
         if site.kind == "output":
             y = f.outputs[0]
             inc = gs.Variable(unique_name(taken, f"{y.name}/increment"), dtype=np.float32, shape=shape)

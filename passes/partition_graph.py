@@ -245,8 +245,10 @@ def partition_graph(state: PassState) -> PassState:
     spike_sources = (neurons - signed_in) | {s.node for s in respiked}
     analog_steps = set(state.compensated) | {s.node for s in state.sites if s.signed and s.node in neurons} \
         | {s.node for s in respiked}
-    share = _mac_share(graph, spike_sources, spiking, set(tail), analog_steps)
     seen, on_increments, on_currents = _step_readers(graph, spike_sources, spiking, set(tail), analog_steps)
+    currents = _current_sites(graph, on_currents) if state.config.respike_currents else []
+    on_currents -= {s.node for s in currents}
+    share = _mac_share(graph, spike_sources, spiking, set(tail), analog_steps, {s.node for s in currents})
     if analog_steps:  # for inspect: what reads a compensated op's real-valued increments
         state.metadata["on_increments"] = sorted((spiking - neurons - analog_steps - seen) | on_increments)
     if on_currents:  # for inspect: the weighted ops that read another weighted op's current
@@ -269,7 +271,8 @@ def partition_graph(state: PassState) -> PassState:
                     100.0 * share.get("compensated", 0) / share["total"],
                     100.0 * share.get("analog_current", 0) / share["total"])
     order = {n.name: k for k, n in enumerate(graph.nodes)}
-    state.sites = sorted([s for s in state.sites if s.node in neurons] + respiked, key=lambda s: order[s.node])
+    state.sites = sorted([s for s in state.sites if s.node in neurons] + respiked + currents,
+                         key=lambda s: order[s.node])
     state.spiking = [n.name for n in graph.nodes if n.name in spiking and n.name not in neurons]
     # an activation that stayed analog is in the tail when it reads a time-varying signal (then
     # _classify put it there); one in the time-constant prefix stays there, computed once per
@@ -310,15 +313,18 @@ def _check_bursts(state: PassState) -> None:
 
 
 def _mac_share(graph: gs.Graph, neurons: set[str], spiking: set[str], analog: set[str],
-               compensated: set[str] | None = None) -> dict[str, int]:
+               compensated: set[str] | None = None, respiked_inputs: set[str] = frozenset()) -> dict[str, int]:
     """MACs per sample of the weighted nodes that take spikes as input (downstream of a neuron
     inside the spiking part, not behind a compensated op, not reading another weighted op's
     current), of the time-constant prefix, of the analog tail and, with ``compensated``, of the
     step graph's analog work on increments: the compensated ops and the weighted nodes behind
     them, which take real-valued increments, not spikes. ``analog_current`` (present when not 0):
     the weighted nodes that read the current of another weighted node with no neuron between
-    them (Conv -> Conv -> Relu), real values at every step; ``ann2snn report`` splits the same way."""
+    them (Conv -> Conv -> Relu), real values at every step; ``ann2snn report`` splits the same way.
+    ``respiked_inputs``: weighted nodes whose current input a neuron re-spikes (``--respike-currents``):
+    on spikes."""
     seen, on_increments, on_currents = _step_readers(graph, neurons, spiking, analog, compensated or set())
+    on_currents = on_currents - respiked_inputs
     total = spiking_macs = tail_macs = step_analog = currents = 0
     for n in graph.nodes:
         m = node_macs(n)
@@ -395,6 +401,23 @@ def _respike(state: PassState, spiking: set[str], neurons: set[str]) -> list[Sit
                         varying=tuple(state.compensated[node.name])))
     for site in out:
         del state.compensated[site.node]
+    return out
+
+
+def _current_sites(graph: gs.Graph, on_currents: set[str]) -> list[Site]:
+    """``--respike-currents``: a signed site of kind ``current`` before each weighted node that
+    reads another weighted node's current (its symmetric neuron integrates that input; the node
+    reads its spikes), where the input has a static per-sample shape with a channel axis."""
+    out: list[Site] = []
+    for node in graph.nodes:
+        if node.name not in on_currents:
+            continue
+        x = node.inputs[0]
+        shape = static_shape(x)
+        if shape is None or len(shape) == 0:
+            continue
+        out.append(Site(node=node.name, pre=x.name, post=x.name, cap=None, channel_axis=channel_axis(x, len(shape) + 1),
+                        shape=shape, kind="current"))
     return out
 
 

@@ -353,3 +353,49 @@ def test_bursts_need_a_neuron_that_can_burst() -> None:
             ann2snn.compile(relu_only, data(16, 0), **options)
     meta = model_metadata(ann2snn.compile(net("LeakyRelu"), data(64, 0), iters=5, burst=2))
     assert [n["op"] for n in meta["neurons"]] == [IF_OP, UNIT_SYMMETRIC_BURST_OP, IF_OP]
+
+
+#: Conv -> ReLU -> Conv (a linear projection) -> + residual -> Conv -> ReLU -> Gemm: the second
+#: 3x3 Conv reads the projection's current (no neuron between them)
+BOTTLENECK = """
+g (float[N,2,6,6] x) => (float[N,3] y) {
+  c0 = Conv <pads=[1,1,1,1]> (x, W0, b0)
+  r0 = Relu (c0)
+  p = Conv (r0, Wp, bp)
+  a = Add (p, r0)
+  c2 = Conv <pads=[1,1,1,1]> (a, W2, b2)
+  r2 = Relu (c2)
+  f = Flatten (r2)
+  y = Gemm <transB=1> (f, W3, b3)
+}
+"""
+
+
+def test_respike_currents_puts_linear_bottlenecks_on_spikes() -> None:
+    """--respike-currents: the Conv reading the projection's current gets a symmetric neuron on
+    that input (a site of kind ``current``), its MACs move from the analog-current share to the
+    spiking share (metadata, inspect and report agree), the residual path reads the current
+    unchanged, and the SNN converges to the ANN in every runtime form."""
+    from ann2snn.analysis.report import report
+
+    rng = np.random.default_rng(3)
+    ann = build(BOTTLENECK, {"W0": rng.normal(0, 0.5, (4, 2, 3, 3)), "b0": rng.normal(0, 0.1, 4),
+                             "Wp": rng.normal(0, 0.5, (4, 4, 1, 1)), "bp": rng.normal(0, 0.1, 4),
+                             "W2": rng.normal(0, 0.3, (4, 4, 3, 3)), "b2": rng.normal(0, 0.1, 4),
+                             "W3": rng.normal(0, 0.3, (3, 144)), "b3": np.zeros(3)})
+    plain = ann2snn.compile(ann, data(256, 0), method="max")
+    fine = ann2snn.compile(ann, data(256, 0), method="max", respike_currents=True)
+    meta_p, meta_f = model_metadata(plain), model_metadata(fine)
+    assert meta_p["macs"]["analog_current"] > 0 and "analog_current" not in meta_f["macs"]
+    assert meta_f["macs"]["spiking"] == meta_p["macs"]["spiking"] + meta_p["macs"]["analog_current"]
+    current = [n for n in meta_f["neurons"] if n.get("site") == "current"]
+    assert len(current) == 1 and current[0]["op"] == SYMMETRIC_OP and len(meta_f["neurons"]) == len(meta_p["neurons"]) + 1
+    assert meta_f["config"]["respike_currents"] is True and "respike_currents" not in meta_p["config"]
+    x = data(64, 1)
+    assert report(fine, {"x": x["x"][:8]}, [4])["mac_share"] == meta_f["macs"]
+    rows = {r["node"]: r for r in inspect_model(ann, ann2snn.CompileConfig(respike_currents=True))["nodes"]}
+    conv2 = [r for r in rows.values() if "re-spike the current" in r["detail"]]
+    assert len(conv2) == 1 and conv2[0]["role"] == "spiking"
+    err = rel_error(fine, ann, x, [8, 32, 256])
+    assert err[256][0] < err[32][0] < err[8][0] and err[256][0] < 0.08 and err[256][1] >= 0.9, err
+    assert_forms_match_reference(fine, x["x"], 9)

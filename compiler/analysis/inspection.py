@@ -171,6 +171,9 @@ def _classify_row(name: str, op: str, domain: str, node: Any, state: Any, cfg: C
         most = cfg.burst * cfg.resolution
         spikes = "spikes of ±1" if most == 1 else f"up to {most} spikes of ±θ/{cfg.resolution} per step"
         units = f"symmetric signed neurons ({spikes}), {_prod(s.shape)} units"
+        if s.kind == "current":
+            return "spiking", (f"weighted op on spikes: {units} re-spike the current '{s.pre}' of the weighted op "
+                               "before it (--respike-currents)")
         if name not in state.metadata.get("signed_activations", ()):
             return "compensated", ("expectation-compensated: keeps the running sum of its time-varying input(s) and "
                                    "emits the increment of t·f(mean input) (--nonlinear compensate); "

@@ -62,6 +62,9 @@ from .options import (ALLOW_NONFINITE_OPTION, CUDA_GRAPH_OPTION, DEVICE_OPTION, 
 @click.option("--respike/--no-respike", default=CompileConfig.respike, show_default=True,
               help="With --nonlinear compensate: a signed neuron after each compensated op that feeds a weighted op, "
                    "so that the weighted op reads spikes instead of real-valued increments.")
+@click.option("--respike-currents/--no-respike-currents", default=CompileConfig.respike_currents, show_default=True,
+              help="A signed neuron before each weighted op that reads another weighted op's current (no neuron "
+                   "between them, e.g. a linear bottleneck), so that it reads spikes instead of a real-valued current.")
 @click.option("--strict", is_flag=True, help="A non-spike-compatible op inside the spiking part is an error.")
 @click.option("--spiking-until", multiple=True, metavar="TENSOR",
               help="End the spiking part at TENSOR: its consumers and everything after them run in the analog tail "
@@ -144,6 +147,8 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
 @click.option("--signed-sites", type=click.Choice(SIGNED_SITE_FORMS), default=CompileConfig.signed_sites,
               show_default=True, help="As for compile (signed activation sites are shown as neurons).")
 @click.option("--respike/--no-respike", default=CompileConfig.respike, show_default=True, help="As for compile.")
+@click.option("--respike-currents/--no-respike-currents", default=CompileConfig.respike_currents, show_default=True,
+              help="As for compile.")
 @click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=D0xD1x...",
               help="Size of an input whose dimensions are symbolic (e.g. images=1x3x640x640), so that MACs can be "
                    "counted; repeat per input.")
@@ -152,7 +157,8 @@ def compile_cmd(ctx: click.Context, model: str, output: str, calib: str, dump_di
 @click.pass_context
 @handle_errors
 def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spiking_until: tuple[str, ...],
-                nonlinear: str, keep_clip_cap: bool, signed_sites: str, respike: bool, input_shape: tuple[str, ...],
+                nonlinear: str, keep_clip_cap: bool, signed_sites: str, respike: bool, respike_currents: bool,
+                input_shape: tuple[str, ...],
                 compiled: str | None) -> None:
     """Show, per node of MODEL, whether it spikes, becomes a neuron, is folded, or runs in the analog tail."""
     from ..analysis.inspection import format_inspection, inspect_model
@@ -169,7 +175,8 @@ def inspect_cmd(ctx: click.Context, model: str, as_json: bool, maxpool: str, spi
                               f"(e.g. images=1x3x640x640), got '{item}'")
     info = inspect_model(model, CompileConfig(maxpool=maxpool, spiking_until=tuple(spiking_until),
                                               keep_clip_cap=keep_clip_cap, nonlinear=nonlinear,
-                                              signed_sites=signed_sites, respike=respike), input_shapes=shapes or None,
+                                              signed_sites=signed_sites, respike=respike,
+                                              respike_currents=respike_currents), input_shapes=shapes or None,
                          compiled=compiled)
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
