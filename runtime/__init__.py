@@ -2,7 +2,8 @@
 
 The semantics (what a compiled model computes):
 
-- ``ops.py``: the neuron ops (IFNeuron, SignedIFNeuron, SignedBurstIFNeuron) as ONNX
+- ``ops.py``: the neuron ops (IFNeuron, SignedIFNeuron, SignedBurstIFNeuron, and the symmetric
+  neurons of signed sites: SymmetricIFNeuron, SymmetricBurstIFNeuron and their unit-θ forms) as ONNX
   functions, with numpy references;
 - ``reference.py``: the step graph run as written, one onnxruntime call per step, and the
   readout window. Its docstring states the invariant every derived form keeps: the
