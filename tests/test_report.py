@@ -592,3 +592,18 @@ def test_compile_time_mac_share_matches_the_report(spiking_first: bool) -> None:
     assert info["macs"] == meta
     row = next(r for r in info["nodes"] if r["node"] == "conv2")
     assert ("current of the weighted op before it" in row["detail"]) == spiking_first
+
+
+def test_report_counts_the_attention_products_like_the_compiler() -> None:
+    """The ViT's MatMuls of two activations (Q·Kᵀ, attention·V): in the time-constant prefix once,
+    under expectation compensation at every step; the report's MAC share equals the model's
+    metadata, total included (it used to leave them out of both the total and their share)."""
+    snn = ann2snn.compile(MODELS / "fashion_vit_dynamo.onnx", MODELS / "data" / "fashion_calib.npz", iters=3,
+                          nonlinear="compensate", signed_sites="output")
+    meta = json.loads({p.key: p.value for p in snn.metadata_props}["ann2snn"])
+    with np.load(MODELS / "data" / "fashion_test.npz") as z:
+        x = z["input"][:2]
+    r = report(snn, {"input": x}, [2])
+    assert r["mac_share"] == meta["macs"] and meta["macs"]["compensated"] > 0
+    products = [row for row in r["synaptic_layers"] if row["op"].startswith("ExpectationCompensatedMatMul")]
+    assert len(products) == 6 and all("compensated increments" in row["inputs"] for row in products)

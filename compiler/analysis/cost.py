@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ann2snn.runtime.compensation import is_compensated
-from ann2snn.runtime.ops import IF_OP, NEURON_OPS
+from ann2snn.runtime.ops import DOMAIN, IF_OP, NEURON_OPS
 
 from ..errors import ConfigError, ModelLoadError
 from ..macs import WEIGHTED, step_signals
@@ -369,9 +369,18 @@ def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights:
         ((n.op_type, n.input, n.output, "neuron" if n.op_type in NEURON_OPS else
           "compensated" if is_compensated(n) else "") for n in proto.graph.node), analog)
     targets = {t for per in fanout.values() for t in per}
+    bodies = {f.name: f for f in proto.functions if f.domain == DOMAIN}
     layers = []
     ann_macs = 0
     for n in proto.graph.node:
+        product = _activation_product_macs(g, n, bodies)
+        if product:  # a MatMul of two activations (attention): in the prefix once, compensated every step
+            ann_macs += product
+            compensated = is_compensated(n)
+            layers.append({"name": n.name, "op": n.op_type, "part": "spiking", "ann_macs": product,
+                           "analog_macs_per_step": 0 if compensated else product,
+                           "increment_macs_per_step": product if compensated else 0, "current_macs_per_step": 0})
+            continue
         macs = 0
         if n.op_type in WEIGHTED:
             macs = g.macs(n, nonzero_weights, mac_count)
@@ -392,6 +401,27 @@ def analyse(model: str | os.PathLike[str] | onnx.ModelProto, *, nonzero_weights:
         tail_macs += layer["tail_macs"]
         ann_macs += layer["ann_macs"]
     return NetworkCost(neurons, fanout, layers, tail_macs, ann_macs)
+
+
+def _activation_product_macs(g: _Graph, node: onnx.NodeProto, bodies: dict[str, onnx.FunctionProto]) -> int:
+    """MACs per sample of a MatMul whose two inputs are activations (no constant weight): a plain
+    one (time-constant, in the prefix) or the op inside an expectation-compensated function, which
+    multiplies the running means at every step. 0 for anything else."""
+    if node.domain in ("", "ai.onnx") and node.op_type == "MatMul":
+        if g.weight(node) is not None or node.input[0] in g.consts:
+            return 0
+    elif is_compensated(node):
+        body = bodies.get(node.op_type)
+        inner = next((n for n in body.node if n.name == "op"), None) if body is not None else None
+        if inner is None or inner.op_type != "MatMul" or inner.domain not in ("", "ai.onnx") \
+                or not all(i.startswith("mean") for i in inner.input):  # both factors vary in time
+            return 0
+    else:
+        return 0
+    a, out = g.shapes.get(node.input[0]), g.shapes.get(node.output[0])
+    if not a or not out:
+        return 0
+    return int(np.prod(out)) * int(a[-1])
 
 
 def _tail_layers(proto: onnx.ModelProto, meta: dict[str, Any], nonzero_weights: bool,
