@@ -371,6 +371,16 @@ g (float[N,2,6,6] x) => (float[N,3] y) {
 """
 
 
+def _bottleneck(respike_currents: bool) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """BOTTLENECK with its weights, and its compile (max-norm thresholds)."""
+    rng = np.random.default_rng(3)
+    ann = build(BOTTLENECK, {"W0": rng.normal(0, 0.5, (4, 2, 3, 3)), "b0": rng.normal(0, 0.1, 4),
+                             "Wp": rng.normal(0, 0.5, (4, 4, 1, 1)), "bp": rng.normal(0, 0.1, 4),
+                             "W2": rng.normal(0, 0.3, (4, 4, 3, 3)), "b2": rng.normal(0, 0.1, 4),
+                             "W3": rng.normal(0, 0.3, (3, 144)), "b3": np.zeros(3)})
+    return ann, ann2snn.compile(ann, data(256, 0), method="max", respike_currents=respike_currents)
+
+
 def test_respike_currents_puts_linear_bottlenecks_on_spikes() -> None:
     """--respike-currents: the Conv reading the projection's current gets a symmetric neuron on
     that input (a site of kind ``current``), its MACs move from the analog-current share to the
@@ -378,13 +388,8 @@ def test_respike_currents_puts_linear_bottlenecks_on_spikes() -> None:
     unchanged, and the SNN converges to the ANN in every runtime form."""
     from ann2snn.analysis.report import report
 
-    rng = np.random.default_rng(3)
-    ann = build(BOTTLENECK, {"W0": rng.normal(0, 0.5, (4, 2, 3, 3)), "b0": rng.normal(0, 0.1, 4),
-                             "Wp": rng.normal(0, 0.5, (4, 4, 1, 1)), "bp": rng.normal(0, 0.1, 4),
-                             "W2": rng.normal(0, 0.3, (4, 4, 3, 3)), "b2": rng.normal(0, 0.1, 4),
-                             "W3": rng.normal(0, 0.3, (3, 144)), "b3": np.zeros(3)})
-    plain = ann2snn.compile(ann, data(256, 0), method="max")
-    fine = ann2snn.compile(ann, data(256, 0), method="max", respike_currents=True)
+    ann, plain = _bottleneck(False)
+    _, fine = _bottleneck(True)
     meta_p, meta_f = model_metadata(plain), model_metadata(fine)
     assert meta_p["macs"]["analog_current"] > 0 and "analog_current" not in meta_f["macs"]
     assert meta_f["macs"]["spiking"] == meta_p["macs"]["spiking"] + meta_p["macs"]["analog_current"]
@@ -399,3 +404,13 @@ def test_respike_currents_puts_linear_bottlenecks_on_spikes() -> None:
     err = rel_error(fine, ann, x, [8, 32, 256])
     assert err[256][0] < err[32][0] < err[8][0] and err[256][0] < 0.08 and err[256][1] >= 0.9, err
     assert_forms_match_reference(fine, x["x"], 9)
+
+
+def test_nir_refuses_a_respiked_current_naming_its_option(tmp_path) -> None:
+    pytest.importorskip("nir")
+    from ann2snn.errors import UnsupportedModelError
+    from ann2snn.export.nir import export_nir
+
+    _, snn = _bottleneck(True)
+    with pytest.raises(UnsupportedModelError, match=r"re-spiked current.*--no-respike-currents"):
+        export_nir(snn, tmp_path / "m.nir")

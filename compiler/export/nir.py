@@ -86,10 +86,15 @@ class _Exporter(NirBuilder):
                 broken.update(node.output)
                 continue
             if node.domain == DOMAIN and node.op_type in SYMMETRIC_OPS:
-                self.problem(node, "is the symmetric signed-spike neuron of a signed activation site or of a "
-                             "re-spiked compensated op, which NIR cannot express (its IF neuron fires 0/1 spikes only)",
-                             "re-compile the model with '--signed-sites off --nonlinear analog' (the activation and "
-                             "everything after it then run in the analog tail) to export it to NIR")
+                current = any(n.get("site") == "current" and n["node"] == node.name
+                              for n in self.meta.get("neurons", []))
+                self.problem(node, "is the symmetric signed-spike neuron of " + (
+                    "a re-spiked current (--respike-currents)" if current else
+                    "a signed activation site or of a re-spiked compensated op") +
+                    ", which NIR cannot express (its IF neuron fires 0/1 spikes only)",
+                    "re-compile the model with '--no-respike-currents' to export it to NIR" if current else
+                    "re-compile the model with '--signed-sites off --nonlinear analog' (the activation and "
+                    "everything after it then run in the analog tail) to export it to NIR")
                 broken.update(node.output)
                 continue
             if node.domain == DOMAIN and node.op_type in SIGNED_SPIKE_OPS:
