@@ -18,10 +18,11 @@ from ann2snn.support import ACTIVATION_DOMAIN
 
 
 def emit_compensation(graph: gs.Graph, compensated: dict[str, list[int]], batch: int | str, opset: int,
-                      states: list[dict], state_outs: list[gs.Variable], scales: dict[str, gs.Constant] | None = None
-                      ) -> tuple[list[onnx.FunctionProto], list[dict]]:
+                      states: list[dict], state_outs: list[gs.Variable], scales: dict[str, gs.Constant] | None = None,
+                      totals: frozenset[str] = frozenset()) -> tuple[list[onnx.FunctionProto], list[dict]]:
     """Rewrite every compensated node in place; return the functions they call and their metadata.
-    ``scales``: node -> the constant its totals are multiplied by (1/θ of the neuron after it)."""
+    ``scales``: node -> the constant its totals are multiplied by (1/θ of the neuron after it);
+    ``totals``: the scaled nodes that emit their totals, not increments (no total state)."""
     scales = scales or {}
     nodes = {n.name: n for n in graph.nodes}
     step_of_rank = _step_counter(graph, batch, states, state_outs) if compensated else {}
@@ -33,13 +34,15 @@ def emit_compensation(graph: gs.Graph, compensated: dict[str, list[int]], batch:
         proto = OnnxExporter.export_node(node)
         key = proto.op_type.encode() + proto.domain.encode() + bytes(varying) + \
             b"".join(a.SerializeToString() for a in proto.attribute) + \
-            bytes(int(bool(i)) for i in proto.input) + (b"scaled" if name in scales else b"")
+            bytes(int(bool(i)) for i in proto.input) + (b"scaled" if name in scales else b"") \
+            + (b"totals" if name in totals else b"")
         if key not in functions:
             count = per_op.get(node.op, 0)
             per_op[node.op] = count + 1
             fname = f"{EC_PREFIX}{node.op}" + (f"_{count}" if count else "")
             opsets = {"": opset, **({ACTIVATION_DOMAIN: 1} if node.domain == ACTIVATION_DOMAIN else {})}
-            functions[key] = compensated_function(fname, proto, varying, opsets, scaled=name in scales)
+            functions[key] = compensated_function(fname, proto, varying, opsets, scaled=name in scales,
+                                                  totals=name in totals)
         fname = functions[key].name
         xs = [node.inputs[j] for j in varying]
         consts = [t for j, t in enumerate(node.inputs) if t.name and j not in varying]
@@ -55,13 +58,14 @@ def emit_compensation(graph: gs.Graph, compensated: dict[str, list[int]], batch:
             return s_in, s_out
 
         sums = [state(f"sum{i}", list(x.shape[1:])) for i, x in enumerate(xs)]
-        total = state("total", list(y.shape[1:]))
+        total = None if name in totals else state("total", list(y.shape[1:]))
         info.append({"node": name, "op": node.op, "function": fname, "varying_inputs": list(varying),
-                     "states": [s.name for s, _ in sums] + [total[0].name], "step_count": STEP_COUNT})
+                     "states": [s.name for s, _ in sums] + ([total[0].name] if total else []),
+                     "step_count": STEP_COUNT, **({"emits": "totals"} if total is None else {})})
         node.op, node.domain, node.attrs = fname, DOMAIN, {}
-        node.inputs = xs + [s for s, _ in sums] + [total[0], step_of_rank(len(y.shape))] \
+        node.inputs = xs + [s for s, _ in sums] + ([total[0]] if total else []) + [step_of_rank(len(y.shape))] \
             + [step_of_rank(len(x.shape)) for x in xs] + consts + ([scales[name]] if name in scales else [])
-        node.outputs = [y] + [s for _, s in sums] + [total[1]]
+        node.outputs = [y] + [s for _, s in sums] + ([total[1]] if total else [])
     return list(functions.values()), info
 
 

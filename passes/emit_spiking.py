@@ -33,8 +33,10 @@ from ann2snn.errors import DataError
 from ann2snn.state import PassState, Site
 from ann2snn.support import ACTIVATION_DOMAIN
 from ann2snn.runtime.reference import value_types
+from ann2snn.runtime.compensation import GUARDED
 from ann2snn.runtime.ops import (BURST_OP, COUNTING_OPS, DEAD_THRESHOLD, DOMAIN, IF_OP, SYMMETRIC_BURST_OP, SYMMETRIC_OP,
-                                 UNIT_SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_OP, neuron_function, neuron_op)
+                                 TOTAL_SYMMETRIC_BURST_OP, TOTAL_SYMMETRIC_OP, UNIT_SYMMETRIC_BURST_OP,
+                                 UNIT_SYMMETRIC_OP, neuron_function, neuron_op)
 from ann2snn.runtime.unitform import unit_form
 
 from ._compensation import emit_compensation
@@ -381,12 +383,20 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     unit_sites = {site.node for site in state.sites if site.signed and site.kind == "output" and site_ops.get(site.node)}
     scales = {site.node: gs.Constant(f"{site.node}/inverse_threshold", _inverse_thresholds(site, cfg))
               for site in state.sites if site.node in unit_sites}
+    # ... and integrates the op's totals, not its increments, where the op keeps no guard (the
+    # guard holds the previous total, so it needs it as a state)
+    total_sites = frozenset(n for n in unit_sites if not (nodes[n].domain in ("", "ai.onnx", None)
+                                                           and nodes[n].op in GUARDED))
+    for name in total_sites:
+        carried = signed_neurons[name].inputs[0]
+        carried.name = carried.name.removesuffix("/increment") + "/total"
     # nonlinear ops kept spiking by expectation compensation (--nonlinear compensate)
     ec_functions, compensated = emit_compensation(graph, {**state.compensated, **site_ops}, batch, state.opset,
-                                                  states, v_outs, scales)
+                                                  states, v_outs, scales, total_sites)
     op = neuron_op(cfg.neuron, spikes_per_step(cfg))
     signed_op = symmetric_op(cfg)
     unit_op = unit_symmetric_op(cfg)
+    total_op = TOTAL_SYMMETRIC_BURST_OP if spikes_per_step(cfg) > 1 else TOTAL_SYMMETRIC_OP
     burst_const = gs.Constant("ann2snn/max_spikes_per_step", np.array(spikes_per_step(cfg), np.float32))
     for site in state.sites:
         if site.signed:
@@ -401,10 +411,11 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         v_out = gs.Variable(f"{site.node}/v_next", dtype=np.float32, shape=state_shape)
         theta = gs.Constant(f"{site.node}/threshold", thresholds)
         unit = site.node in unit_sites
-        act.op, act.domain, act.attrs = unit_op if unit else signed_op if site.signed else op, DOMAIN, {}
+        act.op = (total_op if site.node in total_sites else unit_op) if unit else signed_op if site.signed else op
+        act.domain, act.attrs = DOMAIN, {}
         act.name = f"{site.node}/IF"
         act.inputs = [z, v_in] + ([] if unit else [theta]) \
-            + ([burst_const] if act.op in (SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_BURST_OP) else [])
+            + ([burst_const] if act.op in (SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_BURST_OP, TOTAL_SYMMETRIC_BURST_OP) else [])
         act.outputs = [spikes, v_out]
         graph.inputs.append(v_in)
         v_outs.append(v_out)
@@ -446,7 +457,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     model = export(graph, state.opset, state.ir_version)
     model.functions.append(neuron_function(op, state.opset))
     emitted_ops = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
-    model.functions.extend(neuron_function(o, state.opset) for o in (signed_op, unit_op) if o in emitted_ops)
+    model.functions.extend(neuron_function(o, state.opset) for o in (signed_op, unit_op, total_op) if o in emitted_ops)
     model.functions.extend(ec_functions)
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     # model-local activation functions (canonicalize_activations), also called from the tail

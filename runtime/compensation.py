@@ -63,13 +63,20 @@ def is_compensated(node: onnx.NodeProto) -> bool:
 
 
 def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int], opsets: dict[str, int],
-                         scaled: bool = False) -> onnx.FunctionProto:
+                         scaled: bool = False, totals: bool = False) -> onnx.FunctionProto:
     """The FunctionProto wrapping ``inner`` (its inputs and attributes as in the model) whose
     inputs at the positions ``varying`` vary in time. ``opsets``: domain -> version for the body.
 
     ``scaled``: one more input after the others, ``scale`` (broadcast against the output), and
     the totals (so the increments) are t·f(means)·scale: a signed site's neuron after the op then
-    reads its current in units of its threshold (scale = 1/θ) at no extra element-wise pass."""
+    reads its current in units of its threshold (scale = 1/θ) at no extra element-wise pass.
+
+    ``totals`` (with ``scaled``, for an op that is not guarded): the function emits the totals
+    t·f(means)·scale themselves, keeps no total state and computes no increment: the neuron after
+    it (UnitSymmetricTotalIFNeuron) integrates totals, its state being its membrane minus the
+    total (runtime/ops.py): one element-wise pass and one state fewer per step.
+
+    (x_1..x_k, sum_1..sum_k, t, t_1..t_k, c_1..c_m, scale) -> (total', sum_1'..sum_k')"""
     k = len(varying)
     xs, sums, sums_next = [f"x{i}" for i in range(k)], [f"sum{i}" for i in range(k)], [f"sum{i}_next" for i in range(k)]
     ts = [f"t{i}" for i in range(k)]
@@ -101,6 +108,8 @@ def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int
     op = helper.make_node(inner.op_type, args, ["f_of_mean"], name="op", domain=inner.domain)
     op.attribute.extend(inner.attribute)
     guarded = standard and inner.op_type in GUARDED
+    if totals and (guarded or not scaled):
+        raise ValueError(f"{name}: totals need a scaled function of an op that is not guarded")
     if scaled:  # t·scale is small (the scale's shape); the totals take it in the one Mul they had
         nodes.append(helper.make_node("Mul", ["t", "scale"], ["t_scaled"], name="scale"))
     nodes += [op, helper.make_node("Mul", ["f_of_mean", "t_scaled" if scaled else "t"],
@@ -110,6 +119,12 @@ def compensated_function(name: str, inner: onnx.NodeProto, varying: Sequence[int
                   helper.make_node("IsInf", ["raw_total"], ["inf"], name="is_inf"),
                   helper.make_node("Or", ["nan", "inf"], ["not_finite"], name="not_finite"),
                   helper.make_node("Where", ["not_finite", "total", "raw_total"], ["total_next"], name="guard")]
+    if totals:
+        return helper.make_function(
+            DOMAIN, name, xs + sums + ["t"] + ts + consts + ["scale"], ["total_next"] + sums_next,
+            nodes, [helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+            doc_string=f"Expectation-compensated {inner.op_type}, totals form: emits t·f(S_t/t)·scale for the "
+                       "running sums S of its time-varying inputs (the neuron after it integrates totals).")
     nodes.append(helper.make_node("Sub", ["total_next", "total"], ["y"], name="increment"))
     return helper.make_function(
         DOMAIN, name, xs + sums + ["total", "t"] + ts + consts + (["scale"] if scaled else []),

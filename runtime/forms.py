@@ -317,8 +317,9 @@ class StepPlan:
         if body is None:
             return None
         names = [n.name for n in body.node]
-        k = (len(touching) - 1)  # running sums, then the total
-        expected = {"op", "total", "increment", *(f"accumulate{i}" for i in range(k)),
+        emits_totals = not any(n.name == "increment" for n in body.node)  # the totals form: no total state
+        k = len(touching) - (0 if emits_totals else 1)  # running sums, then the total
+        expected = {"op", "total", *(() if emits_totals else ("increment",)), *(f"accumulate{i}" for i in range(k)),
                     *(f"mean{i}" for i in range(k))}
         named = [n for n in names if n]
         if k < 1 or not expected <= set(names) or len(named) != len(set(named)) \
@@ -483,8 +484,8 @@ class StepPlan:
             body, p = cut.body, f"{node.name}@time"
             assert body is not None
             states = [s_in for s_in, _ in cut.chain]
-            k = len(states) - 1
-            total_in = states[k]
+            emits_totals = not any(n.name == "increment" for n in body.node)
+            k = len(states) - (0 if emits_totals else 1)
             actual = dict(zip(body.input, node.input))
             rename = {o: f"{p}/{o}" for n in body.node for o in n.output}
 
@@ -519,7 +520,11 @@ class StepPlan:
                 copy.output.extend(rename[o] for o in n.output)
                 copy.name = f"{p}/{n.name}" if n.name else ""
                 nodes.append(copy)
+            if emits_totals:  # the totals are the output: nothing kept between steps
+                nodes.append(helper.make_node("Identity", [rename["total_next"]], [node.output[0]]))
+                return
             # the increments: the totals' differences over time, [total, total_1, ..., total_n]
+            total_in = states[k]
             shape, q = self.state_shape[total_in], f"{p}/inc"
             nodes.extend([
                 helper.make_node("Reshape", [rename["total_next"], const(f"{q}/shape", [steps, -1, *shape])],

@@ -56,8 +56,12 @@ SYMMETRIC_BURST_OP = "SymmetricBurstIFNeuron"
 #: compensated op before them scales its totals), the membrane is v/θ, no threshold input
 UNIT_SYMMETRIC_OP = "UnitSymmetricIFNeuron"
 UNIT_SYMMETRIC_BURST_OP = "UnitSymmetricBurstIFNeuron"
+#: the same, integrating the totals of the compensated op before them (its state: membrane − total)
+TOTAL_SYMMETRIC_OP = "UnitSymmetricTotalIFNeuron"
+TOTAL_SYMMETRIC_BURST_OP = "UnitSymmetricTotalBurstIFNeuron"
 #: the neurons of signed activation sites and re-spiked compensated ops (no count state)
-SYMMETRIC_OPS = (SYMMETRIC_OP, SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_OP, UNIT_SYMMETRIC_BURST_OP)
+SYMMETRIC_OPS = (SYMMETRIC_OP, SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_OP, UNIT_SYMMETRIC_BURST_OP, TOTAL_SYMMETRIC_OP,
+                 TOTAL_SYMMETRIC_BURST_OP)
 #: the ops whose second and third inputs are the membrane and the spike-count states
 COUNTING_OPS = (SIGNED_OP, BURST_OP)
 #: every neuron op of the domain
@@ -219,6 +223,34 @@ def unit_symmetric_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+def total_symmetric_if_neuron_function(opset: int, burst: bool = False) -> onnx.FunctionProto:
+    """The FunctionProto of UnitSymmetricTotal(Burst)IFNeuron(total, u[, max_spikes]) -> (spikes, u_next):
+    the unit symmetric neuron fed the running total of its current (in units of θ) instead of
+    the increments, with state u = v − total: v' = u + total, spikes = clip(floor(v'), -N, N),
+    u_next = u − spikes (v_next − total = v' − spikes − total). The same spikes as
+    UnitSymmetricIFNeuron on the increments, one subtraction and one state fewer for the op before."""
+    nodes = [
+        helper.make_node("Add", ["u", "total"], ["v_charged"], name="integrate"),
+        helper.make_node("Floor", ["v_charged"], ["whole"], name="whole_thresholds"),
+    ]
+    if burst:
+        nodes += [helper.make_node("Neg", ["max_spikes"], ["min_spikes"], name="min_spikes"),
+                  helper.make_node("Clip", ["whole", "min_spikes", "max_spikes"], ["spikes"], name="burst")]
+    else:
+        nodes += [
+            helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])),
+            helper.make_node("Constant", [], ["minus_one"],
+                             value=helper.make_tensor("minus_one", TensorProto.FLOAT, [], [-1.0])),
+            helper.make_node("Clip", ["whole", "minus_one", "one"], ["spikes"], name="signed_spikes")]
+    nodes.append(helper.make_node("Sub", ["u", "spikes"], ["u_next"], name="reset_by_subtraction"))
+    op = TOTAL_SYMMETRIC_BURST_OP if burst else TOTAL_SYMMETRIC_OP
+    return helper.make_function(
+        DOMAIN, op, ["total", "u"] + (["max_spikes"] if burst else []), ["spikes", "u_next"], nodes,
+        [helper.make_opsetid("", opset)],
+        doc_string="Symmetric signed integrate-and-fire neuron in units of its threshold, fed the running total of "
+                   "its current; its state is the membrane minus that total.")
+
+
 def unit_if_neuron_function(opset: int) -> onnx.FunctionProto:
     """The FunctionProto of UnitIFNeuron(current, v) -> (spikes, v_next): IFNeuron with θ = 1,
     in three elementwise kernels (integrate, a HardSigmoid that is exactly the step v' >= 1,
@@ -247,7 +279,9 @@ def neuron_function(op: str, opset: int) -> onnx.FunctionProto:
     return {IF_OP: if_neuron_function, SIGNED_OP: signed_if_neuron_function,
             BURST_OP: signed_burst_if_neuron_function, SYMMETRIC_OP: symmetric_if_neuron_function,
             SYMMETRIC_BURST_OP: symmetric_burst_if_neuron_function, UNIT_SYMMETRIC_OP: unit_symmetric_if_neuron_function,
-            UNIT_SYMMETRIC_BURST_OP: unit_symmetric_burst_if_neuron_function}[op](opset)
+            UNIT_SYMMETRIC_BURST_OP: unit_symmetric_burst_if_neuron_function,
+            TOTAL_SYMMETRIC_OP: total_symmetric_if_neuron_function,
+            TOTAL_SYMMETRIC_BURST_OP: lambda o: total_symmetric_if_neuron_function(o, burst=True)}[op](opset)
 
 
 def if_neuron_reference(current: np.ndarray, v: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

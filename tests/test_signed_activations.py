@@ -15,9 +15,11 @@ import ann2snn
 from ann2snn.analysis.inspection import inspect_model
 from ann2snn.errors import ConfigError
 from ann2snn.runtime import SpikingSession
-from ann2snn.runtime.ops import (IF_OP, SYMMETRIC_BURST_OP, SYMMETRIC_OP, SYMMETRIC_OPS, UNIT_IF_OP,
-                                 UNIT_SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_OP,
+from ann2snn.runtime.ops import (IF_OP, SYMMETRIC_BURST_OP, SYMMETRIC_OP, SYMMETRIC_OPS, TOTAL_SYMMETRIC_BURST_OP,
+                                 TOTAL_SYMMETRIC_OP, UNIT_IF_OP, UNIT_SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_OP,
+                                 total_symmetric_if_neuron_function,
                                  symmetric_burst_if_neuron_function, symmetric_burst_if_neuron_reference,
+                                 unit_symmetric_burst_if_neuron_function,
                                  symmetric_if_neuron_function, symmetric_if_neuron_reference)
 from ann2snn.runtime.reference import model_metadata, reference_run
 from conftest import build, neuron_op_model, run_ort
@@ -130,6 +132,27 @@ def test_symmetric_neurons_fire_as_the_two_comparisons() -> None:
         v = v1
 
 
+def test_total_neuron_fires_as_the_unit_neuron_on_increments() -> None:
+    """UnitSymmetricTotal(Burst)IFNeuron fed running totals with state u = v − total fires as the
+    unit neuron fed the increments (v' = u + total = v + increment), up to float rounding."""
+    rng = np.random.default_rng(4)
+    for burst, most in ((False, 1.0), (True, 3.0)):
+        fn = total_symmetric_if_neuron_function(17, burst=burst)
+        model = neuron_op_model(fn, {"total": [32], "u": [32], **({"m": []} if burst else {})}, ["s", "u2"], [32])
+        unit = neuron_op_model(unit_symmetric_burst_if_neuron_function(17), {"i": [32], "v": [32], "m": []},
+                               ["s", "v2"], [32])
+        v = u = np.full(32, 0.5, np.float32)
+        total = np.zeros(32, np.float32)
+        differ = 0
+        for _ in range(40):
+            inc = rng.uniform(-most, most, 32).astype(np.float32)
+            total = (total + inc).astype(np.float32)
+            s_unit, v = run_ort(unit, {"i": inc, "v": v, "m": np.array(most, np.float32)})
+            s_total, u = run_ort(model, {"total": total, "u": u, **({"m": np.array(most, np.float32)} if burst else {})})
+            differ += int((s_unit != s_total).sum())
+        assert differ <= 2, differ  # a float tie may flip a spike once
+
+
 @settings(max_examples=80, deadline=None)
 @given(xs=st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=60), theta=st.floats(0.25, 2.0),
        most=st.integers(1, 8))
@@ -160,8 +183,9 @@ def test_every_site_type_converges(act: str, form: str) -> None:
     meta = model_metadata(snn)
     signed = [n for n in meta["neurons"] if n["op"] in SYMMETRIC_OPS]
     assert len(signed) == 1 and signed[0]["site"] == form and meta["tail"] is None
-    # on a compensated op's output the neuron runs in units of θ (the op scales its increments)
-    assert signed[0]["op"] == (UNIT_SYMMETRIC_OP if form == "output" else SYMMETRIC_OP)
+    # on a compensated op's output the neuron runs in units of θ and integrates the op's scaled
+    # totals (the op keeps no total state); a guarded op keeps its increments
+    assert signed[0]["op"] == (TOTAL_SYMMETRIC_OP if form == "output" else SYMMETRIC_OP)
     err = rel_error(snn, ann, data(64, 1), [8, 32, 256])
     assert err[256][0] < err[32][0] < err[8][0], err
     assert err[256][0] < 0.08 and err[256][1] >= 0.9, err
@@ -188,7 +212,7 @@ def test_runtime_forms_agree_with_the_reference(form: str) -> None:
     and the layered form (batch 3 and 1) equal the reference."""
     snn = ann2snn.compile(net("Gelu"), data(128, 0), signed_sites=form, iters=20)
     ops = {n.op_type for n in snn.graph.node}
-    symmetric = UNIT_SYMMETRIC_OP if form == "output" else SYMMETRIC_OP
+    symmetric = TOTAL_SYMMETRIC_OP if form == "output" else SYMMETRIC_OP
     assert IF_OP in ops and symmetric in ops and model_metadata(snn)["neuron_units"] == "threshold"
     ths = {i.name: onnx.numpy_helper.to_array(i) for i in snn.graph.initializer}
     for n in snn.graph.node:  # IF thresholds are ones, the symmetric neuron's its calibrated θ or none
@@ -196,7 +220,7 @@ def test_runtime_forms_agree_with_the_reference(form: str) -> None:
             assert np.all(ths[n.input[2]] == 1)
         elif n.op_type == SYMMETRIC_OP:
             assert not np.all(ths[n.input[2]] == 1)
-        elif n.op_type == UNIT_SYMMETRIC_OP:
+        elif n.op_type == TOTAL_SYMMETRIC_OP:
             assert len(n.input) == 2
     assert_forms_match_reference(snn, data(3, 2)["x"], 11)
     assert SpikingSession(snn).run({"x": data(1, 2)["x"]}, T=11)["y"].shape == (1, 3)
@@ -218,7 +242,7 @@ def test_unit_ops_leave_the_symmetric_neuron_alone() -> None:
 
     snn = exact_unit_ops(ann2snn.compile(net("LeakyRelu"), data(64, 0), iters=5))
     ops = [n.op_type for n in snn.graph.node]
-    assert ops.count(UNIT_IF_OP) == 2 and ops.count(UNIT_SYMMETRIC_OP) == 1
+    assert ops.count(UNIT_IF_OP) == 2 and ops.count(TOTAL_SYMMETRIC_OP) == 1
 
 
 def test_inspect_shows_sites_and_respiked_ops() -> None:
@@ -325,7 +349,7 @@ def test_resolution_at_signed_sites() -> None:
     meta_p, meta_f = model_metadata(plain), model_metadata(fine)
     site_p = [n for n in meta_p["neurons"] if n.get("site")][0]
     site_f = [n for n in meta_f["neurons"] if n.get("site")][0]
-    assert site_p["op"] == UNIT_SYMMETRIC_OP and site_f["op"] == UNIT_SYMMETRIC_BURST_OP
+    assert site_p["op"] == TOTAL_SYMMETRIC_OP and site_f["op"] == TOTAL_SYMMETRIC_BURST_OP
     np.testing.assert_allclose(site_f["theta_max"], site_p["theta_max"] / 4, rtol=1e-6)
     relu_p = [n for n in meta_p["neurons"] if not n.get("site")]
     relu_f = [n for n in meta_f["neurons"] if not n.get("site")]
@@ -352,7 +376,7 @@ def test_bursts_need_a_neuron_that_can_burst() -> None:
         with pytest.raises(ConfigError, match="--neuron signed"):
             ann2snn.compile(relu_only, data(16, 0), **options)
     meta = model_metadata(ann2snn.compile(net("LeakyRelu"), data(64, 0), iters=5, burst=2))
-    assert [n["op"] for n in meta["neurons"]] == [IF_OP, UNIT_SYMMETRIC_BURST_OP, IF_OP]
+    assert [n["op"] for n in meta["neurons"]] == [IF_OP, TOTAL_SYMMETRIC_BURST_OP, IF_OP]
 
 
 #: Conv -> ReLU -> Conv (a linear projection) -> + residual -> Conv -> ReLU -> Gemm: the second

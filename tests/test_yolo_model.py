@@ -83,7 +83,7 @@ def test_compiles_with_defaults(name: str) -> None:
     session = _compile(name, 64, iters=5, batch=16)
     neurons = session.meta["neurons"]
     assert len(neurons) == LEAKY_RELUS
-    assert {n["op"] for n in neurons} == {"UnitSymmetricIFNeuron"} and {n["site"] for n in neurons} == {"output"}
+    assert {n["op"] for n in neurons} == {"UnitSymmetricTotalIFNeuron"} and {n["site"] for n in neurons} == {"output"}
     tail = session.meta["tail"]
     assert sorted(tail["inputs"]) == BOUNDARY and tail["outputs"] == ["detections"]
     assert "pp/NonMaxSuppression" in tail["nodes"] and all(n.startswith("pp/") for n in tail["nodes"])

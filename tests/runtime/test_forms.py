@@ -472,7 +472,7 @@ def test_layered_runs_signed_sites_and_compensated_ops(name: str, options: dict[
         test = {x: z["input"][:2]}
     snn = compile_model(ann, calib, iters=2, **options)
     ops = {n.op_type for n in snn.graph.node}
-    assert ops & {"SymmetricIFNeuron", "UnitSymmetricIFNeuron"} and any(op.startswith("ExpectationCompensated")
+    assert ops & {"SymmetricIFNeuron", "UnitSymmetricIFNeuron", "UnitSymmetricTotalIFNeuron"} and any(op.startswith("ExpectationCompensated")
                                                                         for op in ops), ops
     forms = ["step", "layered", "layered/chunk1", "layered/chunk3", "layered/chunk3/nounit", "auto", "stream"]
     unavailable: dict[str, str] = {}
@@ -488,7 +488,7 @@ def test_layered_runs_signed_sites_and_compensated_ops(name: str, options: dict[
     auto = make_session(snn, mode="auto")
     assert auto.choose_form(1, 32)[0] == "layered" and auto.choose_form(2, 32)[0] == "step"
     # the runtime's unit-threshold form is for IF neurons: the symmetric ones stay as compiled in every form
-    for op in ("SymmetricIFNeuron", "UnitSymmetricIFNeuron"):
+    for op in ("SymmetricIFNeuron", "UnitSymmetricIFNeuron", "UnitSymmetricTotalIFNeuron"):
         symmetric = {n.name for n in snn.graph.node if n.op_type == op}
         assert {n.name for n in session._plan.proto.graph.node if n.op_type == op} == symmetric
 
