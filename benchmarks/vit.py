@@ -49,15 +49,17 @@ CALIB = ROOT / "models" / "data" / "fashion_calib.npz"
 TEST = ROOT / "models" / "data" / "fashion_test.npz"
 
 
-def test_data(limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``limit`` Fashion-MNIST test images and labels."""
+def test_data(limit: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``limit`` Fashion-MNIST test images and labels from image ``offset`` on (the ViT was
+    trained on test images 5,000-9,999: 0-4,999 are held out)."""
     with np.load(TEST) as z:
-        return z["input"][:limit], z["label"][:limit]
+        return z["input"][offset:offset + limit], z["label"][offset:offset + limit]
 
 
 # -- ann2snn --------------------------------------------------------------------------------------
 
-def ann2snn_part(Ts: list[int], options: list[str], limit: int, batch: int) -> list[dict[str, Any]]:
+def ann2snn_part(Ts: list[int], options: list[str], limit: int, batch: int, offset: int = 0,
+                 exporters: list[str] | None = None) -> list[dict[str, Any]]:
     """Compile each exported file with each option string; accuracy, agreement and times per T."""
     import onnx
     import onnxruntime as ort
@@ -65,9 +67,11 @@ def ann2snn_part(Ts: list[int], options: list[str], limit: int, batch: int) -> l
     from ann2snn.runtime import SpikingSession
     from ann2snn.runtime.reference import model_metadata
 
-    x, labels = test_data(limit)
+    x, labels = test_data(limit, offset)
     rows = []
     for exporter, path in MODELS.items():
+        if exporters and exporter not in exporters:
+            continue
         ann = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         ann.run(None, {"input": x[:batch]})  # warm-up, not timed
         start = time.perf_counter()
@@ -298,12 +302,12 @@ def cell(c: dict[str, Any], T: int) -> str:
 
 
 def render(ours: list[dict[str, Any]], sj: dict[str, Any] | None, Ts: list[int], limit: int, command: str,
-           note: str = "") -> str:
+           note: str = "", offset: int = 0) -> str:
     """benchmarks/results/vit.md."""
     head = "| " + " | ".join(["converter / options", "file", "neuron layers", "compensated ops",
                               "MACs spiking / prefix / tail / comp. (%)", "ANN", *(f"T={T}" for T in Ts),
                               "max error"]) + " |"
-    lines = [f"`{command}`{note}", "", f"Fashion-MNIST test images 0..{limit - 1}. Cells: top-1 accuracy % "
+    lines = [f"`{command}`{note}", "", f"Fashion-MNIST test images {offset}..{offset + limit - 1}. Cells: top-1 accuracy % "
              "(agreement with the ANN %) [simulation time ÷ the time of T ANN passes in the same runtime, same "
              "images and batch] ⟨the largest spike count one neuron emitted in one step, up to T: ann2snn's "
              "neurons, SpikingJelly STA's spike encoders⟩; last column: largest |SNN − ANN| logit at "
@@ -402,6 +406,8 @@ def main() -> None:
                     help='options for `ann2snn compile`, one string per configuration (repeatable); default: "" and '
                          '"--nonlinear compensate"')
     ap.add_argument("--limit", type=int, default=300, help="test images (the first N)")
+    ap.add_argument("--offset", type=int, default=0, help="start at this test image (ann2snn part only)")
+    ap.add_argument("--exporters", default="", help="only these of legacy,dynamo (default: both)")
     ap.add_argument("--batch", type=int, default=150)
     ap.add_argument("--calib-batches", type=int, default=2, help="SpikingJelly STA calibration batches of 100")
     ap.add_argument("--spikingjelly", default=None, help="a Python with torch and spikingjelly 2.0.0")
@@ -416,7 +422,10 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.ERROR)
     options = args.compile_options if args.compile_options is not None else ["", "--nonlinear compensate"]
-    ours = ann2snn_part(Ts, options, args.limit, args.batch)
+    if args.offset and (args.spikingjelly or args.sj_json):
+        raise SystemExit("--offset is for the ann2snn part only (e.g. choosing a recipe on other images)")
+    ours = ann2snn_part(Ts, options, args.limit, args.batch, args.offset,
+                        args.exporters.split(",") if args.exporters else None)
     sj = None
     if args.sj_json:
         sj = json.loads(args.sj_json.read_text().strip().splitlines()[-1])
@@ -435,7 +444,7 @@ def main() -> None:
     if args.sj_json:
         note += (f"; the SpikingJelly part from `python benchmarks/vit.py --sj-part -T {args.T} --limit {args.limit} "
                  f"--batch {args.batch} --calib-batches {args.calib_batches}` under its own Python")
-    text = render(ours, sj, Ts, args.limit, command, note)
+    text = render(ours, sj, Ts, args.limit, command, note, args.offset)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"ann2snn": ours, "spikingjelly": sj}, indent=1) + "\n")
     args.out.write_text(text)
