@@ -282,24 +282,22 @@ def spikes_per_step(cfg: CompileConfig) -> int:
     return cfg.burst * cfg.resolution
 
 
-def unit_symmetric_op(cfg: CompileConfig) -> str:
-    """The neuron op of an ``output`` site (signed activation on a compensated op, re-spiked
-    op): the symmetric neuron in units of its threshold, with bursts when burst × resolution > 1."""
-    return UNIT_SYMMETRIC_BURST_OP if spikes_per_step(cfg) > 1 else UNIT_SYMMETRIC_OP
-
-
 def _inverse_thresholds(site: Site, cfg: CompileConfig) -> np.ndarray:
     """1/θ of a site's neurons as emitted (0 for a dead channel: its current is dropped, it
     never fires), shaped to broadcast over ``[N, *shape]``."""
     theta = _thresholds64(site, cfg)
-    with np.errstate(divide="ignore"):
-        return np.where(theta > 0, 1.0 / np.where(theta > 0, theta, 1.0), 0.0).astype(np.float32)
+    return np.where(theta > 0, 1.0 / np.where(theta > 0, theta, 1.0), 0.0).astype(np.float32)
 
 
-def symmetric_op(cfg: CompileConfig) -> str:
-    """The neuron op of the signed activation sites and re-spiked compensated ops: the
-    symmetric neuron, with bursts when ``burst × resolution > 1``."""
-    return SYMMETRIC_BURST_OP if spikes_per_step(cfg) > 1 else SYMMETRIC_OP
+def symmetric_ops(cfg: CompileConfig) -> dict[str, str]:
+    """The neuron op of a signed site by the units it runs in: ``calibrated`` (θ as an input:
+    ``input`` and ``current`` sites, and ``output`` sites on a guarded op with ``increments``
+    in units of θ), ``increments`` (units of θ, the op emitting scaled increments) or ``totals``
+    (units of θ, integrating the op's scaled totals); each with bursts when burst × resolution > 1."""
+    if spikes_per_step(cfg) > 1:
+        return {"calibrated": SYMMETRIC_BURST_OP, "increments": UNIT_SYMMETRIC_BURST_OP,
+                "totals": TOTAL_SYMMETRIC_BURST_OP}
+    return {"calibrated": SYMMETRIC_OP, "increments": UNIT_SYMMETRIC_OP, "totals": TOTAL_SYMMETRIC_OP}
 
 
 def _burst_input(site: Site, cfg: CompileConfig, shared: gs.Constant) -> gs.Constant:
@@ -313,8 +311,9 @@ def _place_signed_neurons(graph: gs.Graph, sites: list[Site], nodes: dict[str, g
                           ) -> tuple[dict[str, gs.Node], dict[str, list[int]]]:
     """Put a (not yet configured) neuron node at each signed site: on the op's output (kind
     ``output``: the op then writes its increments into the neuron) or on its input current
-    (``input``: the op then reads the neuron's spikes). Returns the neuron nodes by site and
-    the ops to compensate, with the positions of their time-varying inputs."""
+    (``input``: the op then reads the neuron's spikes; ``current``: the weighted op reads them,
+    nothing is compensated). Returns the neuron nodes by site and the ops to compensate, with
+    the positions of their time-varying inputs."""
     neurons: dict[str, gs.Node] = {}
     ops: dict[str, list[int]] = {}
     taken = set(graph.tensors())
@@ -323,14 +322,6 @@ def _place_signed_neurons(graph: gs.Graph, sites: list[Site], nodes: dict[str, g
             continue
         f = nodes[site.node]
         shape = [batch] + list(site.shape)
-        if site.kind == "current":  # the neuron on the weighted op's input; nothing to compensate
-            z = f.inputs[0]
-            spikes = gs.Variable(unique_name(taken, f"{site.node}/spikes"), dtype=np.float32, shape=shape)
-            f.inputs[0] = spikes
-            neuron = gs.Node(SYMMETRIC_OP, name=f"{site.node}/IF", domain=DOMAIN, inputs=[z], outputs=[spikes])
-            graph.nodes.append(neuron)
-            neurons[site.node] = neuron
-            continue
         if site.kind == "output":
             y = f.outputs[0]
             inc = gs.Variable(unique_name(taken, f"{y.name}/increment"), dtype=np.float32, shape=shape)
@@ -340,12 +331,13 @@ def _place_signed_neurons(graph: gs.Graph, sites: list[Site], nodes: dict[str, g
             z = f.inputs[0]
             spikes = gs.Variable(unique_name(taken, f"{site.node}/spikes"), dtype=np.float32, shape=shape)
             f.inputs[0] = spikes
-            if f.outputs[0].shape is None:  # the compensated op's states need its output's shape
+            if site.kind == "input" and f.outputs[0].shape is None:  # the compensated op's states need it
                 f.outputs[0].shape = shape
             neuron = gs.Node(SYMMETRIC_OP, name=f"{site.node}/IF", domain=DOMAIN, inputs=[z], outputs=[spikes])
         graph.nodes.append(neuron)
         neurons[site.node] = neuron
-        ops[site.node] = list(site.varying)
+        if site.kind != "current":
+            ops[site.node] = list(site.varying)
     return neurons, ops
 
 
@@ -394,9 +386,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     ec_functions, compensated = emit_compensation(graph, {**state.compensated, **site_ops}, batch, state.opset,
                                                   states, v_outs, scales, total_sites)
     op = neuron_op(cfg.neuron, spikes_per_step(cfg))
-    signed_op = symmetric_op(cfg)
-    unit_op = unit_symmetric_op(cfg)
-    total_op = TOTAL_SYMMETRIC_BURST_OP if spikes_per_step(cfg) > 1 else TOTAL_SYMMETRIC_OP
+    signed_ops = symmetric_ops(cfg)
     burst_const = gs.Constant("ann2snn/max_spikes_per_step", np.array(spikes_per_step(cfg), np.float32))
     for site in state.sites:
         if site.signed:
@@ -411,11 +401,11 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
         v_out = gs.Variable(f"{site.node}/v_next", dtype=np.float32, shape=state_shape)
         theta = gs.Constant(f"{site.node}/threshold", thresholds)
         unit = site.node in unit_sites
-        act.op = (total_op if site.node in total_sites else unit_op) if unit else signed_op if site.signed else op
-        act.domain, act.attrs = DOMAIN, {}
+        units = "totals" if site.node in total_sites else "increments" if unit else "calibrated"
+        act.op, act.domain, act.attrs = signed_ops[units] if site.signed else op, DOMAIN, {}
         act.name = f"{site.node}/IF"
         act.inputs = [z, v_in] + ([] if unit else [theta]) \
-            + ([burst_const] if act.op in (SYMMETRIC_BURST_OP, UNIT_SYMMETRIC_BURST_OP, TOTAL_SYMMETRIC_BURST_OP) else [])
+            + ([burst_const] if site.signed and spikes_per_step(cfg) > 1 else [])
         act.outputs = [spikes, v_out]
         graph.inputs.append(v_in)
         v_outs.append(v_out)
@@ -457,7 +447,7 @@ def emit_spiking(state: PassState) -> onnx.ModelProto:
     model = export(graph, state.opset, state.ir_version)
     model.functions.append(neuron_function(op, state.opset))
     emitted_ops = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
-    model.functions.extend(neuron_function(o, state.opset) for o in (signed_op, unit_op, total_op) if o in emitted_ops)
+    model.functions.extend(neuron_function(o, state.opset) for o in signed_ops.values() if o in emitted_ops)
     model.functions.extend(ec_functions)
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     # model-local activation functions (canonicalize_activations), also called from the tail

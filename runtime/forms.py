@@ -97,6 +97,12 @@ class Cut:
     body: onnx.FunctionProto | None = None
 
 
+def _emits_totals(body: onnx.FunctionProto) -> bool:
+    """Whether a compensated function is in its totals form (runtime/compensation.py,
+    ``totals``): it returns its totals and keeps no total state (it forms no increment)."""
+    return not any(n.name == "increment" for n in body.node)
+
+
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in graph.node for o in n.output if o}
 
@@ -317,7 +323,7 @@ class StepPlan:
         if body is None:
             return None
         names = [n.name for n in body.node]
-        emits_totals = not any(n.name == "increment" for n in body.node)  # the totals form: no total state
+        emits_totals = _emits_totals(body)
         k = len(touching) - (0 if emits_totals else 1)  # running sums, then the total
         expected = {"op", "total", *(() if emits_totals else ("increment",)), *(f"accumulate{i}" for i in range(k)),
                     *(f"mean{i}" for i in range(k))}
@@ -484,7 +490,7 @@ class StepPlan:
             body, p = cut.body, f"{node.name}@time"
             assert body is not None
             states = [s_in for s_in, _ in cut.chain]
-            emits_totals = not any(n.name == "increment" for n in body.node)
+            emits_totals = _emits_totals(body)
             k = len(states) - (0 if emits_totals else 1)
             actual = dict(zip(body.input, node.input))
             rename = {o: f"{p}/{o}" for n in body.node for o in n.output}

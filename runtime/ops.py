@@ -142,113 +142,71 @@ def signed_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
     )
 
 
-def symmetric_if_neuron_function(opset: int) -> onnx.FunctionProto:
-    """The FunctionProto of SymmetricIFNeuron for a model whose ai.onnx opset is ``opset`` (>= 13).
-
-    spikes = clip(floor(v' / θ), -1, 1), which is [v' >= θ] - [v' < 0]: six element-wise kernels
-    where the two comparisons, two casts and their difference took eight (issue 16's simulation
-    time: these neurons sit after every compensated op of a transformer)."""
-    nodes = [
+def _symmetric_neuron_function(opset: int, units: str, burst: bool) -> onnx.FunctionProto:
+    """One of the six symmetric neurons: ``units`` ``calibrated`` (θ an input: v' = v + current,
+    spikes = clip(floor(v'/θ)), v_next = v' − θ·spikes), ``unit`` (θ = 1: v_next = v' − spikes) or
+    ``total`` (θ = 1, fed the running total of its current with state u = v − total:
+    v' = u + total, u_next = u − spikes); ``burst``: clipped to ±max_spikes (a scalar input)
+    instead of ±1. clip(floor(v'/θ), -1, 1) is [v' >= θ] - [v' < 0] in six kernels where the two
+    comparisons, two casts and their difference took eight (these neurons sit after every
+    compensated op of a transformer)."""
+    state, current = ("u", "total") if units == "total" else ("v", "current")
+    nodes = [] if burst else [
         helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])),
         helper.make_node("Constant", [], ["minus_one"],
-                         value=helper.make_tensor("minus_one", TensorProto.FLOAT, [], [-1.0])),
-        helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
-        helper.make_node("Div", ["v_charged", "threshold"], ["ratio"], name="in_thresholds"),
-        helper.make_node("Floor", ["ratio"], ["whole"], name="whole_thresholds"),
-        helper.make_node("Clip", ["whole", "minus_one", "one"], ["spikes"], name="signed_spikes"),
-        helper.make_node("Mul", ["spikes", "threshold"], ["discharge"], name="discharge"),
-        helper.make_node("Sub", ["v_charged", "discharge"], ["v_next"], name="reset_by_subtraction"),
-    ]
-    return helper.make_function(
-        DOMAIN, SYMMETRIC_OP, ["current", "v", "threshold"], ["spikes", "v_next"], nodes,
-        [helper.make_opsetid("", opset)],
-        doc_string="Integrate-and-fire neuron with reset by subtraction and symmetric signed spikes: +1 when the "
-                   "membrane reaches the threshold, -1 when it falls below 0 (the count may be negative).",
-    )
-
-
-def symmetric_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
-    """The FunctionProto of SymmetricBurstIFNeuron for a model whose ai.onnx opset is ``opset``
-    (>= 13); ``max_spikes`` is a scalar (Clip's bounds)."""
-    nodes = [
-        helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
-        helper.make_node("Div", ["v_charged", "threshold"], ["ratio"], name="in_thresholds"),
-        helper.make_node("Floor", ["ratio"], ["whole"], name="whole_thresholds"),
-        helper.make_node("Neg", ["max_spikes"], ["min_spikes"], name="min_spikes"),
-        helper.make_node("Clip", ["whole", "min_spikes", "max_spikes"], ["spikes"], name="burst"),
-        helper.make_node("Mul", ["spikes", "threshold"], ["discharge"], name="discharge"),
-        helper.make_node("Sub", ["v_charged", "discharge"], ["v_next"], name="reset_by_subtraction"),
-    ]
-    return helper.make_function(
-        DOMAIN, SYMMETRIC_BURST_OP, ["current", "v", "threshold", "max_spikes"], ["spikes", "v_next"], nodes,
-        [helper.make_opsetid("", opset)],
-        doc_string="Symmetric signed integrate-and-fire neuron with bursts: up to max_spikes spikes of either sign "
-                   "per step (the count may be negative).",
-    )
-
-
-def unit_symmetric_if_neuron_function(opset: int) -> onnx.FunctionProto:
-    """The FunctionProto of UnitSymmetricIFNeuron(current, v) -> (spikes, v_next): SymmetricIFNeuron
-    with θ = 1 (current and membrane in units of θ), four element-wise kernels."""
-    nodes = [
-        helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])),
-        helper.make_node("Constant", [], ["minus_one"],
-                         value=helper.make_tensor("minus_one", TensorProto.FLOAT, [], [-1.0])),
-        helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
-        helper.make_node("Floor", ["v_charged"], ["whole"], name="whole_thresholds"),
-        helper.make_node("Clip", ["whole", "minus_one", "one"], ["spikes"], name="signed_spikes"),
-        helper.make_node("Sub", ["v_charged", "spikes"], ["v_next"], name="reset_by_subtraction"),
-    ]
-    return helper.make_function(
-        DOMAIN, UNIT_SYMMETRIC_OP, ["current", "v"], ["spikes", "v_next"], nodes, [helper.make_opsetid("", opset)],
-        doc_string="Symmetric signed integrate-and-fire neuron in units of its threshold (θ = 1): +1 when the "
-                   "membrane reaches 1, -1 when it falls below 0.",
-    )
-
-
-def unit_symmetric_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
-    """The FunctionProto of UnitSymmetricBurstIFNeuron(current, v, max_spikes) -> (spikes, v_next):
-    SymmetricBurstIFNeuron with θ = 1; ``max_spikes`` is a scalar."""
-    nodes = [
-        helper.make_node("Add", ["v", "current"], ["v_charged"], name="integrate"),
-        helper.make_node("Floor", ["v_charged"], ["whole"], name="whole_thresholds"),
-        helper.make_node("Neg", ["max_spikes"], ["min_spikes"], name="min_spikes"),
-        helper.make_node("Clip", ["whole", "min_spikes", "max_spikes"], ["spikes"], name="burst"),
-        helper.make_node("Sub", ["v_charged", "spikes"], ["v_next"], name="reset_by_subtraction"),
-    ]
-    return helper.make_function(
-        DOMAIN, UNIT_SYMMETRIC_BURST_OP, ["current", "v", "max_spikes"], ["spikes", "v_next"], nodes,
-        [helper.make_opsetid("", opset)],
-        doc_string="Symmetric signed integrate-and-fire neuron with bursts, in units of its threshold (θ = 1).",
-    )
-
-
-def total_symmetric_if_neuron_function(opset: int, burst: bool = False) -> onnx.FunctionProto:
-    """The FunctionProto of UnitSymmetricTotal(Burst)IFNeuron(total, u[, max_spikes]) -> (spikes, u_next):
-    the unit symmetric neuron fed the running total of its current (in units of θ) instead of
-    the increments, with state u = v − total: v' = u + total, spikes = clip(floor(v'), -N, N),
-    u_next = u − spikes (v_next − total = v' − spikes − total). The same spikes as
-    UnitSymmetricIFNeuron on the increments, one subtraction and one state fewer for the op before."""
-    nodes = [
-        helper.make_node("Add", ["u", "total"], ["v_charged"], name="integrate"),
-        helper.make_node("Floor", ["v_charged"], ["whole"], name="whole_thresholds"),
-    ]
+                         value=helper.make_tensor("minus_one", TensorProto.FLOAT, [], [-1.0]))]
+    nodes.append(helper.make_node("Add", [state, current], ["v_charged"], name="integrate"))
+    if units == "calibrated":
+        nodes.append(helper.make_node("Div", ["v_charged", "threshold"], ["ratio"], name="in_thresholds"))
+    nodes.append(helper.make_node("Floor", ["ratio" if units == "calibrated" else "v_charged"], ["whole"],
+                                  name="whole_thresholds"))
     if burst:
         nodes += [helper.make_node("Neg", ["max_spikes"], ["min_spikes"], name="min_spikes"),
                   helper.make_node("Clip", ["whole", "min_spikes", "max_spikes"], ["spikes"], name="burst")]
     else:
-        nodes += [
-            helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])),
-            helper.make_node("Constant", [], ["minus_one"],
-                             value=helper.make_tensor("minus_one", TensorProto.FLOAT, [], [-1.0])),
-            helper.make_node("Clip", ["whole", "minus_one", "one"], ["spikes"], name="signed_spikes")]
-    nodes.append(helper.make_node("Sub", ["u", "spikes"], ["u_next"], name="reset_by_subtraction"))
-    op = TOTAL_SYMMETRIC_BURST_OP if burst else TOTAL_SYMMETRIC_OP
+        nodes.append(helper.make_node("Clip", ["whole", "minus_one", "one"], ["spikes"], name="signed_spikes"))
+    if units == "calibrated":
+        nodes += [helper.make_node("Mul", ["spikes", "threshold"], ["discharge"], name="discharge"),
+                  helper.make_node("Sub", ["v_charged", "discharge"], ["v_next"], name="reset_by_subtraction")]
+    else:  # in units of θ; for ``total`` the reset is taken from u = v − total
+        nodes.append(helper.make_node("Sub", ["u" if units == "total" else "v_charged", "spikes"], [f"{state}_next"],
+                                      name="reset_by_subtraction"))
+    op = {("calibrated", False): SYMMETRIC_OP, ("calibrated", True): SYMMETRIC_BURST_OP,
+          ("unit", False): UNIT_SYMMETRIC_OP, ("unit", True): UNIT_SYMMETRIC_BURST_OP,
+          ("total", False): TOTAL_SYMMETRIC_OP, ("total", True): TOTAL_SYMMETRIC_BURST_OP}[(units, burst)]
+    inputs = [current, state] + (["threshold"] if units == "calibrated" else []) + (["max_spikes"] if burst else [])
     return helper.make_function(
-        DOMAIN, op, ["total", "u"] + (["max_spikes"] if burst else []), ["spikes", "u_next"], nodes,
-        [helper.make_opsetid("", opset)],
-        doc_string="Symmetric signed integrate-and-fire neuron in units of its threshold, fed the running total of "
-                   "its current; its state is the membrane minus that total.")
+        DOMAIN, op, inputs, ["spikes", f"{state}_next"], nodes, [helper.make_opsetid("", opset)],
+        doc_string=f"Symmetric signed integrate-and-fire neuron ({units} units{', bursts' if burst else ''}): "
+                   "+1 (or up to max_spikes) when the membrane reaches the threshold, -1 (or down to -max_spikes) "
+                   "below 0; the count may be negative.")
+
+
+def symmetric_if_neuron_function(opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of SymmetricIFNeuron(current, v, threshold) -> (spikes, v_next) (opset >= 13)."""
+    return _symmetric_neuron_function(opset, "calibrated", burst=False)
+
+
+def symmetric_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of SymmetricBurstIFNeuron(current, v, threshold, max_spikes) -> (spikes, v_next)."""
+    return _symmetric_neuron_function(opset, "calibrated", burst=True)
+
+
+def unit_symmetric_if_neuron_function(opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of UnitSymmetricIFNeuron(current, v) -> (spikes, v_next): θ = 1."""
+    return _symmetric_neuron_function(opset, "unit", burst=False)
+
+
+def unit_symmetric_burst_if_neuron_function(opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of UnitSymmetricBurstIFNeuron(current, v, max_spikes) -> (spikes, v_next)."""
+    return _symmetric_neuron_function(opset, "unit", burst=True)
+
+
+def total_symmetric_if_neuron_function(opset: int, burst: bool = False) -> onnx.FunctionProto:
+    """The FunctionProto of UnitSymmetricTotal(Burst)IFNeuron(total, u[, max_spikes]) -> (spikes, u_next):
+    the unit neuron fed the running total of its current, state u = v − total; the same spikes as
+    UnitSymmetricIFNeuron on the increments, one subtraction and one state fewer for the op before."""
+    return _symmetric_neuron_function(opset, "total", burst)
 
 
 def unit_if_neuron_function(opset: int) -> onnx.FunctionProto:
