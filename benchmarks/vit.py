@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import mac_share_cell
+from common import T_axis, mac_share_cell, pyplot, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"legacy": ROOT / "models" / "fashion_vit.onnx", "dynamo": ROOT / "models" / "fashion_vit_dynamo.onnx"}
@@ -295,6 +295,38 @@ def sj_part(Ts: list[int], limit: int, batch: int, calib_batches: int) -> dict[s
 
 # -- the report -----------------------------------------------------------------------------------
 
+def plot(results: dict[str, Any], path: Path, exporter: str = "dynamo") -> bool:
+    """Accuracy against T and the largest spike count per step against T, for ann2snn's rows of
+    one exporter and SpikingJelly's recipes, from the results JSON; False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, (acc, most) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = [(f"ann2snn {r['options'].replace('--nonlinear compensate --signed-sites output', 'compensate+output')}",
+             r["by_T"]) for r in results["ann2snn"] if r["exporter"] == exporter and "by_T" in r]
+    sj = results.get("spikingjelly") or {"recipes": {}}
+    rows += [(f"SpikingJelly {name}", rec["by_T"]) for name, rec in sj["recipes"].items() if rec["by_T"]]
+    Ts = sorted({int(T) for _, by_T in rows for T in by_T})
+    for label, by_T in rows:
+        points = sorted((int(T), c) for T, c in by_T.items())
+        style = "-o" if label.startswith("ann2snn") else "--s"
+        acc.plot([T for T, _ in points], [100 * c["accuracy"] for _, c in points], style, label=label, markersize=3)
+        if all("max_spikes_per_step" in c for _, c in points):
+            most.plot([T for T, _ in points], [c["max_spikes_per_step"] for _, c in points], style, label=label,
+                      markersize=3)
+    ann = next((100 * r["ann_accuracy"] for r in results["ann2snn"] if "ann_accuracy" in r), None)
+    if ann is not None:
+        acc.axhline(ann, color="k", lw=0.8, label=f"ANN {ann:.2f}%")
+    lo = min(100 * c["accuracy"] for label, by_T in rows if "STA" in label or label.startswith("ann2snn")
+             for c in by_T.values())
+    acc.set_ylim(max(0.0, lo - 1.0), (ann or lo) + 1.0)
+    T_axis(acc, Ts, "ViT: top-1 accuracy", "accuracy (%)")
+    most.set_yscale("log")
+    T_axis(most, Ts, "largest spike count of one neuron in one step", "spikes per step")
+    save_figure(fig, path)
+    return True
+
+
 def cell(c: dict[str, Any], T: int) -> str:
     """accuracy (agreement) [time ÷ T ANN passes] ⟨largest spike count of a neuron in one step⟩."""
     most = f" ⟨{c['max_spikes_per_step']:.0f}⟩" if "max_spikes_per_step" in c else ""
@@ -415,7 +447,13 @@ def main() -> None:
                     help="the saved output of a `--sj-part` run (same -T and --limit) instead of running it again")
     ap.add_argument("--sj-part", action="store_true", help="run only the SpikingJelly part and print its JSON")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vit.md")
+    ap.add_argument("--replot", type=Path, default=None,
+                    help="only draw the PNG of an earlier run's JSON (beside it; needs matplotlib, not ann2snn)")
     args = ap.parse_args()
+    if args.replot:
+        if not plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png")):
+            raise SystemExit("--replot needs matplotlib (pip install matplotlib)")
+        return
     Ts = [int(t) for t in args.T.split(",")]
     if args.sj_part:
         print(json.dumps(sj_part(Ts, args.limit, args.batch, args.calib_batches)))
@@ -448,6 +486,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"ann2snn": ours, "spikingjelly": sj}, indent=1) + "\n")
     args.out.write_text(text)
+    if plot({"ann2snn": ours, "spikingjelly": sj}, args.out.with_suffix(".png")):
+        print(f"wrote {args.out.with_suffix('.png')}")
     print(text)
 
 
