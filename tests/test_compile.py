@@ -240,3 +240,28 @@ def test_symbolic_input_sizes_come_from_the_calibration_data(dims: list, caplog:
     assert list(session.input_specs[0].shape[1:]) == [1, 8, 8]
     n = 1 if dims[0] == 1 else 3
     np.testing.assert_array_equal(session.run({"x": x[:n]}, 8)["y"], reference_run(snn, {"x": x[:n]}, 8)["y"])
+
+
+def test_recipe_search_on_symbolic_input_sizes() -> None:
+    """The recipe search calibrates its candidates on arrays it holds (a part of the data), not on
+    the CalibrationSource the API makes: their symbolic sizes must come from those arrays too (on
+    the real paddle2onnx PP-OCR classifier, [-1, 3, ?, ?], every candidate failed with "per-sample
+    shape is unknown"). ``run_until`` with a mapping or a single array fixes the sizes as well."""
+    from onnx import TensorProto, helper
+
+    from ann2snn.data.arrays import CalibrationSource, input_specs
+    from ann2snn.pipeline import run_until
+    from ann2snn.search import search_recipe
+
+    model = build(CNN_TEXT, cnn_weights())
+    for vi, shape in ((model.graph.input[0], [-1, 1, "?", "?"]), (model.graph.output[0], [-1, 3])):
+        vi.CopyFrom(helper.make_tensor_value_info(vi.name, TensorProto.FLOAT, shape))
+    x = np.random.default_rng(0).uniform(0, 1, (64, 1, 8, 8)).astype(np.float32)
+    for data in ({"x": x}, x):
+        state = run_until(model, ann2snn.CompileConfig(), data, "fix_input_sizes")
+        assert list(state.graph.inputs[0].shape[1:]) == [1, 8, 8]
+    cfg = ann2snn.CompileConfig(target_T=8, iters=3, batch=8, search_budget=30)
+    source = CalibrationSource({"x": x}, input_specs(model))
+    _, record = search_recipe(model, cfg, source)
+    statuses = [c["status"] for c in record["candidates"]]
+    assert "scored" in statuses and set(statuses) <= {"scored", "skipped (budget)"}, record["candidates"]
